@@ -1,0 +1,15 @@
+"""Project pipelines, registered by name; `__default__` runs every stage in order."""
+
+from __future__ import annotations
+
+from kedro.pipeline import Pipeline
+
+from kd_pipeline.pipelines import corpus_prep
+
+STAGES = ("corpus_prep",)
+
+
+def register_pipelines() -> dict[str, Pipeline]:
+    pipelines = {"corpus_prep": corpus_prep.create_pipeline()}
+    pipelines["__default__"] = sum((pipelines[name] for name in STAGES), Pipeline([]))
+    return pipelines

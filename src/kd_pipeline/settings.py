@@ -1,0 +1,16 @@
+"""Kedro project settings: config loader and the resolvers our conf files use."""
+
+from kedro.config import OmegaConfigLoader
+
+from kd_pipeline.paths import mlflow_tracking_uri, project_root
+
+CONFIG_LOADER_CLASS = OmegaConfigLoader
+CONFIG_LOADER_ARGS = {
+    "base_env": "base",
+    "default_run_env": "local",
+    # conf/test is a full overlay on base: `kedro run --env test`.
+    "custom_resolvers": {
+        "project_root": lambda: str(project_root()),
+        "mlflow_tracking_uri": mlflow_tracking_uri,
+    },
+}
