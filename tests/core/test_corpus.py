@@ -102,7 +102,9 @@ def test_ids_and_split_survive_shuffling_and_reruns(tiny_tokenizer):
     assert first.fingerprint == second.fingerprint
     splits = [r["split"] for r in first.samples.to_pylist()]
     assert 5 <= splits.count("validation") <= 30  # ~30% of 60, deterministic
-    assert sample_id_of({"text": "a\r\nb"}) == sample_id_of({"text": "a\nb"})
+    normalized = lambda text: normalize_row(SourceRow("f.jsonl", 1, data={"text": text}))
+    assert sample_id_of(normalized("a\r\nb")) == sample_id_of(normalized("a\nb"))
+    assert sample_id_of(normalized("a\nb")) != sample_id_of(normalized("a\nb "))
     assert split_of("abc", 0.5, "salt") == split_of("abc", 0.5, "salt")
 
 
