@@ -1,0 +1,302 @@
+"""The top-k artifact's `manifest.json`: what the artifact was made from, how it is encoded,
+and the exact bytes of every shard, as a dataclass that round-trips through JSON (sorted keys).
+
+The manifest is the artifact's contract with its readers: a reader refuses a schema version or
+codec it does not know, verifies every shard against its sha256 before decoding it, and a
+trainer refuses an artifact whose teacher/tokenizer/corpus fields do not match its own
+(`Manifest.check_compatible`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "COVERAGE_BINS",
+    "MANIFEST_NAME",
+    "SCHEMA_VERSION",
+    "ArtifactSource",
+    "Manifest",
+    "ManifestMismatchError",
+    "ShardInfo",
+    "TopKStoreError",
+    "coverage_histogram",
+]
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+# Teacher top-k coverage (sum of p over the stored top-k, per trained token) is kept as counts in
+# this many equal bins over [0, 1]: counts add up across shards and ranks, unlike quantiles.
+COVERAGE_BINS = 20
+_QUANTILES = (0.05, 0.25, 0.5, 0.75, 0.95)
+
+
+class TopKStoreError(ValueError):
+    """Base class of the artifact store's errors about bad files or mismatched artifacts."""
+
+
+class ManifestMismatchError(TopKStoreError):
+    """A manifest field differs from what the caller (trainer, resumed writer, other rank) expects."""
+
+
+@dataclass(frozen=True)
+class ArtifactSource:
+    """What produced an artifact's numbers; fixed before the first shard is written.
+
+    Attributes:
+        teacher_path: where the teacher was loaded from (as given to the extraction).
+        teacher_config_sha256: sha256 of the teacher's canonical config.
+        teacher_weights_sha256: sha256 of the teacher's weights.
+        tokenizer_sha256: sha256 of the tokenizer (the corpus and student must share it).
+        vocab_size: teacher vocabulary size; every stored id is below it.
+        k: top-k entries stored per trained token.
+        capture_dtype: dtype of the teacher forward that produced the logits ("bfloat16", ...).
+        capture_temperature: temperature applied before the log-softmax (1.0: none).
+        corpus_fingerprint: fingerprint of the tokenized corpus the rows belong to.
+    """
+
+    teacher_path: str
+    teacher_config_sha256: str
+    teacher_weights_sha256: str
+    tokenizer_sha256: str
+    vocab_size: int
+    k: int
+    capture_dtype: str
+    capture_temperature: float
+    corpus_fingerprint: str
+
+    def __post_init__(self) -> None:
+        for name in ("teacher_path", "teacher_config_sha256", "teacher_weights_sha256", "tokenizer_sha256",
+                     "capture_dtype", "corpus_fingerprint"):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"ArtifactSource.{name} must be a str, got {getattr(self, name)!r}")
+        if not isinstance(self.vocab_size, int) or self.vocab_size < 1:
+            raise ValueError(f"ArtifactSource.vocab_size must be a positive int, got {self.vocab_size!r}")
+        if not isinstance(self.k, int) or not 1 <= self.k <= self.vocab_size:
+            raise ValueError(f"ArtifactSource.k must be an int in [1, vocab_size], got {self.k!r}")
+        if not (isinstance(self.capture_temperature, (int, float)) and self.capture_temperature > 0):
+            raise ValueError(f"ArtifactSource.capture_temperature must be > 0, got {self.capture_temperature!r}")
+        object.__setattr__(self, "capture_temperature", float(self.capture_temperature))
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    """One Parquet shard as written: enough to verify it and to sum statistics without opening it.
+
+    Attributes:
+        file: file name inside the artifact directory.
+        rank: rank that wrote it; index: its number among that rank's shards.
+        rows: samples (Parquet rows); trained_tokens: top-k rows over all its samples.
+        bytes: file size; sha256: hex digest of the file.
+        coverage_histogram: counts of trained tokens per `COVERAGE_BINS` bin of sum_k p.
+        coverage_sum: sum over trained tokens of sum_k p (for the mean).
+    """
+
+    file: str
+    rank: int
+    index: int
+    rows: int
+    trained_tokens: int
+    bytes: int
+    sha256: str
+    coverage_histogram: tuple[int, ...]
+    coverage_sum: float
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "coverage_histogram", tuple(int(c) for c in self.coverage_histogram))
+        if len(self.coverage_histogram) != COVERAGE_BINS:
+            raise ValueError(f"shard {self.file}: coverage_histogram needs {COVERAGE_BINS} bins, "
+                             f"got {len(self.coverage_histogram)}")
+        if sum(self.coverage_histogram) != self.trained_tokens:
+            raise ValueError(f"shard {self.file}: coverage_histogram counts {sum(self.coverage_histogram)} tokens, "
+                             f"trained_tokens is {self.trained_tokens}")
+
+
+def coverage_histogram(topk_logprobs: np.ndarray) -> tuple[np.ndarray, float]:
+    """Histogram (COVERAGE_BINS counts over [0, 1]) and sum of per-row top-k mass sum_k p.
+
+    Args:
+        topk_logprobs: (n, k) full-vocabulary log-probs.
+    """
+    coverage = np.exp(np.asarray(topk_logprobs, dtype=np.float64)).sum(axis=1)
+    bins = np.clip((coverage * COVERAGE_BINS).astype(np.int64), 0, COVERAGE_BINS - 1)
+    return np.bincount(bins, minlength=COVERAGE_BINS), float(coverage.sum())
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Everything `manifest.json` holds. Build with `Manifest.create`, load with `Manifest.read`.
+
+    Besides the fields, the JSON carries derived totals and the coverage summary for people and
+    tools (`num_samples`, `num_trained_tokens`, `num_bytes`, `topk_coverage`); `from_dict`
+    checks them against the shards.
+    """
+
+    source: ArtifactSource
+    codec_name: str
+    codec_settings: Mapping[str, Any]
+    shard_tokens: int
+    samples_per_row_group: int
+    world_size: int
+    shards: tuple[ShardInfo, ...] = ()
+    schema_version: int = SCHEMA_VERSION
+
+    # Flat field names (JSON keys, `field_value` names) besides the ArtifactSource ones and "shards".
+    _OWN_FIELDS = ("codec_name", "codec_settings", "shard_tokens", "samples_per_row_group", "world_size",
+                   "schema_version")
+
+    @property
+    def num_samples(self) -> int:
+        return sum(shard.rows for shard in self.shards)
+
+    @property
+    def num_trained_tokens(self) -> int:
+        return sum(shard.trained_tokens for shard in self.shards)
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(shard.bytes for shard in self.shards)
+
+    def topk_coverage(self) -> dict[str, Any]:
+        """Mean, histogram and approximate quantiles (bin interpolation) of sum_k p per trained token."""
+        counts = np.zeros(COVERAGE_BINS, dtype=np.int64)
+        total = 0.0
+        for shard in self.shards:
+            counts += np.asarray(shard.coverage_histogram, dtype=np.int64)
+            total += shard.coverage_sum
+        tokens = int(counts.sum())
+        summary: dict[str, Any] = {"histogram": counts.tolist(), "bins": COVERAGE_BINS,
+                                   "mean": total / tokens if tokens else None}
+        cumulative = np.cumsum(counts)
+        quantiles = {}
+        for q in _QUANTILES:
+            if not tokens:
+                quantiles[f"p{round(q * 100):02d}"] = None
+                continue
+            target = q * tokens
+            b = int(np.searchsorted(cumulative, target))
+            below = cumulative[b - 1] if b else 0
+            fraction = (target - below) / counts[b] if counts[b] else 0.0
+            quantiles[f"p{round(q * 100):02d}"] = round((b + fraction) / COVERAGE_BINS, 6)
+        summary["quantiles"] = quantiles
+        return summary
+
+    @classmethod
+    def create(cls, source: ArtifactSource, codec_name: str, codec_settings: Mapping[str, Any], *,
+               shard_tokens: int, samples_per_row_group: int, world_size: int,
+               shards: Sequence[ShardInfo] = ()) -> "Manifest":
+        return cls(source=source, codec_name=codec_name, codec_settings=dict(codec_settings),
+                   shard_tokens=int(shard_tokens), samples_per_row_group=int(samples_per_row_group),
+                   world_size=int(world_size), shards=tuple(shards))
+
+    def with_shards(self, shards: Sequence[ShardInfo]) -> "Manifest":
+        return Manifest(self.source, self.codec_name, dict(self.codec_settings), self.shard_tokens,
+                        self.samples_per_row_group, self.world_size, tuple(shards), self.schema_version)
+
+    def header(self) -> dict[str, Any]:
+        """Every field except the shards: what two parts of one artifact must agree on."""
+        header = asdict(self.source)
+        header.update(codec_name=self.codec_name, codec_settings=dict(self.codec_settings),
+                      shard_tokens=self.shard_tokens, samples_per_row_group=self.samples_per_row_group,
+                      world_size=self.world_size, schema_version=self.schema_version)
+        return header
+
+    def field_value(self, name: str) -> Any:
+        """Value of a manifest field by its flat name (`vocab_size`, `codec_name`, ...)."""
+        header = self.header()
+        if name not in header:
+            raise ValueError(f"unknown manifest field {name!r}; fields: {sorted(header)}")
+        return header[name]
+
+    def check_compatible(self, expected: Mapping[str, Any], against: str = "the caller") -> None:
+        """Raise if any named field differs from the expected value.
+
+        Args:
+            expected: field name (see `header()`) -> the value the caller needs.
+            against: who holds the expected values, for the message, e.g. "the student tokenizer".
+
+        Raises:
+            ManifestMismatchError: e.g. "manifest field 'vocab_size' is 49152 but the student
+                tokenizer has 32000"; the first mismatching field in sorted name order.
+        """
+        for name in sorted(expected):
+            actual, wanted = self.field_value(name), expected[name]
+            if not _same(actual, wanted):
+                raise ManifestMismatchError(f"manifest field {name!r} is {actual!r} but {against} has {wanted!r}")
+
+    # -- JSON ------------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.header()
+        data["shards"] = [asdict(shard) | {"coverage_histogram": list(shard.coverage_histogram)}
+                          for shard in self.shards]
+        data.update(num_samples=self.num_samples, num_trained_tokens=self.num_trained_tokens,
+                    num_bytes=self.num_bytes, topk_coverage=self.topk_coverage())
+        return data
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], origin: str = "manifest") -> "Manifest":
+        """Inverse of `to_dict`.
+
+        Raises:
+            TopKStoreError: unsupported schema version, missing or unknown fields, or totals that
+                disagree with the shards; the message names `origin` and the field.
+        """
+        data = dict(data)
+        version = data.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise TopKStoreError(f"{origin}: unsupported schema_version {version!r} (this code reads "
+                                 f"version {SCHEMA_VERSION}); re-run `kedro run --pipelines teacher_logits`")
+        derived = {name: data.pop(name, None) for name in ("num_samples", "num_trained_tokens", "num_bytes",
+                                                           "topk_coverage")}
+        source_names = [f.name for f in fields(ArtifactSource)]
+        known = set(source_names) | set(cls._OWN_FIELDS) | {"shards"}
+        unknown = sorted(set(data) - known)
+        missing = sorted(known - set(data))
+        if unknown or missing:
+            raise TopKStoreError(f"{origin}: unknown fields {unknown} / missing fields {missing}")
+        try:
+            source = ArtifactSource(**{name: data[name] for name in source_names})
+            shards = tuple(ShardInfo(**shard) for shard in data["shards"])
+        except (TypeError, ValueError) as error:
+            raise TopKStoreError(f"{origin}: {error}") from error
+        manifest = cls(source=source, codec_name=data["codec_name"], codec_settings=dict(data["codec_settings"]),
+                       shard_tokens=data["shard_tokens"], samples_per_row_group=data["samples_per_row_group"],
+                       world_size=data["world_size"], shards=shards, schema_version=version)
+        for name in ("num_samples", "num_trained_tokens", "num_bytes"):
+            if derived[name] is not None and derived[name] != getattr(manifest, name):
+                raise TopKStoreError(f"{origin}: field {name!r} is {derived[name]} but the shards add up to "
+                                     f"{getattr(manifest, name)}")
+        return manifest
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "Manifest":
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise
+        except (OSError, ValueError) as error:  # unreadable or not JSON (e.g. a torn hand copy)
+            raise TopKStoreError(f"{path}: not a readable manifest ({error})") from error
+        return cls.from_dict(data, origin=str(path))
+
+
+def _same(actual: Any, wanted: Any) -> bool:
+    """Equality where 1 == 1.0 but True != 1, and NaN never matches."""
+    if isinstance(actual, bool) or isinstance(wanted, bool):
+        return type(actual) is type(wanted) and actual == wanted
+    if isinstance(actual, float) or isinstance(wanted, float):
+        try:
+            return float(actual) == float(wanted)
+        except (TypeError, ValueError):
+            return False
+    return actual == wanted

@@ -1,0 +1,564 @@
+"""Top-k artifact store: codecs, manifest, shard writer (atomicity, resume, ranks), reader."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from kd_pipeline.core.atomic import sha256_file
+from kd_pipeline.core.topk_store import (
+    ArtifactSource,
+    LogQuantZstdCodec,
+    Manifest,
+    ManifestMismatchError,
+    MissingSampleError,
+    RawCodec,
+    ShardCorruptError,
+    TopKArrays,
+    TopKReader,
+    TopKShardWriter,
+    TopKStoreError,
+    get_codec,
+    merge_manifests,
+)
+
+VOCAB = 8192
+K = 32
+
+
+def llm_like_logits(rng: np.random.Generator, num_rows: int, vocab: int) -> np.ndarray:
+    """(num_rows, vocab) float64 logits shaped like a causal LM's next-token distributions.
+
+    Zipf-like prior (frequent tokens have low ids), context noise that persists between
+    neighbouring rows (so they share part of their top-k), and a peak on one "intended" token of
+    random height (top-1 probability from ~0.05 to ~0.99).
+    """
+    prior = -0.6 * np.log(np.arange(vocab) + 20.0) + 0.7 * rng.standard_normal(vocab)
+    noise = rng.standard_normal((num_rows, vocab))
+    for row in range(1, num_rows):
+        noise[row] = 0.55 * noise[row - 1] + np.sqrt(1 - 0.55**2) * noise[row]
+    logits = prior + 1.6 * noise
+    logits[np.arange(num_rows), rng.integers(0, vocab, num_rows)] += rng.uniform(0, 6, num_rows)
+    return logits / 0.45
+
+
+def log_softmax64(logits: np.ndarray) -> np.ndarray:
+    return logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
+
+
+def make_sample(rng: np.random.Generator, num_rows: int, vocab: int = VOCAB, k: int = K) -> TopKArrays:
+    logprobs = log_softmax64(llm_like_logits(rng, num_rows, vocab))
+    ids = np.argsort(-logprobs, axis=1, kind="stable")[:, :k]
+    targets = rng.integers(0, vocab, num_rows)
+    positions = np.sort(rng.choice(4 * num_rows + 8, size=num_rows, replace=False))
+    return TopKArrays.from_any(positions, ids, np.take_along_axis(logprobs, ids, 1),
+                               logprobs[np.arange(num_rows), targets])
+
+
+@functools.lru_cache(maxsize=None)  # tests only read the arrays
+def make_samples(count: int, seed: int = 0, min_rows: int = 1, max_rows: int = 40) -> list[tuple[str, TopKArrays]]:
+    rng = np.random.default_rng(seed)
+    return [(f"{index:032x}", make_sample(rng, int(rng.integers(min_rows, max_rows + 1)))) for index in range(count)]
+
+
+def source(**changes) -> ArtifactSource:
+    fields = dict(teacher_path="/models/teacher", teacher_config_sha256="c" * 64, teacher_weights_sha256="w" * 64,
+                  tokenizer_sha256="t" * 64, vocab_size=VOCAB, k=K, capture_dtype="float32",
+                  capture_temperature=1.0, corpus_fingerprint="f" * 32)
+    fields.update(changes)
+    return ArtifactSource(**fields)
+
+
+def write(directory: Path, samples, codec=None, **options) -> Manifest | None:
+    options.setdefault("shard_tokens", 100)
+    options.setdefault("samples_per_row_group", 3)
+    with TopKShardWriter(directory, source(), codec or RawCodec(), **options) as writer:
+        for sample_id, sample in samples:
+            if sample_id not in writer.completed_sample_ids:
+                writer.add(sample_id, sample.positions, sample.topk_ids, sample.topk_logprobs, sample.target_logprobs)
+    return writer.manifest
+
+
+def shard_digests(directory: Path) -> dict[str, str]:
+    return {path.name: sha256_file(path) for path in sorted(directory.glob("shard-*.parquet"))}
+
+
+def assert_same_content(reader_a: TopKReader, reader_b: TopKReader) -> None:
+    assert sorted(reader_a.sample_ids()) == sorted(reader_b.sample_ids())
+    for sample_id in reader_a.sample_ids():
+        a, b = reader_a.get(sample_id), reader_b.get(sample_id)
+        for name in ("positions", "topk_ids", "topk_logprobs", "target_logprobs"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), (sample_id, name)
+
+
+# -- codecs ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_rows", [0, 1, 37])
+def test_raw_codec_round_trip_is_bit_exact_with_canonical_dtypes(num_rows):
+    sample = make_sample(np.random.default_rng(num_rows), num_rows)
+    codec = RawCodec()
+    decoded = codec.decode(codec.encode(sample), num_rows, K)
+    expected_dtypes = {"positions": np.int32, "topk_ids": np.int64, "topk_logprobs": np.float32,
+                       "target_logprobs": np.float32}
+    for name, dtype in expected_dtypes.items():
+        got, want = getattr(decoded, name), getattr(sample, name)
+        assert got.dtype == dtype and got.shape == want.shape
+        assert got.tobytes() == want.tobytes(), name  # bit-exact, NaN/-0.0 included
+
+
+def test_raw_codec_keeps_special_floats():
+    sample = make_sample(np.random.default_rng(1), 4)
+    logprobs = sample.topk_logprobs.copy()
+    logprobs[0, -1], logprobs[1, -1] = -np.inf, -0.0
+    sample = TopKArrays(sample.positions, sample.topk_ids, logprobs, sample.target_logprobs)
+    decoded = RawCodec().decode(RawCodec().encode(sample), 4, K)
+    assert decoded.topk_logprobs.tobytes() == logprobs.tobytes()
+
+
+def quantization_bound(codec: LogQuantZstdCodec, distance: np.ndarray) -> np.ndarray:
+    """Largest error of rounding `log1p(d / knee) / step` to an integer, as a distance in nats."""
+    return codec.knee * np.expm1(codec.step / 2) * (1 + distance / codec.knee)
+
+
+def test_logquant_codec_ids_exact_values_within_bound_rows_descending():
+    codec = LogQuantZstdCodec()
+    rng = np.random.default_rng(2)
+    top_errors = []
+    for num_rows in (0, 1, 2, 150):
+        sample = make_sample(rng, num_rows)
+        decoded = codec.decode(codec.encode(sample), num_rows, K)
+        assert decoded.positions.dtype == np.int32 and np.array_equal(decoded.positions, sample.positions)
+        assert decoded.topk_ids.dtype == np.int64 and decoded.topk_logprobs.dtype == np.float32
+        # The id set of each row is exact; values are matched by id.
+        assert np.array_equal(np.sort(decoded.topk_ids, 1), np.sort(sample.topk_ids, 1))
+        assert np.all(np.diff(decoded.topk_logprobs, axis=1) <= 0)
+        raw_by_id = np.take_along_axis(sample.topk_logprobs, np.argsort(sample.topk_ids, 1), 1).astype(np.float64)
+        got_by_id = np.take_along_axis(decoded.topk_logprobs, np.argsort(decoded.topk_ids, 1), 1).astype(np.float64)
+        distance = sample.topk_logprobs[:, :1].astype(np.float64) - raw_by_id
+        # Each entry is off by its rounding error plus one shift per row: renormalizing to the
+        # exact top-k mass moves every entry by the p-weighted mean rounding error, bounded here
+        # by log(sum_i p_i exp(bound_i) / sum_i p_i); 2e-3 covers the float16 row offset.
+        bound = quantization_bound(codec, distance)
+        shift_bound = (np.logaddexp.reduce(raw_by_id + bound, axis=1)
+                       - np.logaddexp.reduce(raw_by_id, axis=1))[:, None] if num_rows else 0.0
+        assert np.all(np.abs(got_by_id - raw_by_id) <= bound + shift_bound + 2e-3)
+        top_errors.append(np.abs(got_by_id - raw_by_id)[distance <= 1.0])
+        # Float16 target log-probs; the top-k mass is kept (for a K+1 "rest" bucket).
+        np.testing.assert_allclose(decoded.target_logprobs, sample.target_logprobs, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(np.exp(decoded.topk_logprobs.astype(np.float64)).sum(1),
+                                   np.exp(sample.topk_logprobs.astype(np.float64)).sum(1), rtol=2e-3)
+    # Where the probability is (entries within 1 nat of the top): at most about
+    # bound(1 nat) = 0.08 plus the row shift.
+    assert np.concatenate(top_errors).max() <= 0.1
+
+
+def forward_kl_topk(teacher_logprobs: np.ndarray, student_logprobs: np.ndarray) -> float:
+    """Mean forward KL over the top-k, both sides renormalized on it (float64, from the definition)."""
+    p = np.exp(log_softmax64(teacher_logprobs))
+    return float((p * (log_softmax64(teacher_logprobs) - log_softmax64(student_logprobs))).sum(1).mean())
+
+
+def forward_kl_with_rest(teacher_logprobs: np.ndarray, student_logprobs: np.ndarray) -> float:
+    """Mean forward KL over K + 1 categories: the top-k and the rest of the vocabulary."""
+    def with_rest(logprobs):
+        rest = np.log(np.clip(-np.expm1(np.logaddexp.reduce(logprobs, axis=1, keepdims=True)), 1e-300, None))
+        return np.concatenate([logprobs, rest], axis=1)
+    p, q = with_rest(teacher_logprobs), with_rest(student_logprobs)
+    return float((np.exp(p) * (p - q)).sum(1).mean())
+
+
+def test_logquant_codec_kd_loss_within_one_percent_of_raw():
+    """A realistic student: about 0.3 nats/token (forward KL) from the teacher."""
+    rng = np.random.default_rng(3)
+    codec = LogQuantZstdCodec()
+    raw_losses, decoded_losses = np.zeros(2), np.zeros(2)
+    for _ in range(6):
+        num_rows = 120
+        teacher_logits = llm_like_logits(rng, num_rows, VOCAB)
+        student_logits = teacher_logits + 1.0 * rng.standard_normal(teacher_logits.shape)
+        teacher, student = log_softmax64(teacher_logits), log_softmax64(student_logits)
+        ids = np.argsort(-teacher, axis=1)[:, :K]
+        teacher_topk, student_topk = np.take_along_axis(teacher, ids, 1), np.take_along_axis(student, ids, 1)
+        sample = TopKArrays.from_any(np.arange(num_rows), ids, teacher_topk, teacher_topk[:, 0])
+        decoded = codec.decode(codec.encode(sample), num_rows, K)
+        decoded_topk = np.take_along_axis(decoded.topk_logprobs.astype(np.float64),
+                                          np.argsort(decoded.topk_ids, 1), 1)
+        order = np.argsort(ids, 1)  # compare both in ascending-id order
+        raw_topk_by_id = np.take_along_axis(sample.topk_logprobs.astype(np.float64), order, 1)
+        student_by_id = np.take_along_axis(student_topk, order, 1)
+        for index, loss in enumerate((forward_kl_topk, forward_kl_with_rest)):
+            raw_losses[index] += loss(raw_topk_by_id, student_by_id)
+            decoded_losses[index] += loss(decoded_topk, student_by_id)
+    assert np.all(raw_losses / 6 > 0.25), raw_losses / 6  # the student is realistic, not a copy
+    relative_error = np.abs(decoded_losses - raw_losses) / raw_losses
+    assert np.all(relative_error < 0.01), relative_error
+    # The absolute error does not depend on the student: ~0.002 nats/token at the default step.
+    assert np.all(np.abs(decoded_losses - raw_losses) / 6 < 0.003)
+
+
+def test_logquant_codec_is_deterministic_and_compact():
+    sample = make_sample(np.random.default_rng(4), 200)
+    codec = LogQuantZstdCodec()
+    payload = codec.encode(sample)["payload"]
+    assert payload == codec.encode(sample)["payload"]
+    raw_bytes = len(b"".join(RawCodec().encode(sample).values()))
+    assert len(payload) < raw_bytes / 4
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda ids, lp: (np.concatenate([ids[:, :1], ids[:, :-1]], 1), lp), "same token id twice"),
+    (lambda ids, lp: (ids, lp[:, ::-1].copy()), "sorted descending"),
+    (lambda ids, lp: (ids, np.where(np.arange(K) == 3, np.nan, lp)), "NaN"),
+])
+def test_logquant_codec_rejects_malformed_rows(break_it, message):
+    sample = make_sample(np.random.default_rng(5), 6)
+    ids, logprobs = break_it(sample.topk_ids, sample.topk_logprobs)
+    broken = TopKArrays(sample.positions, ids, logprobs.astype(np.float32), sample.target_logprobs)
+    with pytest.raises(ValueError, match=message):
+        LogQuantZstdCodec().encode(broken)
+
+
+def test_codec_registry_rebuilds_codecs_and_names_unknown_ones():
+    codec = get_codec("logquant_zstd", {"step": 0.05, "knee": 2.0})
+    assert codec.settings() == {"knee": 2.0, "step": 0.05}
+    assert get_codec(codec.name, codec.settings()).settings() == codec.settings()
+    with pytest.raises(ValueError, match=r"unknown top-k codec 'bf16'.*'logquant_zstd', 'raw'"):
+        get_codec("bf16")
+    with pytest.raises(ValueError, match="bad settings for top-k codec 'raw'"):
+        get_codec("raw", {"step": 0.1})
+
+
+def test_sample_arrays_accept_torch_tensors_including_bfloat16():
+    logprobs = torch.tensor([[-0.5, -1.25, -3.0]], dtype=torch.bfloat16)
+    arrays = TopKArrays.from_any(torch.tensor([4]), torch.tensor([[7, 1, 3]]), logprobs, logprobs[:, 0])
+    assert arrays.positions.dtype == np.int32 and arrays.topk_ids.dtype == np.int64
+    assert arrays.topk_logprobs.dtype == np.float32 and np.array_equal(arrays.topk_logprobs, [[-0.5, -1.25, -3.0]])
+
+
+def test_sample_arrays_are_validated():
+    with pytest.raises(ValueError, match="strictly increasing"):
+        TopKArrays.from_any([3, 2], np.zeros((2, 1)), np.zeros((2, 1)), np.zeros(2))
+    with pytest.raises(ValueError, match="topk_logprobs shape"):
+        TopKArrays.from_any([0], np.zeros((1, 2)), np.zeros((1, 3)), np.zeros(1))
+
+
+# -- writer, manifest, reader ------------------------------------------------------------------
+
+
+def test_write_read_round_trip_raw_is_bit_exact(tmp_path):
+    samples = make_samples(20, min_rows=0)
+    write(tmp_path, samples)
+    reader = TopKReader(tmp_path)
+    assert len(reader) == 20 and reader.sample_ids() == [sample_id for sample_id, _ in samples]
+    assert samples[3][0] in reader and "nope" not in reader
+    asked = [samples[7][0], samples[2][0], samples[7][0]]
+    batch = reader.get_many(asked)
+    assert batch.sample_ids == tuple(asked) and len(batch) == 3
+    assert batch.topk_ids.dtype == torch.int64 and batch.topk_logprobs.dtype == torch.float32
+    assert batch.positions.dtype == torch.int64 and batch.target_logprobs.dtype == torch.float32
+    for got, sample_id in zip(batch, asked):
+        want = dict(samples)[sample_id]
+        assert got.sample_id == sample_id and got.num_positions == reader.num_positions(sample_id)
+        assert np.array_equal(got.positions.numpy(), want.positions)
+        assert np.array_equal(got.topk_ids.numpy(), want.topk_ids)
+        assert got.topk_logprobs.numpy().tobytes() == want.topk_logprobs.tobytes()
+        assert got.target_logprobs.numpy().tobytes() == want.target_logprobs.tobytes()
+    assert torch.equal(batch.offsets[1:] - batch.offsets[:-1], batch.num_positions)
+
+
+def test_reader_names_missing_samples_with_a_key_error(tmp_path):
+    write(tmp_path, make_samples(3))
+    with pytest.raises(KeyError, match="sample absent is not in the top-k artifact") as caught:
+        TopKReader(tmp_path).get_many(["absent"])
+    assert isinstance(caught.value, MissingSampleError)
+
+
+def test_manifest_is_exactly_what_was_written(tmp_path):
+    samples = make_samples(5, min_rows=10, max_rows=30)
+    codec = LogQuantZstdCodec()
+    write(tmp_path, samples, codec, shard_tokens=40, samples_per_row_group=2)
+    data = json.loads((tmp_path / "manifest.json").read_text())
+
+    coverage = [np.exp(sample.topk_logprobs.astype(np.float64)).sum(1) for _, sample in samples]
+    shards, cut, start = [], [], 0
+    tokens = 0
+    for index, (_, sample) in enumerate(samples):  # the writer's cut rule, stated independently
+        tokens += sample.num_positions
+        if tokens >= 40 or index == len(samples) - 1:
+            cut.append((start, index + 1))
+            start, tokens = index + 1, 0
+    for shard_index, (first, stop) in enumerate(cut):
+        name = f"shard-r00-{shard_index:05d}.parquet"
+        values = np.concatenate(coverage[first:stop])
+        shards.append({
+            "file": name, "rank": 0, "index": shard_index, "rows": stop - first,
+            "trained_tokens": sum(sample.num_positions for _, sample in samples[first:stop]),
+            "bytes": (tmp_path / name).stat().st_size, "sha256": sha256_file(tmp_path / name),
+            "coverage_histogram": np.bincount(np.minimum((values * 20).astype(int), 19), minlength=20).tolist(),
+            "coverage_sum": pytest.approx(values.sum(), rel=1e-12),
+        })
+    all_coverage = np.concatenate(coverage)
+    histogram = np.bincount(np.minimum((all_coverage * 20).astype(int), 19), minlength=20)
+    quantiles = np.quantile(all_coverage, [0.05, 0.25, 0.5, 0.75, 0.95])
+    assert data.pop("topk_coverage") == {  # quantiles interpolate within 0.05-wide bins
+        "bins": 20, "histogram": histogram.tolist(), "mean": pytest.approx(all_coverage.mean(), rel=1e-12),
+        "quantiles": {name: pytest.approx(value, abs=0.05)
+                      for name, value in zip(("p05", "p25", "p50", "p75", "p95"), quantiles)},
+    }
+    assert data == {
+        "schema_version": 1,
+        "teacher_path": "/models/teacher", "teacher_config_sha256": "c" * 64, "teacher_weights_sha256": "w" * 64,
+        "tokenizer_sha256": "t" * 64, "vocab_size": VOCAB, "k": K,
+        "capture_dtype": "float32", "capture_temperature": 1.0, "corpus_fingerprint": "f" * 32,
+        "codec_name": "logquant_zstd", "codec_settings": {"knee": 1.0, "step": 0.08},
+        "shard_tokens": 40, "samples_per_row_group": 2, "world_size": 1,
+        "num_samples": 5, "num_trained_tokens": sum(s.num_positions for _, s in samples),
+        "num_bytes": sum(shard["bytes"] for shard in shards),
+        "shards": shards,
+    }
+    assert list((tmp_path / "manifest.json").read_text().splitlines()[1:3]) == [
+        '  "capture_dtype": "float32",', '  "capture_temperature": 1.0,']  # sorted keys
+    assert Manifest.read(tmp_path / "manifest.json").to_dict()["shards"][0]["sha256"] == shards[0]["sha256"]
+
+
+def test_shards_cut_at_the_token_threshold_with_fixed_row_groups(tmp_path):
+    rows = [6, 5, 9, 1, 1, 1, 1, 12, 3]
+    samples = [(f"s{index}", make_sample(np.random.default_rng(index), n)) for index, n in enumerate(rows)]
+    manifest = write(tmp_path, samples, shard_tokens=10, samples_per_row_group=2)
+    # 6+5 >= 10 | 9+1 >= 10 | 1+1+1+12 >= 10 | 3 (the rest, at close)
+    assert [(shard.rows, shard.trained_tokens) for shard in manifest.shards] == [(2, 11), (2, 10), (4, 15), (1, 3)]
+    group_rows = [[pq.ParquetFile(tmp_path / shard.file).metadata.row_group(g).num_rows
+                   for g in range(pq.ParquetFile(tmp_path / shard.file).metadata.num_row_groups)]
+                  for shard in manifest.shards]
+    assert group_rows == [[2], [2], [2, 2], [1]]
+
+
+def test_same_input_gives_the_same_shard_bytes(tmp_path):
+    samples = make_samples(12)
+    write(tmp_path / "a", samples, LogQuantZstdCodec())
+    write(tmp_path / "b", samples, LogQuantZstdCodec())
+    assert shard_digests(tmp_path / "a") == shard_digests(tmp_path / "b")
+    assert (tmp_path / "a" / "manifest.json").read_bytes() == (tmp_path / "b" / "manifest.json").read_bytes()
+
+
+def test_exception_inside_the_writer_leaves_no_manifest(tmp_path):
+    samples = make_samples(10)
+    with pytest.raises(RuntimeError, match="teacher crashed"):
+        with TopKShardWriter(tmp_path, source(), RawCodec(), shard_tokens=50) as writer:
+            for sample_id, sample in samples[:8]:
+                writer.add(sample_id, sample.positions, sample.topk_ids, sample.topk_logprobs, sample.target_logprobs)
+            raise RuntimeError("teacher crashed")
+    assert not (tmp_path / "manifest.json").exists()
+    assert not list(tmp_path.glob("*.tmp-*"))
+    with pytest.raises(TopKStoreError, match="manifest.json does not exist"):
+        TopKReader(tmp_path)
+
+
+def test_writer_rejects_bad_samples_naming_them(tmp_path):
+    with TopKShardWriter(tmp_path, source(), RawCodec()) as writer:
+        sample = make_sample(np.random.default_rng(0), 3)
+        with pytest.raises(ValueError, match=f"sample bad: topk_ids holds id {VOCAB} >= vocab_size {VOCAB}"):
+            writer.add("bad", sample.positions, np.full_like(sample.topk_ids, VOCAB), sample.topk_logprobs,
+                       sample.target_logprobs)
+        with pytest.raises(ValueError, match="sample narrow: topk_ids has k=2, the artifact has k=32"):
+            writer.add("narrow", sample.positions, sample.topk_ids[:, :2], sample.topk_logprobs[:, :2],
+                       sample.target_logprobs)
+        writer.add("ok", sample.positions, sample.topk_ids, sample.topk_logprobs, sample.target_logprobs)
+        with pytest.raises(ValueError, match="sample ok was already written"):
+            writer.add("ok", sample.positions, sample.topk_ids, sample.topk_logprobs, sample.target_logprobs)
+
+
+def test_resume_after_an_abandoned_writer_gives_identical_shards(tmp_path):
+    samples = make_samples(30)
+    write(tmp_path / "full", samples, LogQuantZstdCodec())
+    expected = shard_digests(tmp_path / "full")
+
+    part = tmp_path / "part"
+    abandoned = TopKShardWriter(part, source(), LogQuantZstdCodec(), shard_tokens=100, samples_per_row_group=3)
+    for sample_id, sample in samples[:17]:  # a few shards plus one in progress
+        abandoned.add(sample_id, sample.positions, sample.topk_ids, sample.topk_logprobs, sample.target_logprobs)
+    finished = set(path.name for path in part.glob("shard-*.parquet"))
+    assert finished and list(part.glob("shard-*.tmp-*"))  # the shard in progress
+    del abandoned  # "killed": no close, no abort
+    (part / "shard-r00-00099.parquet.tmp-424242").write_bytes(b"PAR1 torn")
+    (part / "manifest-r00.partial.json.tmp-424242").write_text("{")
+
+    resumed = TopKShardWriter(part, source(), LogQuantZstdCodec(), shard_tokens=100, samples_per_row_group=3)
+    assert not list(part.glob("*.tmp-*"))
+    done = resumed.completed_sample_ids
+    assert done == {sample_id for sample_id, _ in samples[:len(done)]} and 0 < len(done) < 17
+    with resumed:
+        for sample_id, sample in samples:
+            if sample_id not in done:
+                resumed.add(sample_id, sample.positions, sample.topk_ids, sample.topk_logprobs, sample.target_logprobs)
+    assert shard_digests(part) == expected
+    assert_same_content(TopKReader(part), TopKReader(tmp_path / "full"))
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import pathlib, sys, time
+    import numpy as np
+    from kd_pipeline.core.topk_store import ArtifactSource, LogQuantZstdCodec, TopKShardWriter
+    directory, data = pathlib.Path(sys.argv[1]), np.load(sys.argv[2])
+    source = ArtifactSource(**{{name: data["source_" + name].item() for name in {source_fields!r}}})
+    writer = TopKShardWriter(directory, source, LogQuantZstdCodec(), shard_tokens=100, samples_per_row_group=3)
+    for index in range(int(data["count"])):
+        fields = ("positions", "ids", "logprobs", "target")
+        writer.add(f"{{index:032x}}", *(data[f"{{name}}{{index}}"] for name in fields))
+        if len(list(directory.glob("shard-*.parquet"))) >= 2 and list(directory.glob("shard-*.tmp-*")):
+            print("shard in progress", flush=True)
+            time.sleep(60)  # killed here
+    writer.close()
+""")
+
+
+def test_resume_after_sigkill_of_a_writer_process(tmp_path):
+    samples = make_samples(30)
+    arrays = {"count": len(samples)}
+    arrays.update({f"source_{name}": value for name, value in vars(source()).items()})
+    for index, (sample_id, sample) in enumerate(samples):
+        assert sample_id == f"{index:032x}"
+        arrays.update({f"positions{index}": sample.positions, f"ids{index}": sample.topk_ids,
+                       f"logprobs{index}": sample.topk_logprobs, f"target{index}": sample.target_logprobs})
+    np.savez(tmp_path / "samples.npz", **arrays)
+    directory = tmp_path / "killed"
+    script = KILLED_WRITER.format(source_fields=list(vars(source())))
+    process = subprocess.Popen([sys.executable, "-c", script, str(directory), str(tmp_path / "samples.npz")],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "shard in progress"
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    assert list(directory.glob("shard-*.tmp-*")) and not (directory / "manifest.json").exists()
+    write(directory, samples, LogQuantZstdCodec())
+    write(tmp_path / "full", samples, LogQuantZstdCodec())
+    assert shard_digests(directory) == shard_digests(tmp_path / "full")
+
+
+def test_resume_with_other_settings_is_refused_naming_the_field(tmp_path):
+    samples = make_samples(8)
+    abandoned = TopKShardWriter(tmp_path, source(), RawCodec(), shard_tokens=30)
+    for sample_id, sample in samples:
+        abandoned.add(sample_id, sample.positions, sample.topk_ids, sample.topk_logprobs, sample.target_logprobs)
+    del abandoned
+    with pytest.raises(ManifestMismatchError, match="field 'codec_name' is 'raw' but this writer has 'logquant_zstd'"):
+        TopKShardWriter(tmp_path, source(), LogQuantZstdCodec(), shard_tokens=30)
+    with pytest.raises(ManifestMismatchError, match="field 'tokenizer_sha256'"):
+        TopKShardWriter(tmp_path, source(tokenizer_sha256="other"), RawCodec(), shard_tokens=30)
+    fresh = TopKShardWriter(tmp_path, source(), LogQuantZstdCodec(), shard_tokens=30, resume=False)
+    assert not fresh.completed_sample_ids and not list(tmp_path.glob("shard-*"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_corrupt_shard_is_named_and_repaired_by_rewriting_it(tmp_path, damage):
+    samples = make_samples(20)
+    write(tmp_path, samples, LogQuantZstdCodec())
+    good = shard_digests(tmp_path)
+    victim = tmp_path / "shard-r00-00002.parquet"
+    data = bytearray(victim.read_bytes())
+    if damage == "truncate":
+        victim.write_bytes(bytes(data[: len(data) // 2]))
+        with pytest.raises(ShardCorruptError, match=r"shard-r00-00002\.parquet.*kedro run --pipelines teacher_logits"):
+            TopKReader(tmp_path)
+    else:
+        victim_ids = pq.read_table(victim, columns=["sample_id"])["sample_id"].to_pylist()
+        payload = LogQuantZstdCodec().encode(dict(samples)[victim_ids[0]])["payload"]
+        data[data.find(payload[-40:]) + 20] ^= 0x40  # inside a payload: the index still reads
+        victim.write_bytes(bytes(data))
+        reader = TopKReader(tmp_path)  # sizes match: detected at first read
+        reader.get(reader.sample_ids()[0])  # other shards still read
+        with pytest.raises(ShardCorruptError,
+                           match=r"shard-r00-00002\.parquet.*sha256.*kedro run --pipelines teacher_logits"):
+            reader.get(victim_ids[0])
+        assert reader.verify() == ["shard-r00-00002.parquet"]
+    # Repair: the extraction re-run resumes; only the bad shard's samples are fed again.
+    write(tmp_path, samples, LogQuantZstdCodec())
+    assert shard_digests(tmp_path) == good
+    assert TopKReader(tmp_path).verify() == []
+
+
+def test_unknown_schema_version_or_codec_is_rejected(tmp_path):
+    write(tmp_path, make_samples(4))
+    path = tmp_path / "manifest.json"
+    original = json.loads(path.read_text())
+    path.write_text(json.dumps(original | {"schema_version": 2}))
+    with pytest.raises(TopKStoreError, match="unsupported schema_version 2 .*reads version 1"):
+        TopKReader(tmp_path)
+    path.write_text(json.dumps(original | {"codec_name": "fp8"}))
+    with pytest.raises(TopKStoreError, match=r"manifest.json: unknown top-k codec 'fp8'; known codecs"):
+        TopKReader(tmp_path)
+    path.write_text(json.dumps(original | {"num_samples": 5}))
+    with pytest.raises(TopKStoreError, match="'num_samples' is 5 but the shards add up to 4"):
+        TopKReader(tmp_path)
+
+
+def test_check_compatible_names_the_mismatching_field(tmp_path):
+    write(tmp_path, make_samples(3))
+    manifest = TopKReader(tmp_path).manifest
+    manifest.check_compatible({"vocab_size": VOCAB, "tokenizer_sha256": "t" * 64, "capture_temperature": 1})
+    with pytest.raises(ManifestMismatchError,
+                       match=f"manifest field 'vocab_size' is {VOCAB} but the student tokenizer has 32000"):
+        manifest.check_compatible({"vocab_size": 32000, "tokenizer_sha256": "t" * 64}, "the student tokenizer")
+    with pytest.raises(ManifestMismatchError, match="manifest field 'corpus_fingerprint' is 'fff"):
+        manifest.check_compatible({"corpus_fingerprint": "other"}, "the corpus")
+    with pytest.raises(ValueError, match="unknown manifest field 'vocab'"):
+        manifest.check_compatible({"vocab": 1})
+
+
+def test_two_ranks_merge_to_the_single_process_content(tmp_path):
+    samples = make_samples(25)
+    write(tmp_path / "single", samples, LogQuantZstdCodec())
+    multi = tmp_path / "multi"
+    for rank in range(2):  # each rank gets every second sample, in the common order
+        with TopKShardWriter(multi, source(), LogQuantZstdCodec(), rank=rank, world_size=2,
+                             shard_tokens=100, samples_per_row_group=3) as writer:
+            for sample_id, sample in samples[rank::2]:
+                writer.add(sample_id, sample.positions, sample.topk_ids, sample.topk_logprobs, sample.target_logprobs)
+        assert not (multi / "manifest.json").exists()  # only the merge writes it
+    manifest = merge_manifests(multi, world_size=2)
+    assert {shard.rank for shard in manifest.shards} == {0, 1}
+    assert manifest.num_samples == 25 and manifest.world_size == 2
+    single, merged = TopKReader(tmp_path / "single"), TopKReader(multi)
+    assert merged.manifest.num_trained_tokens == single.manifest.num_trained_tokens
+    assert_same_content(single, merged)
+
+
+def test_merge_refuses_unfinished_ranks_and_overlapping_samples(tmp_path):
+    samples = make_samples(6)
+    with TopKShardWriter(tmp_path, source(), RawCodec(), rank=0, world_size=2) as writer:
+        for sample_id, sample in samples:
+            writer.add(sample_id, sample.positions, sample.topk_ids, sample.topk_logprobs, sample.target_logprobs)
+    with pytest.raises(TopKStoreError, match="rank 1 of 2 has not written any progress"):
+        merge_manifests(tmp_path, 2)
+    with TopKShardWriter(tmp_path, source(), RawCodec(), rank=1, world_size=2) as writer:
+        sample_id, sample = samples[0]
+        writer.add(sample_id, sample.positions, sample.topk_ids, sample.topk_logprobs, sample.target_logprobs)
+    with pytest.raises(TopKStoreError, match=f"sample {samples[0][0]} is in both shard-r00-00000.parquet and "
+                                             "shard-r01-00000.parquet"):
+        merge_manifests(tmp_path, 2)
+
+
+def test_reader_survives_pickling_for_dataloader_workers(tmp_path):
+    import pickle
+
+    samples = make_samples(5)
+    write(tmp_path, samples, LogQuantZstdCodec())
+    reader = TopKReader(tmp_path)
+    reader.get(samples[0][0])
+    clone = pickle.loads(pickle.dumps(reader))
+    assert torch.equal(clone.get(samples[1][0]).topk_ids, reader.get(samples[1][0]).topk_ids)
+
