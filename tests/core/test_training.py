@@ -1,0 +1,503 @@
+"""DistillationTrainer / train_student on tiny models: loss wiring, global-token normalization,
+manifest refusal, NaN stop, SFT-only path, resume after SIGKILL and 2-process DDP."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from kd_pipeline.core import modeling
+from kd_pipeline.core.corpus import SAMPLES_SCHEMA, TokenizedCorpus, corpus_fingerprint
+from kd_pipeline.core.distill_data import DistillCollator, DistillDataset, flat_labels, trained_positions
+from kd_pipeline.core.losses import KDLossConfig, fused_topk_kd_loss
+from kd_pipeline.core.tiny import TINY_VOCAB_SIZE
+from kd_pipeline.core.training import (
+    SUMMARY_FILE,
+    ArtifactMismatchError,
+    DistillationTrainer,
+    NonFiniteLossError,
+    TrainConfig,
+    _training_arguments,
+    check_artifact_compatibility,
+    train_student,
+)
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+TINY_TOKENIZER_DIR = PROJECT_ROOT / "tests" / "fixtures" / "tiny_tokenizer"
+K = 8
+STUDENT = modeling.StudentInit(method="prune_teacher", num_layers=2)
+LOSS = KDLossConfig(kd_loss_weight=1.0, sft_loss_weight=0.5)
+
+
+# --------------------------------------------------------------------------------------------
+# Tiny fixtures (also imported by the subprocess worker below)
+
+
+def make_teacher(directory: Path) -> Path:
+    source = modeling.TeacherSource(kind="random_init", tokenizer_path=str(TINY_TOKENIZER_DIR), seed=0)
+    modeling.prepare_teacher(source, directory)
+    return directory
+
+
+def make_corpus(tokenizer_hash: str, n: int = 28, seed: int = 0) -> TokenizedCorpus:
+    """Random token samples (prompt masked, response trained), every 7th in validation."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        length = int(rng.integers(10, 33))
+        prompt = int(rng.integers(1, length - 3))
+        rows.append({
+            "sample_id": hashlib.sha256(f"synthetic-{seed}-{i}".encode()).hexdigest()[:32],
+            "input_ids": rng.integers(3, TINY_VOCAB_SIZE, size=length).tolist(),
+            "loss_mask": [0] * prompt + [1] * (length - prompt),
+            "length": length, "num_trained": length - prompt,
+            "split": "validation" if i % 7 == 6 else "train", "source": f"synthetic:{i}",
+        })
+    rows.sort(key=lambda row: row["sample_id"])
+    samples = pa.Table.from_pylist(rows, schema=SAMPLES_SCHEMA)
+    meta = {"schema_version": 1, "tokenizer_hash": tokenizer_hash, "vocab_size": TINY_VOCAB_SIZE,
+            "fingerprint": corpus_fingerprint(samples, tokenizer_hash)}
+    return TokenizedCorpus(samples, meta)
+
+
+class FakeTargets:
+    """Dict-backed stand-in for TopKReader: per-sample teacher distributions in which the actual
+    next token is the top-1 (so a batch can be checked row by row), full-vocab log-probs."""
+
+    def __init__(self, corpus: TokenizedCorpus, tokenizer_hash: str, k: int = K):
+        self.manifest = {"corpus_fingerprint": corpus.fingerprint, "tokenizer_sha256": tokenizer_hash,
+                         "vocab_size": TINY_VOCAB_SIZE, "k": k}
+        self.data = {}
+        for row in corpus.samples.to_pylist():
+            ids, positions = np.asarray(row["input_ids"]), trained_positions(row["loss_mask"])
+            rng = np.random.default_rng(int(row["sample_id"][:8], 16))
+            logits = torch.tensor(rng.normal(size=(len(positions), TINY_VOCAB_SIZE)) * 2.0)
+            logits[torch.arange(len(positions)), torch.from_numpy(ids[positions + 1])] += 30.0
+            values, indices = torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+            self.data[row["sample_id"]] = {"positions": positions, "topk_ids": indices.numpy(),
+                                           "topk_logprobs": values.float().numpy(),
+                                           "target_logprobs": values[:, 0].float().numpy()}
+
+    def get_many(self, sample_ids):
+        return [self.data[sample_id] for sample_id in sample_ids]
+
+    def write_artifact(self, directory: Path, corpus_fingerprint: str | None = None) -> Path:
+        """The same rows as a real artifact (exact `raw` codec), readable by TopKReader."""
+        from kd_pipeline.core.topk_store import ArtifactSource, RawCodec, TopKShardWriter
+
+        source = ArtifactSource(
+            teacher_path="synthetic", teacher_config_sha256="0" * 64, teacher_weights_sha256="0" * 64,
+            tokenizer_sha256=self.manifest["tokenizer_sha256"], vocab_size=self.manifest["vocab_size"],
+            k=self.manifest["k"], capture_dtype="float32", capture_temperature=1.0,
+            corpus_fingerprint=corpus_fingerprint or self.manifest["corpus_fingerprint"])
+        with TopKShardWriter(directory, source, RawCodec(), shard_tokens=200, samples_per_row_group=4) as writer:
+            for sample_id, record in self.data.items():
+                writer.add(sample_id, record["positions"], record["topk_ids"], record["topk_logprobs"],
+                           record["target_logprobs"])
+        return directory
+
+
+def build_fixture(teacher_dir: Path):
+    tokenizer = modeling.load_tokenizer(teacher_dir)
+    tokenizer_hash = modeling.tokenizer_hash(tokenizer)
+    corpus = make_corpus(tokenizer_hash)
+    return corpus, FakeTargets(corpus, tokenizer_hash), tokenizer_hash
+
+
+def quick_config(**overrides) -> TrainConfig:
+    settings = dict(max_steps=4, per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=3e-3,
+                    warmup=0, save_steps=0, eval_steps=0, eval_at_end=False, logging_steps=1, disable_tqdm=True,
+                    lr_scheduler="linear", seed=0)
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def step_losses(summary: dict) -> dict[int, float]:
+    return {row["step"]: row["loss"] for row in summary["log_history"] if "loss" in row}
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    return make_teacher(tmp_path_factory.mktemp("teacher") / "teacher")
+
+
+@pytest.fixture(scope="module")
+def fixture(teacher_dir):
+    return build_fixture(teacher_dir)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matmuls on a shared 2-core box: one thread avoids spin-wait contention.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def make_trainer(teacher_dir, corpus, targets, tmp_path, reduction="token", **config):
+    model, tokenizer = modeling.init_student(STUDENT, teacher_dir)
+    train = quick_config(reduction=reduction, **config)
+    trainer = DistillationTrainer(
+        model=model, args=_training_arguments(train, tmp_path / "ckpt", False, []),
+        train_dataset=DistillDataset(corpus.split("train"), targets, K),
+        data_collator=DistillCollator(tokenizer.pad_token_id), loss_config=LOSS, reduction=reduction,
+    )
+    return trainer
+
+
+def collate(corpus, targets, indices, pad_id=2):
+    dataset = DistillDataset(corpus.split("train"), targets, K)
+    return DistillCollator(pad_id)(dataset.__getitems__(indices))
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration and manifest checks
+
+
+def test_train_config_refuses_unknown_and_bad_values():
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['lr'\]"):
+        TrainConfig.from_dict({"lr": 1e-3})
+    with pytest.raises(ValueError, match="trainer.reduction"):
+        TrainConfig.from_dict({"reduction": "batch"})
+    with pytest.raises(ValueError, match="trainer.warmup"):
+        TrainConfig.from_dict({"warmup": 1.5})
+    with pytest.raises(ValueError, match="trainer.liger"):
+        TrainConfig.from_dict({"liger": "yes"})
+    assert TrainConfig.from_dict({"max_steps": 3}).max_steps == 3
+
+
+@pytest.mark.parametrize("field,value", [
+    ("corpus_fingerprint", "0" * 64), ("tokenizer_sha256", "f" * 64), ("vocab_size", 1024),
+])
+def test_manifest_mismatch_names_the_field(field, value):
+    good = {"corpus_fingerprint": "c" * 64, "tokenizer_sha256": "t" * 64, "vocab_size": 512, "k": 8}
+    expected = dict(corpus_fingerprint="c" * 64, tokenizer_hash="t" * 64, vocab_size=512, k=None)
+    assert check_artifact_compatibility(good, **expected) == 8
+    with pytest.raises(ArtifactMismatchError, match=f"field '{field}'"):
+        check_artifact_compatibility({**good, field: value}, **expected)
+
+
+def test_manifest_k_must_cover_the_run():
+    manifest = {"corpus_fingerprint": "c", "tokenizer_sha256": "t", "vocab_size": 5, "k": 8}
+    assert check_artifact_compatibility(manifest, corpus_fingerprint="c", tokenizer_hash="t", vocab_size=5, k=4) == 4
+    with pytest.raises(ArtifactMismatchError, match="field 'k'"):
+        check_artifact_compatibility(manifest, corpus_fingerprint="c", tokenizer_hash="t", vocab_size=5, k=16)
+
+
+def test_mismatched_artifact_stops_before_the_first_step(teacher_dir, fixture, tmp_path, monkeypatch):
+    corpus, targets, _ = fixture
+    artifact = targets.write_artifact(tmp_path / "topk", corpus_fingerprint="f" * 64)
+    spy = BatchSpy(monkeypatch)
+    with pytest.raises(ArtifactMismatchError, match="manifest field 'corpus_fingerprint'"):
+        train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=LOSS,
+                      train=quick_config(), output_dir=tmp_path / "student", topk_dir=artifact)
+    assert not spy.batches
+    assert not (tmp_path / "student").exists() and not (tmp_path / "student_checkpoints").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# The loss wiring
+
+
+def test_compute_loss_equals_a_direct_loss_call(teacher_dir, fixture, tmp_path):
+    corpus, targets, _ = fixture
+    trainer = make_trainer(teacher_dir, corpus, targets, tmp_path)
+    batch = collate(corpus, targets, [0, 1, 2])
+    model = trainer.model
+    loss = trainer.compute_loss(model, batch)
+
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    mask = batch["kd_positions_mask"]
+    n = int(mask.sum())
+    direct = fused_topk_kd_loss(hidden[mask], model.lm_head.weight, None, batch["kd_topk_ids"],
+                                batch["kd_topk_logprobs"], flat_labels(batch), torch.full((n,), 1.0 / n), LOSS)
+    torch.testing.assert_close(loss, direct.loss)
+    # And the same thing from full logits, the plain way: SFT is cross-entropy on the labels.
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    cross_entropy = torch.nn.functional.cross_entropy(logits[:, :-1][mask[:, :-1]], flat_labels(batch))
+    torch.testing.assert_close(direct.sft, cross_entropy.detach())
+
+
+def _step_gradients(trainer, micro_batches):
+    """Gradients of one optimizer step over `micro_batches`, through the trainer's own counting."""
+    model = trainer.model
+    model.zero_grad()
+    samples, num_items = trainer.get_batch_samples(iter(micro_batches), len(micro_batches), torch.device("cpu"))
+    total = 0.0
+    for batch in samples:
+        loss = trainer.compute_loss(model, batch, num_items_in_batch=num_items)
+        loss.backward()
+        total += float(loss.detach())
+    return total, {name: param.grad.clone() for name, param in model.named_parameters() if param.grad is not None}
+
+
+@pytest.mark.parametrize("reduction", ["token", "sequence"])
+def test_grad_accumulation_equals_the_concatenated_batch(teacher_dir, fixture, tmp_path, reduction):
+    corpus, targets, _ = fixture
+    trainer = make_trainer(teacher_dir, corpus, targets, tmp_path, reduction=reduction)
+    trainer.model.train()
+    # Uneven micro-batches (1 and 3 sequences, different token counts): a mean of micro-batch
+    # means would differ from the step mean.
+    loss_ga, grads_ga = _step_gradients(trainer, [collate(corpus, targets, [0]), collate(corpus, targets, [1, 2, 3])])
+    loss_one, grads_one = _step_gradients(trainer, [collate(corpus, targets, [0, 1, 2, 3])])
+    assert loss_ga == pytest.approx(loss_one, rel=1e-5)
+    assert grads_ga.keys() == grads_one.keys() and grads_one
+    for name in grads_one:
+        torch.testing.assert_close(grads_ga[name], grads_one[name], rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# Whole runs
+
+
+class BatchSpy:
+    """Wraps DistillationTrainer.compute_loss to record every training micro-batch."""
+
+    def __init__(self, monkeypatch):
+        self.batches = []
+        original = DistillationTrainer.compute_loss
+        spy = self
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if model.training:
+                spy.batches.append({key: (value.clone() if torch.is_tensor(value) else value)
+                                    for key, value in inputs.items()})
+            return original(self, model, inputs, return_outputs, num_items_in_batch)
+
+        monkeypatch.setattr(DistillationTrainer, "compute_loss", compute_loss)
+
+
+def test_trainer_run_keeps_rows_in_place_and_saves_an_hf_folder(teacher_dir, fixture, tmp_path, monkeypatch):
+    """Shuffled data, gradient accumulation 2, an eval: every batch the loss sees keeps the
+    invariant; the final student is a loadable HF folder with its summary and loss curve."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    corpus, targets, _ = fixture
+    spy = BatchSpy(monkeypatch)
+    train = quick_config(max_steps=3, per_device_train_batch_size=3, gradient_accumulation_steps=2,
+                         eval_steps=3, save_steps=2)
+    artifact = targets.write_artifact(tmp_path / "topk")
+    summary = train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=LOSS, train=train,
+                            output_dir=tmp_path / "student", topk_dir=artifact)
+    assert len(spy.batches) == 6
+    order = [sample_id for batch in spy.batches for sample_id in batch["sample_ids"]]
+    assert order != sorted(order), "training data was not shuffled"
+    for batch in spy.batches:
+        rows = batch["kd_positions_mask"].nonzero()
+        assert rows.shape[0] == batch["kd_topk_ids"].shape[0]
+        for i, (b, p) in enumerate(rows.tolist()):
+            assert batch["labels"][b, p + 1] == batch["kd_topk_ids"][i, 0]  # the row's own token
+
+    assert summary["global_step"] == 3
+    assert summary["artifact_manifest_sha256"] == hashlib.sha256((artifact / "manifest.json").read_bytes()).hexdigest()
+    final = summary["final_train"]
+    assert final["loss"] == pytest.approx(final["total"], rel=1e-5)
+    assert final["total"] == pytest.approx(LOSS.kd_loss_weight * final["kd"] + LOSS.sft_loss_weight * final["sft"], rel=1e-5)
+    for key in ("teacher_coverage", "student_topk_mass", "tokens_per_second", "grad_norm", "learning_rate"):
+        assert key in final
+    assert 0 < final["teacher_coverage"] <= 1 and 0 < final["student_topk_mass"] < 1
+    assert {"eval_loss", "eval_kd", "eval_sft", "eval_teacher_coverage"} <= summary["final_eval"].keys()
+
+    student = tmp_path / "student"
+    assert {"config.json", "model.safetensors", "tokenizer.json", SUMMARY_FILE, "loss_curve.png"} <= {
+        path.name for path in student.iterdir()}
+    assert json.loads((student / SUMMARY_FILE).read_text())["global_step"] == 3
+    reloaded = AutoModelForCausalLM.from_pretrained(student)
+    assert reloaded.config.num_hidden_layers == 2
+    assert len(AutoTokenizer.from_pretrained(student)) == TINY_VOCAB_SIZE
+    assert not list(tmp_path.glob("student.tmp-*"))
+
+
+def test_sft_only_runs_without_an_artifact(teacher_dir, fixture, tmp_path, monkeypatch):
+    corpus, _, _ = fixture
+    spy = BatchSpy(monkeypatch)
+    sft_only = KDLossConfig(kd_loss_weight=0.0, sft_loss_weight=1.0)
+    summary = train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=sft_only,
+                            train=quick_config(max_steps=2, save_steps=2), output_dir=tmp_path / "student",
+                            topk_dir=None)
+    assert summary["global_step"] == 2 and summary["artifact_manifest_sha256"] is None
+    assert len(spy.batches) == 2 and all("kd_topk_ids" not in batch for batch in spy.batches)
+    final = summary["final_train"]
+    assert "kd" not in final and final["sft"] == pytest.approx(final["loss"], rel=1e-5)
+    # Re-running a finished run trains nothing more: the last checkpoint is the student.
+    again = train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=sft_only,
+                          train=quick_config(max_steps=2, save_steps=2), output_dir=tmp_path / "student")
+    assert again["global_step"] == 2 and again["resumed_from"].endswith("checkpoint-2")
+    assert len(spy.batches) == 2 and again["final_train"] == final
+    with pytest.raises(ValueError, match="needs the teacher top-k artifact"):
+        train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=LOSS,
+                      train=quick_config(), output_dir=tmp_path / "other")
+
+
+def test_nan_loss_stops_with_step_and_sample_ids(teacher_dir, fixture, tmp_path, monkeypatch):
+    from transformers import TrainerCallback
+
+    class PoisonAfterStep2(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 2:
+                with torch.no_grad():
+                    model.get_output_embeddings().weight[5, 0] = float("nan")
+
+    corpus, targets, _ = fixture
+    spy = BatchSpy(monkeypatch)
+    with pytest.raises(NonFiniteLossError) as caught:
+        train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=LOSS,
+                      train=quick_config(max_steps=5), output_dir=tmp_path / "student", targets=targets,
+                      callbacks=[PoisonAfterStep2()])
+    message = str(caught.value)
+    assert "at global step 3" in message
+    assert message.endswith(", ".join(spy.batches[-1]["sample_ids"]))
+    assert not (tmp_path / "student").exists()
+
+
+def test_checkpoints_of_a_different_run_are_discarded(tmp_path):
+    from kd_pipeline.core.training import _prepare_checkpoint_dir, last_complete_checkpoint
+
+    directory = tmp_path / "student_checkpoints"
+    for step, complete in ((2, True), (4, True), (6, False)):  # checkpoint-6 was cut by a kill
+        (directory / f"checkpoint-{step}").mkdir(parents=True)
+        if complete:
+            (directory / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert last_complete_checkpoint(directory) == directory / "checkpoint-4"
+    first = {"loss": {"kd_loss_weight": 1.0}, "train": {"learning_rate": 1e-3}}
+    assert _prepare_checkpoint_dir(directory, first, resume=True, is_main=True) is None  # no record: not ours
+    assert not list(directory.glob("checkpoint-*"))
+    (directory / "checkpoint-2").mkdir()
+    (directory / "checkpoint-2" / "trainer_state.json").write_text("{}")
+    assert _prepare_checkpoint_dir(directory, first, resume=True, is_main=True) == directory / "checkpoint-2"
+    changed = {**first, "train": {"learning_rate": 2e-3}}
+    assert _prepare_checkpoint_dir(directory, changed, resume=True, is_main=True) is None
+    assert not (directory / "checkpoint-2").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# Subprocess runs: resume after SIGKILL, and DDP with 2 processes
+
+WORKER = r'''
+import json, os, sys, time
+from pathlib import Path
+sys.path.insert(0, {tests_dir!r})
+import torch
+torch.set_num_threads(1)
+import test_training as t
+from transformers import TrainerCallback
+
+teacher_dir, out_dir = Path(sys.argv[1]), Path(sys.argv[2])
+settings = json.loads(sys.argv[3])
+slow = float(os.environ.get("KD_TEST_STEP_SLEEP", "0"))
+
+class Slow(TrainerCallback):
+    def on_step_end(self, args, state, control, **kwargs):
+        time.sleep(slow)
+
+corpus, targets, _ = t.build_fixture(teacher_dir)
+summary = t.train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=t.STUDENT, loss=t.LOSS,
+                          train=t.quick_config(**settings), output_dir=out_dir / "student", targets=targets,
+                          callbacks=[Slow()] if slow else [])
+if int(os.environ.get("RANK", "0")) == 0:
+    (out_dir / "losses.json").write_text(json.dumps({{"losses": t.step_losses(summary),
+                                                      "resumed_from": summary["resumed_from"]}}))
+'''
+
+
+def _worker(tmp_path: Path) -> Path:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER.format(tests_dir=str(Path(__file__).parent)))
+    return script
+
+
+def _env(**extra) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(PROJECT_ROOT / "src")}
+    env.update(extra)
+    return env
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _losses(out_dir: Path) -> dict:
+    record = json.loads((out_dir / "losses.json").read_text())
+    return {int(step): loss for step, loss in record["losses"].items()}, record["resumed_from"]
+
+
+def test_resume_after_sigkill_matches_an_uninterrupted_run(teacher_dir, tmp_path):
+    settings = {"max_steps": 8, "save_steps": 2, "per_device_train_batch_size": 3, "gradient_accumulation_steps": 2,
+                "save_total_limit": 3}
+    corpus, targets, _ = build_fixture(teacher_dir)
+    reference = step_losses(train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=LOSS,
+                                          train=quick_config(**settings), output_dir=tmp_path / "ref" / "student",
+                                          targets=targets))
+    worker, out_dir = _worker(tmp_path), tmp_path / "run"
+    out_dir.mkdir()
+    command = [sys.executable, str(worker), str(teacher_dir), str(out_dir), json.dumps(settings)]
+    process = subprocess.Popen(command, env=_env(KD_TEST_STEP_SLEEP="0.5"), stdout=subprocess.DEVNULL,
+                               stderr=subprocess.PIPE, start_new_session=True)
+    checkpoint = out_dir / "student_checkpoints" / "checkpoint-4" / "trainer_state.json"
+    deadline = time.monotonic() + 90
+    while not checkpoint.is_file():
+        assert process.poll() is None, f"worker ended early: {process.stderr.read().decode()[-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint-4 within 90 s"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)  # a hard kill: no cleanup, no final save
+    process.wait()
+    assert not (out_dir / "student").exists()
+
+    # Re-run (in this process: same code path as a fresh `kedro run`, without a second start-up).
+    resumed = train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=LOSS,
+                            train=quick_config(**settings), output_dir=out_dir / "student", targets=targets)
+    assert resumed["resumed_from"] is not None and int(resumed["resumed_from"].rsplit("-", 1)[1]) >= 4
+    losses = step_losses(resumed)
+    assert sorted(losses) == list(range(1, 9))  # the history before the checkpoint is restored with it
+    for step, loss in losses.items():
+        assert loss == pytest.approx(reference[step], rel=1e-4, abs=1e-5), (step, losses, reference)
+    assert resumed["final_train"]["loss"] == pytest.approx(reference[8], rel=1e-4)
+
+
+def test_two_process_ddp_matches_one_process(teacher_dir, tmp_path):
+    """torchrun --nproc-per-node 2 (gloo, CPU) with 2 sequences per rank = 1 process with 4."""
+    corpus, targets, _ = build_fixture(teacher_dir)
+    settings = {"max_steps": 4, "per_device_train_batch_size": 4, "eval_steps": 2}
+    single_summary = train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=LOSS,
+                                   train=quick_config(**settings), output_dir=tmp_path / "single" / "student",
+                                   targets=targets)
+    single = step_losses(single_summary)
+    out_dir = tmp_path / "ddp"
+    out_dir.mkdir()
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+               str(_worker(tmp_path)), str(teacher_dir), str(out_dir),
+               json.dumps({**settings, "per_device_train_batch_size": 2})]
+    process = subprocess.Popen(command, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        _, stderr = process.communicate(timeout=150)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)  # torchrun and its workers
+            process.wait()
+    assert process.returncode == 0, stderr[-4000:]
+    losses, _ = _losses(out_dir)
+    assert sorted(losses) == sorted(single) == [1, 2, 3, 4]
+    for step in single:
+        assert losses[step] == pytest.approx(single[step], rel=1e-4), (losses, single)
+    # The evaluation metrics are exact token means over both ranks' validation samples.
+    ddp_summary = json.loads((out_dir / "student" / SUMMARY_FILE).read_text())
+    for key in ("eval_total", "eval_kd", "eval_sft"):
+        assert ddp_summary["final_eval"][key] == pytest.approx(single_summary["final_eval"][key], rel=1e-4)
