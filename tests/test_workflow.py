@@ -1,0 +1,344 @@
+"""The DVC + MLflow workflow end to end, on a temporary git copy of the project (tiny test env).
+
+`dvc repro` twice (the second a no-op); a distill parameter change re-runs distill and evaluate
+only (the teacher artifact is kept); `dvc exp run -S ...kd_loss_weight=0` runs the SFT-only
+baseline and `dvc exp show` lists both with metrics; a `--temp` experiment (run in a
+`.dvc/tmp/exps` copy) logs into the same MLflow store; `mlflow server` over that store serves
+the runs with their params, metrics and tags through the REST API, and is stopped by its PID.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+DISTILL_PARAMS = "conf/base/parameters_distill.yml"
+KD_WEIGHT_KEY = "distill.loss.kd_loss_weight"
+EVALUATE_PARAMS = "conf/base/parameters_evaluate.yml"
+OVERLAP_KEY = "evaluate.metrics.overlap_k"
+STAGES = ("corpus_prep", "teacher_logits", "distill", "evaluate")
+
+
+# --------------------------------------------------------------------------------------------
+# Fast: the tracking URI of a DVC temp copy is the user's project store
+
+
+def _fake_project(root: Path) -> Path:
+    (root / "conf" / "base").mkdir(parents=True)
+    (root / "pyproject.toml").write_text("[tool.kedro]\n")
+    return root
+
+
+def test_tracking_uri_of_a_dvc_temp_copy_is_the_project_store(tmp_path, monkeypatch):
+    from kedro.config import OmegaConfigLoader
+
+    from kd_pipeline.paths import home_project_root, mlflow_tracking_uri
+    from kd_pipeline.settings import CONFIG_LOADER_ARGS
+
+    root = _fake_project(tmp_path / "project")
+    copy = _fake_project(root / ".dvc" / "tmp" / "exps" / "tmpk3x9_a1")
+    shutil.copy(PROJECT_ROOT / "conf" / "base" / "mlflow.yml", copy / "conf" / "base" / "mlflow.yml")
+    monkeypatch.delenv("KD_MLFLOW_TRACKING_URI", raising=False)
+
+    monkeypatch.chdir(copy / "conf")  # anywhere inside the temp copy
+    assert home_project_root() == root.resolve()
+    assert mlflow_tracking_uri() == f"sqlite:///{root.resolve() / 'mlflow.db'}"
+    # As kedro-mlflow reads it: the `mlflow` pattern over conf/base/mlflow.yml.
+    loader = OmegaConfigLoader(str(copy / "conf"), base_env="base", default_run_env="base",
+                               config_patterns={"mlflow": ["mlflow*", "mlflow*/**"]},
+                               custom_resolvers=CONFIG_LOADER_ARGS["custom_resolvers"])
+    assert loader["mlflow"]["server"]["mlflow_tracking_uri"] == f"sqlite:///{root.resolve() / 'mlflow.db'}"
+
+    monkeypatch.chdir(root)  # the project itself maps to itself
+    assert mlflow_tracking_uri() == f"sqlite:///{root.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("KD_MLFLOW_TRACKING_URI", "sqlite:////elsewhere/x.db")
+    assert mlflow_tracking_uri() == "sqlite:////elsewhere/x.db"
+
+
+def test_dvc_yaml_declares_the_four_stages_in_order():
+    spec = yaml.safe_load((PROJECT_ROOT / "dvc.yaml").read_text())
+    assert list(spec["stages"]) == list(STAGES)
+    for name, stage in spec["stages"].items():
+        assert stage["cmd"] == f"kedro run --pipelines {name}"
+    # A training change never invalidates extraction: no stage before distill reads distill params.
+    for name in ("corpus_prep", "teacher_logits"):
+        files = [next(iter(entry)) if isinstance(entry, dict) else entry for entry in spec["stages"][name]["params"]]
+        assert DISTILL_PARAMS not in files and "conf/base/parameters_evaluate.yml" not in files
+    distill_keys = next(entry[DISTILL_PARAMS] for entry in spec["stages"]["distill"]["params"]
+                        if isinstance(entry, dict) and DISTILL_PARAMS in entry)
+    assert KD_WEIGHT_KEY in distill_keys
+
+
+def test_evaluate_run_tags_trace_the_artifact(tmp_path, monkeypatch):
+    from kd_pipeline.pipelines.evaluate.nodes import artifact_tags, dvc_experiment_tags, run_label
+
+    artifact = tmp_path / "data" / "04_feature" / "teacher_topk"
+    artifact.mkdir(parents=True)
+    (artifact / "manifest.json").write_text("{}")
+    lock = tmp_path / "dvc.lock"
+    lock.write_text(yaml.safe_dump({"schema": "2.0", "stages": {"teacher_logits": {"outs": [
+        {"path": "data/04_feature/teacher_topk", "hash": "md5", "md5": "abc123.dir"},
+        {"path": "data/08_reporting/teacher_logits_report.json", "hash": "md5", "md5": "def"}]}}}))
+    monkeypatch.chdir(tmp_path)
+    tags = artifact_tags(Path("data/04_feature/teacher_topk"), lock)
+    assert tags == {"teacher_topk_dvc_md5": "abc123.dir",
+                    "teacher_topk_manifest_sha256": "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"}
+    lock.unlink()  # not produced by DVC: the manifest hash alone
+    assert list(artifact_tags(artifact, lock)) == ["teacher_topk_manifest_sha256"]
+
+    monkeypatch.setenv("DVC_EXP_NAME", "sft-only")
+    monkeypatch.delenv("DVC_EXP_BASELINE_REV", raising=False)
+    assert dvc_experiment_tags() == {"dvc_exp_name": "sft-only"}
+    assert run_label({"loss": {"kd_loss_weight": 0}}) == "SFT-only"
+    assert run_label({"loss": {"kd_loss_weight": 0.5}}) == "KD+SFT"
+
+
+def test_plots_overlay_kd_and_sft_only_once_both_ran(tmp_path, monkeypatch):
+    from kd_pipeline.pipelines.evaluate.nodes import plot_training_curves
+
+    root = _fake_project(tmp_path / "project")
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-a")
+    summary = {"log_history": [{"step": 1, "loss": 2.0, "sft": 3.0}, {"step": 1, "eval_loss": 2.1, "eval_sft": 3.1}]}
+    plots = root / "data" / "plots"
+    written = plot_training_curves(summary, {"loss": {"kd_loss_weight": 1.0}}, {"history_dir": "hist"})(plots)
+    assert [p.name for p in written] == ["training_curves.png"]
+    monkeypatch.setenv("DVC_EXP_NAME", "exp-b")
+    written = plot_training_curves(summary, {"loss": {"kd_loss_weight": 0}}, {"history_dir": "hist"})(plots)
+    assert [p.name for p in written] == ["kd_vs_sft.png", "training_curves.png"]
+    assert sorted(p.name for p in (root / "hist").iterdir()) == ["kd_sft.json", "sft_only.json"]
+    assert json.loads((root / "hist" / "kd_sft.json").read_text())["dvc_exp_name"] == "exp-a"
+    assert (plots / "held_out_loss.csv").read_text() == "step,held_out_loss\n1,3.1\n"
+
+
+# --------------------------------------------------------------------------------------------
+# Slow: the whole loop in a temporary git repository
+
+
+def _project_files() -> list[str]:
+    """Tracked files plus untracked ones git does not ignore (the project before its first commit)."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+                         cwd=PROJECT_ROOT, capture_output=True, check=True).stdout.decode()
+    return [name for name in out.split("\0") if name and (PROJECT_ROOT / name).is_file()]
+
+
+def _deep_update(base: dict, overlay: dict) -> dict:
+    for key, value in overlay.items():
+        base[key] = _deep_update(dict(base.get(key) or {}), value) if isinstance(value, dict) and isinstance(
+            base.get(key), dict) else value
+    return base
+
+
+def _materialize_test_env(repo: Path) -> None:
+    """Make the tiny `test` env the copy's base config, so that dvc.yaml (which names conf/base
+    files and data/ paths) drives tiny runs. Each conf/test file is merged into its conf/base
+    file (data/test/ paths mapped to data/). The merge is deep, so that every key dvc.yaml
+    lists exists; keys the test env omits keep base values, which equal the core defaults the
+    test env would use."""
+    for test_file in sorted((repo / "conf" / "test").glob("*.yml")):
+        overlay = yaml.safe_load(test_file.read_text().replace("data/test/", "data/")) or {}
+        base_file = repo / "conf" / "base" / test_file.name
+        base = (yaml.safe_load(base_file.read_text()) or {}) if base_file.is_file() else {}
+        merged = _deep_update(base, overlay)
+        # `dvc exp run -S` rewrites the file as YAML 1.2, where the string "off" loses its
+        # quotes, and kedro reads a bare `off` as YAML 1.1 false. `auto` is `off` on CPU.
+        if merged.get("distill", {}).get("trainer", {}).get("liger") == "off":
+            merged["distill"]["trainer"]["liger"] = "auto"
+        base_file.write_text(yaml.safe_dump(merged, sort_keys=False))
+
+
+def _env(repo: Path) -> dict:
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("DVC_", "MLFLOW_", "KEDRO_ENV", "KD_MLFLOW"))}
+    env.update({
+        "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
+        "KEDRO_DISABLE_TELEMETRY": "true",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+        "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com",
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+    })
+    return env
+
+
+def _run(args: list[str], repo: Path, env: dict, timeout: float = 600, stdout_only: bool = False) -> str:
+    """Run a command to completion; on timeout kill its whole process group (dvc's kedro child too).
+    Returns stdout + stderr (or stdout alone)."""
+    started = time.monotonic()
+    process = subprocess.Popen(args, cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{' '.join(args)} timed out after {timeout} s:\n{(stdout + stderr)[-6000:]}")
+    print(f"[{time.monotonic() - started:6.1f} s] {' '.join(args)}")
+    output = stdout + stderr
+    assert process.returncode == 0, f"{' '.join(args)} failed ({process.returncode}):\n{output[-6000:]}"
+    return stdout if stdout_only else output
+
+
+def _ran(output: str) -> list[str]:
+    return [name for name in STAGES if f"Running stage '{name}'" in output]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _rest(base: str, path: str, body: dict | None = None) -> dict:
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"{base}{path}", data=data, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_dvc_experiments_and_mlflow_comparison(tmp_path):
+    repo = tmp_path / "project"
+    for name in _project_files():
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PROJECT_ROOT / name, repo / name)
+    _materialize_test_env(repo)
+    env = _env(repo)
+    git = ["git", "-c", "init.defaultBranch=main"]
+    _run([*git, "init", "-q"], repo, env)
+    if not (repo / ".dvc" / "config").is_file():
+        _run(["dvc", "init", "-q"], repo, env)
+    _run(["dvc", "config", "core.analytics", "false"], repo, env)
+    _run([*git, "add", "-A"], repo, env)
+    _run([*git, "commit", "-qm", "project"], repo, env)
+
+    # 1. The whole pipeline, then a no-op.
+    out = _run(["dvc", "repro"], repo, env)
+    assert _ran(out) == list(STAGES), out[-3000:]
+    metrics = json.loads((repo / "data/08_reporting/metrics.json").read_text())
+    for key in ("student_nll", "student_ppl", "teacher_nll", "kl_teacher_student_topk", "kl_student_teacher_topk",
+                "top1_agreement", "topk_overlap"):
+        assert isinstance(metrics[key], float), key
+    assert (repo / "data/08_reporting/plots/training_curves.png").is_file()
+    assert "## Prompt 1" in (repo / "data/08_reporting/generations.txt").read_text()
+    out = _run(["dvc", "repro"], repo, env)
+    assert _ran(out) == [] and "up to date" in out, out[-3000:]
+    _run([*git, "add", "-A"], repo, env)
+    _run([*git, "commit", "-qm", "baseline run"], repo, env)
+    artifact_lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["teacher_logits"]["outs"]
+
+    # 2. A training parameter changes: the SFT-only baseline as an experiment. Only distill and
+    # evaluate run; the teacher artifact is the cached one. Both rows in `dvc exp show`.
+    out = _run(["dvc", "exp", "run", "-n", "sft-only", "-S", f"{DISTILL_PARAMS}:{KD_WEIGHT_KEY}=0"], repo, env)
+    assert _ran(out) == ["distill", "evaluate"], out[-3000:]
+    assert yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["teacher_logits"]["outs"] == artifact_lock
+    assert (repo / "data/08_reporting/plots/kd_vs_sft.png").is_file()  # both kinds now exist
+    shown = json.loads(_run(["dvc", "exp", "show", "--json"], repo, env, stdout_only=True))
+    rows = _exp_rows(shown)
+    assert {"sft-only"} <= set(rows), rows.keys()
+    baseline = rows["__baseline__"]
+    assert baseline["kd_loss_weight"] != 0 and rows["sft-only"]["kd_loss_weight"] == 0
+    for row in (baseline, rows["sft-only"]):
+        assert isinstance(row["metrics"].get("student_nll"), float), row
+        assert isinstance(row["metrics"].get("kl_teacher_student_topk"), float), row
+
+    # 3. A --temp experiment runs in .dvc/tmp/exps/... and logs to the same store. (It changes an
+    # evaluate parameter, so that only evaluate runs: the temp-copy mechanics are the same.)
+    _run([*git, "checkout", "--", "."], repo, env)
+    _run(["dvc", "checkout", "-q"], repo, env)
+    out = _run(["dvc", "exp", "run", "--temp", "-n", "overlap-4", "-S", f"{EVALUATE_PARAMS}:{OVERLAP_KEY}=4"],
+               repo, env)
+    assert _ran(out) == ["evaluate"], out[-3000:]
+    assert not list((repo / ".dvc" / "tmp" / "exps").rglob("mlflow.db"))
+    shown = _exp_rows(json.loads(_run(["dvc", "exp", "show", "--json"], repo, env, stdout_only=True)))
+    assert shown["overlap-4"]["metrics"]["overlap_k"] == 4.0, shown["overlap-4"]
+
+    # 4. mlflow server over the project's store: runs, params and metrics side by side.
+    port = _free_port()
+    server = subprocess.Popen(
+        [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{repo / 'mlflow.db'}", "--workers", "1"],
+        cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"{base}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            assert server.poll() is None, "mlflow server exited"
+            assert time.monotonic() < deadline, "mlflow server did not answer /health in 60 s"
+            time.sleep(0.5)
+        experiment = _rest(base, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=kd_pipeline")["experiment"]
+        runs = _rest(base, "/api/2.0/mlflow/runs/search", {
+            "experiment_ids": [experiment["experiment_id"]],
+            "filter": "attributes.run_name LIKE 'evaluate%'", "max_results": 100})["runs"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # its own session: the server and its workers
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+    evaluated = {}
+    for run in runs:
+        params = {p["key"]: p["value"] for p in run["data"].get("params", [])}
+        metrics = {m["key"]: m["value"] for m in run["data"].get("metrics", [])}
+        tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
+        assert {"student_nll", "teacher_nll", "kl_teacher_student_topk", "kl_student_teacher_topk",
+                "top1_agreement", "topk_overlap"} <= set(metrics), metrics
+        # The distill and extraction settings are columns of the evaluate runs.
+        assert {KD_WEIGHT_KEY, "distill.loss.sft_loss_weight", "distill.loss.kd_loss", "distill.loss.logits_scale",
+                "distill.loss.target_logits_scale", "teacher_logits.k", OVERLAP_KEY} <= set(params), sorted(params)
+        assert tags["teacher_topk_dvc_md5"] == _md5_of(artifact_lock), tags
+        assert len(tags["teacher_topk_manifest_sha256"]) == 64
+        evaluated[tags.get("dvc_exp_name", "workspace")] = (float(params[KD_WEIGHT_KEY]), params[OVERLAP_KEY])
+    assert evaluated == {"workspace": (1.0, "None"), "sft-only": (0.0, "None"), "overlap-4": (1.0, "4")}, evaluated
+    # The temp experiment really ran in a temporary copy.
+    overlap_run = next(run for run in runs if run["info"]["run_name"] == "evaluate overlap-4")
+    project_path = {t["key"]: t["value"] for t in overlap_run["data"]["tags"]}["project_path"]
+    assert "/.dvc/tmp/exps/" in project_path, project_path
+
+
+def _md5_of(outs: list[dict]) -> str:
+    return next(out["md5"] for out in outs if out["md5"].endswith(".dir"))
+
+
+def _exp_rows(shown: list) -> dict[str, dict]:
+    """`name -> {kd_loss_weight, metrics}` from `dvc exp show --json` (baseline as __baseline__)."""
+    rows = {}
+
+    def row_of(entry: dict) -> dict:
+        data = entry["data"]
+        params = data["params"][DISTILL_PARAMS]["data"]
+        weight = params["distill"]["loss"]["kd_loss_weight"]
+        metrics = next(iter(data.get("metrics", {}).values()), {}).get("data", {})
+        return {"kd_loss_weight": weight, "metrics": metrics}
+
+    for commit in shown:
+        if commit.get("rev") == "workspace":
+            continue
+        rows["__baseline__"] = row_of(commit)
+        for exp in commit.get("experiments") or []:
+            for revision in exp.get("revs", []):
+                rows[exp.get("name") or revision.get("name")] = row_of(revision)
+    return rows
