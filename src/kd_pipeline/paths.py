@@ -34,3 +34,9 @@ def mlflow_tracking_uri(db_name: str = "mlflow.db") -> str:
     if override:
         return override
     return f"sqlite:///{home_project_root() / db_name}"
+
+
+def mlflow_artifact_location(folder: str = "mlruns") -> str:
+    """Absolute artifact folder for the MLflow experiment, fixed when the experiment is
+    created: if the first run happened in a DVC temp copy, a relative one would vanish."""
+    return str(home_project_root() / folder)

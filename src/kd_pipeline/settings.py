@@ -2,7 +2,7 @@
 
 from kedro.config import OmegaConfigLoader
 
-from kd_pipeline.paths import mlflow_tracking_uri, project_root
+from kd_pipeline.paths import mlflow_artifact_location, mlflow_tracking_uri, project_root
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
 CONFIG_LOADER_ARGS = {
@@ -12,5 +12,6 @@ CONFIG_LOADER_ARGS = {
     "custom_resolvers": {
         "project_root": lambda: str(project_root()),
         "mlflow_tracking_uri": mlflow_tracking_uri,
+        "mlflow_artifact_location": mlflow_artifact_location,
     },
 }

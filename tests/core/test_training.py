@@ -501,3 +501,12 @@ def test_two_process_ddp_matches_one_process(teacher_dir, tmp_path):
     ddp_summary = json.loads((out_dir / "student" / SUMMARY_FILE).read_text())
     for key in ("eval_total", "eval_kd", "eval_sft"):
         assert ddp_summary["final_eval"][key] == pytest.approx(single_summary["final_eval"][key], rel=1e-4)
+
+
+def test_liger_accepts_yaml_booleans_and_rejects_unknown_modes():
+    from kd_pipeline.core.training import TrainConfig
+
+    assert TrainConfig(liger=False).liger == "off"
+    assert TrainConfig(liger=True).liger == "on"
+    with pytest.raises(ValueError, match="liger"):
+        TrainConfig(liger="sometimes")

@@ -129,6 +129,9 @@ class TrainConfig:
     disable_tqdm: bool = False
 
     def __post_init__(self):
+        # YAML 1.1 reads a bare `off`/`on` as a boolean (and `dvc exp run -S` writes it bare).
+        if isinstance(self.liger, bool):
+            object.__setattr__(self, "liger", "on" if self.liger else "off")
         _choice("precision", self.precision, PRECISIONS)
         _choice("liger", self.liger, LIGER_MODES)
         _choice("reduction", self.reduction, REDUCTIONS)

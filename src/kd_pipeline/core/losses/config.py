@@ -1,0 +1,264 @@
+"""Configuration (`KDLossConfig`) and result (`LossOutput`) types shared by the top-k KD losses.
+
+Semantics in one place (both `reference.py` and `fused.py` implement exactly this):
+
+* Student logits `u` (one row per trained token) are multiplied by `logits_scale` for the KD
+  term: `z = logits_scale * u`. NeMo-Aligner's scales are *inverse temperatures*, so the student
+  temperature is `T = 1 / logits_scale`.
+* Teacher targets are stored full-vocabulary log-probs `l_k` of the teacher's top-k ids. They are
+  multiplied by `target_logits_scale` and renormalized; for log-probs this equals scaling the
+  teacher's logits, whatever its log-partition was.
+* `topk_normalization`:
+    - `renormalize` (NeMo-Aligner parity): student and teacher are both renormalized over the
+      teacher's K ids, `q = softmax_k(z[ids])`, `p = softmax_k(s * l)`. Student mass outside the
+      K ids is not seen by the KD term.
+    - `tail_bucket`: K+1 buckets. The student bucket log-probs are its full-vocabulary
+      log-softmax gathered at the K ids plus the tail `log sum_{v not in ids} softmax(z)_v`. The
+      teacher's tail is `log(1 - sum_k exp(l_k))` (floored at `TEACHER_TAIL_MIN_MASS`, so a
+      teacher whose stored top-k mass rounds to 1 still gives reverse KL a finite value). The
+      K+1 teacher log-probs are all multiplied by `target_logits_scale` and renormalized over
+      the K+1 buckets, i.e. the tail is tempered like one more token. When the ids cover the
+      whole vocabulary the tail is empty on both sides and drops out.
+* `kd_loss`: `fwd_kl` = KL(p || q), `bwd_kl` = KL(q || p), `jsd` = the generalized JSD of TRL and
+  Liger, `beta * KL(p || m) + (1 - beta) * KL(q || m)` with `m = beta * p + (1 - beta) * q`;
+  `beta == 0` is special-cased to `fwd_kl` and `beta == 1` to `bwd_kl` (the general formula
+  tends to 0 at both ends).
+* SFT: full-vocabulary cross-entropy of the labels (`IGNORE_INDEX` rows give 0), on `z` when
+  `scale_sft_logits` (NeMo-Aligner parity) and on the unscaled `u` otherwise.
+* Reduction: per-token values are summed with the trainer's `token_weights`,
+  `kd = sum_i w_i KD_i`, `sft = sum_i w_i SFT_i`, and
+  `loss = kd_loss_weight * kd_factor * kd + sft_loss_weight * sft`, where `kd_factor = T**2`
+  if `temperature_squared` else 1 (Hinton's compensation for the `1/T**2` shrinking of soft-target
+  gradients). The reported `kd` never contains `kd_factor`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping, NamedTuple
+
+import torch
+
+IGNORE_INDEX = -100
+"""Label value whose SFT term is 0 (the Hugging Face / Megatron convention)."""
+
+KD_LOSSES = ("fwd_kl", "bwd_kl", "jsd")
+TOPK_NORMALIZATIONS = ("renormalize", "tail_bucket")
+
+TEACHER_TAIL_MIN_MASS = 1e-8
+"""Floor on the teacher's tail-bucket mass `1 - sum_k p_k` (`tail_bucket` only).
+
+Stored top-k log-probs of a very peaked teacher can sum to 1 after rounding; without a floor the
+tail is log(0) and reverse KL / JSD of any student with tail mass would be infinite.
+"""
+
+
+@dataclass(frozen=True)
+class KDLossConfig:
+    """Hyperparameters of the top-k distillation loss (`distill.loss` params).
+
+    Attributes:
+        kd_loss: `fwd_kl` (KL(teacher || student), default), `bwd_kl` (KL(student || teacher))
+            or `jsd` (generalized Jensen-Shannon with `beta`).
+        beta: JSD mixture weight of the teacher, in [0, 1]: `m = beta*p_teacher + (1-beta)*q`.
+            0 gives forward KL, 1 reverse KL (TRL / Liger convention). Used by `jsd` only.
+        kd_loss_weight: weight of the KD term, >= 0.
+        sft_loss_weight: weight of the SFT (cross-entropy on labels) term, >= 0. At least one of
+            the two weights must be > 0.
+        logits_scale: multiplies the student logits (inverse student temperature), > 0.
+        target_logits_scale: multiplies the teacher log-probs before renormalization (inverse
+            teacher temperature), > 0.
+        temperature_squared: multiply the KD term of `loss` by `T**2`, `T = 1 / logits_scale`.
+        topk_normalization: `renormalize` (over the teacher's K ids, NeMo-Aligner parity) or
+            `tail_bucket` (full-vocabulary student, K+1 buckets).
+        scale_sft_logits: apply `logits_scale` to the SFT logits too (NeMo-Aligner parity).
+        chunk_size: tokens per chunk of the fused loss; None picks one from (N, V, H) so that a
+            chunk's logits stay small next to the lm_head gradient (see `fused.auto_chunk_size`).
+        compiled: `torch.compile` the fused loss's per-chunk logits/gradient step.
+    """
+
+    kd_loss: str = "fwd_kl"
+    beta: float = 0.5
+    kd_loss_weight: float = 1.0
+    sft_loss_weight: float = 0.0
+    logits_scale: float = 1.0
+    target_logits_scale: float = 1.0
+    temperature_squared: bool = False
+    topk_normalization: str = "renormalize"
+    scale_sft_logits: bool = True
+    chunk_size: int | None = None
+    compiled: bool = False
+
+    def __post_init__(self) -> None:
+        _check_choice("kd_loss", self.kd_loss, KD_LOSSES)
+        _check_choice("topk_normalization", self.topk_normalization, TOPK_NORMALIZATIONS)
+        for name in ("temperature_squared", "scale_sft_logits", "compiled"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"KDLossConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        beta = _check_real("beta", self.beta)
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"KDLossConfig.beta must be in [0, 1], got {beta!r}")
+        for name in ("kd_loss_weight", "sft_loss_weight"):
+            if _check_real(name, getattr(self, name)) < 0:
+                raise ValueError(f"KDLossConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.kd_loss_weight == 0 and self.sft_loss_weight == 0:
+            raise ValueError(
+                "KDLossConfig.kd_loss_weight and KDLossConfig.sft_loss_weight are both 0: "
+                "the loss would be identically 0"
+            )
+        for name in ("logits_scale", "target_logits_scale"):
+            if _check_real(name, getattr(self, name)) <= 0:
+                raise ValueError(
+                    f"KDLossConfig.{name} must be > 0 (it is an inverse temperature), "
+                    f"got {getattr(self, name)!r}"
+                )
+        if self.chunk_size is not None and (
+            isinstance(self.chunk_size, bool)
+            or not isinstance(self.chunk_size, int)
+            or self.chunk_size < 1
+        ):
+            raise ValueError(
+                f"KDLossConfig.chunk_size must be a positive int or None (auto), "
+                f"got {self.chunk_size!r}"
+            )
+
+    @classmethod
+    def from_dict(cls, params: Mapping[str, Any]) -> KDLossConfig:
+        """Builds a config from a params dict (e.g. `params:distill.loss`).
+
+        Args:
+            params: field name -> value; missing fields take their defaults.
+
+        Returns:
+            The validated config.
+
+        Raises:
+            ValueError: on keys that are not fields (all of them are named) or invalid values.
+        """
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(params) - set(known))
+        if unknown:
+            raise ValueError(
+                f"KDLossConfig: unknown key(s) {unknown}; allowed keys are {known}"
+            )
+        return cls(**dict(params))
+
+    @property
+    def student_temperature(self) -> float:
+        """`T = 1 / logits_scale`, the temperature that `temperature_squared` compensates."""
+        return 1.0 / self.logits_scale
+
+    @property
+    def kd_factor(self) -> float:
+        """Factor applied to the KD term inside `loss`: `T**2` or 1."""
+        return self.student_temperature**2 if self.temperature_squared else 1.0
+
+    @property
+    def effective_kd_loss(self) -> str:
+        """`kd_loss` with the JSD endpoints resolved: jsd(beta=0) -> fwd_kl, beta=1 -> bwd_kl."""
+        if self.kd_loss == "jsd" and self.beta == 0.0:
+            return "fwd_kl"
+        if self.kd_loss == "jsd" and self.beta == 1.0:
+            return "bwd_kl"
+        return self.kd_loss
+
+
+class LossOutput(NamedTuple):
+    """Result of a top-k KD loss call.
+
+    Attributes:
+        loss: 0-dim tensor with grad, `kd_loss_weight * kd_factor * kd + sft_loss_weight * sft`.
+        kd: detached 0-dim, `sum_i w_i KD_i` (no `kd_factor`); NaN when no KD inputs were given.
+        sft: detached 0-dim, `sum_i w_i SFT_i`; NaN when no labels were given.
+        teacher_coverage: detached 0-dim, weighted mean over tokens of `sum_k exp(l_k)`, the
+            teacher's (unscaled) probability mass on its stored top-k; NaN without KD inputs.
+        student_topk_mass: detached 0-dim, weighted mean over tokens of the student's unscaled
+            (T = 1) full-vocabulary probability mass on the teacher's top-k ids (each distinct id
+            counted once); NaN without KD inputs.
+        weight_sum: detached 0-dim, `sum_i w_i`, so that the two weighted means can be combined
+            across micro-batches. Both means are 0 when it is 0.
+    """
+
+    loss: torch.Tensor
+    kd: torch.Tensor
+    sft: torch.Tensor
+    teacher_coverage: torch.Tensor
+    student_topk_mass: torch.Tensor
+    weight_sum: torch.Tensor
+
+
+def check_loss_inputs(
+    num_tokens: int,
+    vocab_size: int,
+    topk_ids: torch.Tensor | None,
+    topk_logprobs: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    token_weights: torch.Tensor,
+    config: KDLossConfig,
+) -> None:
+    """Checks the shapes, dtypes and presence of the non-logit loss inputs (no device sync).
+
+    Args:
+        num_tokens: N, rows of the student logits / hidden states.
+        vocab_size: V, student vocabulary size.
+        topk_ids: (N, K) int64 teacher top-k ids, or None when `kd_loss_weight == 0`.
+        topk_logprobs: (N, K) float teacher full-vocabulary log-probs, None iff `topk_ids` is.
+        labels: (N,) int64 next-token ids (`IGNORE_INDEX` allowed), or None when
+            `sft_loss_weight == 0`.
+        token_weights: (N,) float per-token reduction weights.
+        config: the loss config.
+
+    Raises:
+        ValueError: naming the offending argument.
+    """
+    if not isinstance(config, KDLossConfig):
+        raise ValueError(f"config must be a KDLossConfig, got {type(config).__name__}")
+    if tuple(token_weights.shape) != (num_tokens,) or not token_weights.is_floating_point():
+        raise ValueError(
+            f"token_weights must be a float tensor of shape ({num_tokens},), "
+            f"got {token_weights.dtype} {tuple(token_weights.shape)}"
+        )
+    if (topk_ids is None) != (topk_logprobs is None):
+        raise ValueError("topk_ids and topk_logprobs must be given together (or both be None)")
+    if topk_ids is None:
+        if config.kd_loss_weight > 0:
+            raise ValueError("topk_ids/topk_logprobs are None but KDLossConfig.kd_loss_weight > 0")
+    else:
+        if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens or topk_ids.shape[1] < 1:
+            raise ValueError(
+                f"topk_ids must have shape ({num_tokens}, K) with K >= 1, "
+                f"got {tuple(topk_ids.shape)}"
+            )
+        if topk_ids.dtype != torch.int64:
+            raise ValueError(f"topk_ids must be int64 (torch.long), got {topk_ids.dtype}")
+        if tuple(topk_logprobs.shape) != tuple(topk_ids.shape):
+            raise ValueError(
+                f"topk_logprobs shape {tuple(topk_logprobs.shape)} != topk_ids shape "
+                f"{tuple(topk_ids.shape)}"
+            )
+        if not topk_logprobs.is_floating_point():
+            raise ValueError(f"topk_logprobs must be floating point, got {topk_logprobs.dtype}")
+    if labels is None:
+        if config.sft_loss_weight > 0:
+            raise ValueError("labels is None but KDLossConfig.sft_loss_weight > 0")
+    elif tuple(labels.shape) != (num_tokens,) or labels.dtype != torch.int64:
+        raise ValueError(
+            f"labels must be an int64 tensor of shape ({num_tokens},), "
+            f"got {labels.dtype} {tuple(labels.shape)}"
+        )
+    if vocab_size < 1:
+        raise ValueError(f"vocabulary size must be >= 1, got {vocab_size}")
+
+
+def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(
+            f"KDLossConfig.{name} must be one of {list(allowed)}, got {value!r}"
+        )
+
+
+def _check_real(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"KDLossConfig.{name} must be a finite number, got {value!r}")
+    return float(value)

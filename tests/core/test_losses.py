@@ -1,0 +1,554 @@
+"""Top-k KD losses: the fused chunked loss against the float64 reference, and properties of both.
+
+The reference (`topk_kd_loss_reference`) is written from the definitions and differentiated by
+autograd; the fused loss has its own analytic gradients. A few tests check the definitions
+themselves independently of both (NeMo-Aligner's published gradient, F.kl_div at K = V, JSD
+bounds).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+from dataclasses import dataclass, replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kd_pipeline.core.losses import (
+    IGNORE_INDEX,
+    KDLossConfig,
+    LossOutput,
+    TopKDistillationLoss,
+    auto_chunk_size,
+    fused_topk_kd_loss,
+    topk_kd_loss_reference,
+)
+
+METRICS = ("kd", "sft", "teacher_coverage", "student_topk_mass", "weight_sum")
+F64 = dict(rtol=1e-9, atol=1e-10)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_intra_op_thread():
+    """The tensors here are tiny: a second intra-op thread only adds synchronization, which
+    costs milliseconds per op when the cores are shared (10x slower file)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@dataclass
+class Batch:
+    hidden: torch.Tensor  # (N, H)
+    weight: torch.Tensor  # (V, H)
+    bias: torch.Tensor | None  # (V,)
+    topk_ids: torch.Tensor  # (N, K)
+    topk_logprobs: torch.Tensor  # (N, K)
+    labels: torch.Tensor  # (N,)
+    token_weights: torch.Tensor  # (N,)
+
+    def to(self, dtype: torch.dtype) -> Batch:
+        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+        return replace(self, hidden=cast(self.hidden), weight=cast(self.weight), bias=cast(self.bias))
+
+
+def make_batch(
+    n: int = 37,
+    h: int = 16,
+    v: int = 83,
+    k: int = 5,
+    seed: int = 0,
+    bias: bool = True,
+    logit_std: float = 1.0,
+) -> Batch:
+    """Random float64 batch; the teacher is independent of the student so KD is well above 0."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=gen, dtype=torch.float64) * (logit_std / math.sqrt(h))
+    teacher_logprobs = (2 * torch.randn(n, v, generator=gen, dtype=torch.float64)).log_softmax(-1)
+    topk_logprobs, topk_ids = teacher_logprobs.topk(k, dim=-1)
+    labels = torch.randint(0, v, (n,), generator=gen)
+    labels[::7] = IGNORE_INDEX
+    token_weights = torch.rand(n, generator=gen, dtype=torch.float64) / n
+    token_weights[2::5] = 0.0  # padding rows
+    return Batch(
+        hidden=hidden,
+        weight=weight,
+        bias=torch.randn(v, generator=gen, dtype=torch.float64) if bias else None,
+        topk_ids=topk_ids,
+        topk_logprobs=topk_logprobs,
+        labels=labels,
+        token_weights=token_weights,
+    )
+
+
+def leaves(batch: Batch) -> list[torch.Tensor]:
+    return [
+        t.detach().clone().requires_grad_() for t in (batch.hidden, batch.weight, batch.bias) if t is not None
+    ]
+
+
+def run_fused(batch: Batch, config: KDLossConfig, **inputs) -> tuple[LossOutput, list[torch.Tensor]]:
+    params = leaves(batch)
+    hidden, weight, bias = params if len(params) == 3 else (*params, None)
+    kwargs = dict(
+        topk_ids=batch.topk_ids,
+        topk_logprobs=batch.topk_logprobs,
+        labels=batch.labels,
+        token_weights=batch.token_weights,
+    )
+    kwargs.update(inputs)
+    out = fused_topk_kd_loss(hidden, weight, bias, config=config, **kwargs)
+    out.loss.backward()
+    return out, [p.grad for p in params]
+
+
+def run_reference(batch: Batch, config: KDLossConfig, **inputs) -> tuple[LossOutput, list[torch.Tensor]]:
+    """Reference in float64 on logits built from the (upcast) inputs."""
+    params = [p.detach().to(torch.float64).requires_grad_() for p in leaves(batch)]
+    hidden, weight, bias = params if len(params) == 3 else (*params, None)
+    logits = hidden @ weight.t() + (0 if bias is None else bias)
+    kwargs = dict(
+        topk_ids=batch.topk_ids,
+        topk_logprobs=batch.topk_logprobs.to(torch.float64),
+        labels=batch.labels,
+        token_weights=batch.token_weights.to(torch.float64),
+    )
+    kwargs.update(inputs)
+    out = topk_kd_loss_reference(logits, config=config, **kwargs)
+    out.loss.backward()
+    return out, [p.grad for p in params]
+
+
+def assert_matches(fused, reference, rtol=1e-9, atol=1e-10, grad_rtol=None, grad_atol=None):
+    (out, grads), (ref, ref_grads) = fused, reference
+    torch.testing.assert_close(out.loss.double(), ref.loss, rtol=rtol, atol=atol)
+    for name in METRICS:
+        torch.testing.assert_close(
+            getattr(out, name).double(), getattr(ref, name), rtol=rtol, atol=atol, equal_nan=True,
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
+    for index, (grad, ref_grad) in enumerate(zip(grads, ref_grads)):
+        scale = ref_grad.abs().max().item()
+        torch.testing.assert_close(
+            grad.double(), ref_grad,
+            rtol=grad_rtol if grad_rtol is not None else rtol,
+            atol=(grad_atol if grad_atol is not None else atol) * max(scale, 1.0),
+            msg=lambda m, index=index: f"grad of {('hidden', 'weight', 'bias')[index]}: {m}",
+        )
+
+
+# --- fused vs reference over every option combination ---------------------------------------
+
+KD_LOSSES = [("fwd_kl", 0.5), ("bwd_kl", 0.5), ("jsd", 0.3)]
+NORMALIZATIONS = ["renormalize", "tail_bucket"]
+SCALES = [  # (logits_scale, target_logits_scale, scale_sft_logits)
+    (1.0, 1.0, True),
+    (0.7, 1.6, True),
+    (1.5, 0.5, False),
+]
+WEIGHTS = [(1.0, 0.0), (0.0, 1.0), (0.6, 1.3)]  # (kd_loss_weight, sft_loss_weight)
+
+
+@pytest.mark.parametrize("weights", WEIGHTS, ids=lambda w: f"kd{w[0]}-sft{w[1]}")
+@pytest.mark.parametrize("temperature_squared", [False, True], ids=["noT2", "T2"])
+@pytest.mark.parametrize("scales", SCALES, ids=lambda s: f"a{s[0]}-s{s[1]}-sft{'s' if s[2] else 'u'}")
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("kd_loss", KD_LOSSES, ids=lambda k: k[0])
+def test_fused_matches_reference_on_every_option(kd_loss, normalization, scales, temperature_squared, weights):
+    config = KDLossConfig(
+        kd_loss=kd_loss[0], beta=kd_loss[1], topk_normalization=normalization,
+        logits_scale=scales[0], target_logits_scale=scales[1], scale_sft_logits=scales[2],
+        temperature_squared=temperature_squared, kd_loss_weight=weights[0],
+        sft_loss_weight=weights[1], chunk_size=8,  # N = 37: four full chunks and a ragged one
+    )
+    batch = make_batch()
+    fused, reference = run_fused(batch, config), run_reference(batch, config)
+    assert reference[0].loss > 0.01  # the comparison is not between two near-zero numbers
+    assert_matches(fused, reference)
+
+
+@pytest.mark.parametrize("kd_loss", ["fwd_kl", "bwd_kl", "jsd"])
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("k", [1, 83], ids=["k1", "kV"])
+def test_extreme_k(k, normalization, kd_loss):
+    config = KDLossConfig(kd_loss=kd_loss, topk_normalization=normalization, sft_loss_weight=0.5, chunk_size=8)
+    batch = make_batch(k=k)
+    fused, reference = run_fused(batch, config), run_reference(batch, config)
+    assert_matches(fused, reference)
+    if k == 1 and normalization == "renormalize":  # one bucket: nothing to match
+        assert fused[0].kd == 0
+    if k == 83:  # the teacher's top-k is its whole distribution
+        torch.testing.assert_close(fused[0].teacher_coverage.double(), torch.tensor(1.0, dtype=torch.float64))
+        torch.testing.assert_close(fused[0].student_topk_mass.double(), torch.tensor(1.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_all_zero_weights_give_zero_loss_and_zero_finite_grads(normalization):
+    batch = make_batch()
+    batch.token_weights = torch.zeros_like(batch.token_weights)
+    config = KDLossConfig(topk_normalization=normalization, sft_loss_weight=1.0, chunk_size=8)
+    out, grads = run_fused(batch, config)
+    assert out.loss.item() == 0.0 and out.weight_sum.item() == 0.0
+    assert out.teacher_coverage.item() == 0.0 and out.student_topk_mass.item() == 0.0
+    for grad in grads:
+        assert torch.isfinite(grad).all() and (grad == 0).all()
+
+
+def test_single_token():
+    batch = make_batch(n=1)
+    batch.token_weights = torch.ones(1, dtype=torch.float64)
+    batch.labels[0] = 3
+    config = KDLossConfig(kd_loss="jsd", topk_normalization="tail_bucket", sft_loss_weight=1.0)
+    assert_matches(run_fused(batch, config), run_reference(batch, config))
+
+
+@pytest.mark.parametrize("kd_loss", ["fwd_kl", "bwd_kl", "jsd"])
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_stable_with_logits_around_1e4_in_float32(normalization, kd_loss):
+    batch = make_batch(logit_std=1e4)
+    config = KDLossConfig(kd_loss=kd_loss, topk_normalization=normalization, sft_loss_weight=1.0, chunk_size=8)
+    fused = run_fused(batch.to(torch.float32), config)
+    reference = run_reference(batch.to(torch.float32), config)  # same fp32 values, in float64
+    assert torch.isfinite(fused[0].loss) and all(torch.isfinite(g).all() for g in fused[1])
+    assert reference[0].loss > 100  # the student is far from the teacher at this scale
+    assert_matches(fused, reference, rtol=1e-4, atol=1e-4, grad_rtol=1e-3, grad_atol=1e-3)
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_bf16_inputs(normalization):
+    batch = make_batch(n=64, h=32, v=101, k=8).to(torch.bfloat16)
+    config = KDLossConfig(kd_loss="jsd", topk_normalization=normalization, sft_loss_weight=1.0, chunk_size=16)
+    fused = run_fused(batch, config)
+    assert fused[0].loss.dtype == torch.float32 and fused[1][1].dtype == torch.bfloat16
+    # bf16 logits carry ~3 significant digits: compare at that level.
+    assert_matches(fused, run_reference(batch, config), rtol=2e-2, atol=2e-3, grad_rtol=5e-2, grad_atol=2e-2)
+
+
+def test_tied_weights_accumulate_embedding_and_head_grads():
+    """The lm_head weight is also the input embedding: both gradients land in weight.grad."""
+    batch = make_batch(h=16, v=83)
+    tokens = torch.randint(0, 83, (37,), generator=torch.Generator().manual_seed(1))
+    mix = torch.randn(16, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64) / 4
+    config = KDLossConfig(kd_loss="bwd_kl", topk_normalization="tail_bucket", sft_loss_weight=0.5, chunk_size=8)
+    common = (batch.topk_ids, batch.topk_logprobs, batch.labels, batch.token_weights)
+
+    weight = batch.weight.clone().requires_grad_()
+    hidden = torch.tanh(F.embedding(tokens, weight) @ mix)
+    fused_topk_kd_loss(hidden, weight, None, *common, config).loss.backward()
+
+    ref_weight = batch.weight.clone().requires_grad_()
+    ref_hidden = torch.tanh(F.embedding(tokens, ref_weight) @ mix)
+    topk_kd_loss_reference(ref_hidden @ ref_weight.t(), *common, config).loss.backward()
+    torch.testing.assert_close(weight.grad, ref_weight.grad, **F64)
+
+
+def test_chunk_size_invariance_with_ragged_chunks():
+    batch = make_batch(n=141)
+    config = KDLossConfig(kd_loss="jsd", topk_normalization="tail_bucket", sft_loss_weight=0.7)
+    base, base_grads = run_fused(batch, replace(config, chunk_size=32))  # 4 x 32 + 13
+    for chunk_size in (1, 7, 141, 282, None):
+        out, grads = run_fused(batch, replace(config, chunk_size=chunk_size))
+        for name in ("loss", *METRICS):
+            torch.testing.assert_close(getattr(out, name), getattr(base, name), rtol=1e-12, atol=1e-14)
+        for grad, base_grad in zip(grads, base_grads):
+            torch.testing.assert_close(grad, base_grad, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        KDLossConfig(sft_loss_weight=0.5, chunk_size=2),
+        KDLossConfig(kd_loss="jsd", beta=0.4, topk_normalization="tail_bucket", logits_scale=0.8,
+                     target_logits_scale=1.3, scale_sft_logits=False, temperature_squared=True,
+                     sft_loss_weight=0.5, chunk_size=2),
+    ],
+    ids=["renormalize-fwd", "tail-jsd-scaled"],
+)
+def test_gradcheck(config):
+    batch = make_batch(n=5, h=3, v=7, k=3)
+    batch.token_weights = torch.rand(5, dtype=torch.float64, generator=torch.Generator().manual_seed(3)) + 0.1
+
+    def loss_of(hidden, weight, bias):
+        return fused_topk_kd_loss(
+            hidden, weight, bias, batch.topk_ids, batch.topk_logprobs, batch.labels, batch.token_weights, config
+        ).loss
+
+    assert torch.autograd.gradcheck(loss_of, tuple(leaves(batch)))
+
+
+def test_backward_scales_by_the_incoming_gradient():
+    batch = make_batch()
+    config = KDLossConfig(sft_loss_weight=1.0, chunk_size=8)
+    _, grads = run_fused(batch, config)
+    params = leaves(batch)
+    out = fused_topk_kd_loss(
+        *params, batch.topk_ids, batch.topk_logprobs, batch.labels, batch.token_weights, config
+    )
+    (2.5 * out.loss).backward()
+    for param, grad in zip(params, grads):
+        torch.testing.assert_close(param.grad, 2.5 * grad, **F64)
+
+
+def test_no_grad_evaluation_gives_the_same_values():
+    batch = make_batch()
+    config = KDLossConfig(topk_normalization="tail_bucket", sft_loss_weight=1.0, chunk_size=8)
+    trained, _ = run_fused(batch, config)
+    params = leaves(batch)
+    with torch.no_grad():
+        evaluated = fused_topk_kd_loss(
+            *params, batch.topk_ids, batch.topk_logprobs, batch.labels, batch.token_weights, config
+        )
+    assert evaluated.loss.grad_fn is None and all(p.grad is None for p in params)
+    for name in ("loss", *METRICS):
+        torch.testing.assert_close(getattr(evaluated, name), getattr(trained, name), **F64)
+
+
+def test_frozen_head_gets_no_gradient():
+    batch = make_batch()
+    hidden = batch.hidden.clone().requires_grad_()
+    out = TopKDistillationLoss(KDLossConfig(chunk_size=8))(
+        hidden, batch.weight, batch.bias, batch.topk_ids, batch.topk_logprobs, None, batch.token_weights
+    )
+    out.loss.backward()
+    _, reference_grads = run_reference(batch, KDLossConfig())
+    torch.testing.assert_close(hidden.grad, reference_grads[0], **F64)
+
+
+# --- the definitions, checked independently ------------------------------------------------
+
+
+@pytest.mark.parametrize("logits_scale", [1.0, 0.5])
+def test_renormalize_fwd_kl_gradient_is_q_minus_p_on_teacher_ids(logits_scale):
+    """NeMo-Aligner's hand-written backward: dL/dz_{T_k} = q_k - p_k, 0 elsewhere, times the
+    logits scale (here H = V and weight = I, so grad_hidden is the gradient w.r.t. the logits)."""
+    n, v, k = 9, 23, 4
+    gen = torch.Generator().manual_seed(4)
+    logits = 3 * torch.randn(n, v, generator=gen, dtype=torch.float64)
+    teacher = (2 * torch.randn(n, v, generator=gen, dtype=torch.float64)).log_softmax(-1)
+    topk_logprobs, topk_ids = teacher.topk(k)
+    token_weights = torch.rand(n, generator=gen, dtype=torch.float64)
+    hidden = logits.clone().requires_grad_()
+    config = KDLossConfig(logits_scale=logits_scale, target_logits_scale=1.7, chunk_size=4)
+    eye = torch.eye(v, dtype=torch.float64)
+    fused_topk_kd_loss(hidden, eye, None, topk_ids, topk_logprobs, None, token_weights, config).loss.backward()
+
+    q = torch.softmax(logits_scale * logits.gather(1, topk_ids), dim=-1)
+    p = torch.softmax(1.7 * topk_logprobs, dim=-1)
+    expected = torch.zeros(n, v, dtype=torch.float64).scatter(1, topk_ids, q - p)
+    expected = expected * token_weights[:, None] * logits_scale
+    torch.testing.assert_close(hidden.grad, expected, **F64)
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("run", [run_fused, run_reference], ids=["fused", "reference"])
+def test_jsd_endpoints_equal_forward_and_reverse_kl(run, normalization):
+    batch = make_batch()
+
+    def value(**options):
+        return run(batch, KDLossConfig(topk_normalization=normalization, chunk_size=8, **options))[0].loss
+
+    torch.testing.assert_close(value(kd_loss="jsd", beta=0.0), value(kd_loss="fwd_kl"), **F64)
+    torch.testing.assert_close(value(kd_loss="jsd", beta=1.0), value(kd_loss="bwd_kl"), **F64)
+    assert value(kd_loss="fwd_kl") != value(kd_loss="bwd_kl")
+
+
+def test_jsd_half_is_bounded_by_log_2():
+    batch = make_batch()
+    batch.token_weights = torch.eye(37, dtype=torch.float64)[11]  # one token at a time: its own JSD
+    out, _ = run_fused(batch, KDLossConfig(kd_loss="jsd", beta=0.5, topk_normalization="tail_bucket"))
+    assert 0 < out.kd.item() <= math.log(2)
+
+
+def identity_head_batch(student_logits: torch.Tensor, k: int, teacher_logprobs: torch.Tensor) -> Batch:
+    n, v = student_logits.shape
+    topk_logprobs, topk_ids = teacher_logprobs.topk(k, dim=-1)
+    return Batch(
+        hidden=student_logits, weight=torch.eye(v, dtype=torch.float64), bias=None, topk_ids=topk_ids,
+        topk_logprobs=topk_logprobs, labels=torch.zeros(n, dtype=torch.long),
+        token_weights=torch.full((n,), 1.0 / n, dtype=torch.float64),
+    )
+
+
+@pytest.mark.parametrize("kd_loss", ["fwd_kl", "bwd_kl", "jsd"])
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_kl_is_nonnegative_and_zero_when_the_student_reproduces_the_teacher(normalization, kd_loss):
+    gen = torch.Generator().manual_seed(5)
+    teacher = (2 * torch.randn(13, 29, generator=gen, dtype=torch.float64)).log_softmax(-1)
+    config = KDLossConfig(kd_loss=kd_loss, topk_normalization=normalization, chunk_size=4)
+    # The student's logits equal the teacher's log-probs up to a per-row shift.
+    reproduced, grads = run_fused(identity_head_batch(teacher + 5.0, 6, teacher), config)
+    torch.testing.assert_close(reproduced.kd, torch.tensor(0.0, dtype=torch.float64), rtol=0, atol=1e-12)
+    assert grads[0].abs().max() < 1e-12
+    student = 3 * torch.randn(13, 29, generator=gen, dtype=torch.float64)
+    for row in range(13):  # one token per call: its KD alone
+        single = identity_head_batch(student[row : row + 1], 6, teacher[row : row + 1])
+        assert run_fused(single, config)[0].kd > 0
+
+
+def test_renormalize_fwd_kl_with_k_equal_v_is_full_vocabulary_kl_div():
+    gen = torch.Generator().manual_seed(6)
+    student = 2 * torch.randn(11, 19, generator=gen, dtype=torch.float64)
+    teacher = (2 * torch.randn(11, 19, generator=gen, dtype=torch.float64)).log_softmax(-1)
+    batch = identity_head_batch(student, 19, teacher)
+    for normalization in NORMALIZATIONS:  # with K = V the tail bucket is empty: same value
+        out, _ = run_fused(batch, KDLossConfig(topk_normalization=normalization, chunk_size=4))
+        expected = F.kl_div(student.log_softmax(-1), teacher, log_target=True, reduction="sum") / 11
+        torch.testing.assert_close(out.kd, expected, **F64)
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+def test_permuting_the_k_slots_changes_nothing(normalization):
+    batch = make_batch()
+    config = KDLossConfig(kd_loss="jsd", topk_normalization=normalization, sft_loss_weight=1.0, chunk_size=8)
+    base, base_grads = run_fused(batch, config)
+    permutation = torch.randperm(5, generator=torch.Generator().manual_seed(7))
+    batch.topk_ids, batch.topk_logprobs = batch.topk_ids[:, permutation], batch.topk_logprobs[:, permutation]
+    out, grads = run_fused(batch, config)
+    torch.testing.assert_close(out.loss, base.loss, **F64)
+    for grad, base_grad in zip(grads, base_grads):
+        torch.testing.assert_close(grad, base_grad, **F64)
+
+
+def test_micro_batches_with_global_weights_add_up_to_the_full_batch():
+    batch = make_batch(n=40)
+    config = KDLossConfig(kd_loss="bwd_kl", topk_normalization="tail_bucket", sft_loss_weight=0.4, chunk_size=8)
+    full, full_grads = run_fused(batch, config)
+    hidden = batch.hidden.clone().requires_grad_()
+    weight, bias = batch.weight.clone().requires_grad_(), batch.bias.clone().requires_grad_()
+    totals = dict.fromkeys(("loss", "kd", "sft"), 0.0)
+    for rows in (slice(0, 13), slice(13, 31), slice(31, 40)):  # uneven micro-batches
+        out = fused_topk_kd_loss(
+            hidden[rows], weight, bias, batch.topk_ids[rows], batch.topk_logprobs[rows],
+            batch.labels[rows], batch.token_weights[rows], config,
+        )
+        out.loss.backward()  # gradient accumulation
+        for name in totals:
+            totals[name] = totals[name] + getattr(out, name).detach()
+    for name, total in totals.items():
+        torch.testing.assert_close(total, getattr(full, name), **F64)
+    for grad, full_grad in zip((hidden.grad, weight.grad, bias.grad), full_grads):
+        torch.testing.assert_close(grad, full_grad, **F64)
+
+
+def test_zero_weight_rows_have_no_effect_even_when_degenerate():
+    """Padding rows (weight 0) may hold anything, e.g. NeMo-style K copies of one id with log-prob 0."""
+    batch = make_batch()
+    config = KDLossConfig(kd_loss="bwd_kl", topk_normalization="tail_bucket", sft_loss_weight=1.0, chunk_size=8)
+    base, base_grads = run_fused(batch, config)
+    padding = batch.token_weights == 0
+    batch.topk_ids[padding] = 0
+    batch.topk_logprobs[padding] = 0.0
+    batch.hidden[padding] = 1e3 * torch.randn(int(padding.sum()), 16, dtype=torch.float64)
+    out, grads = run_fused(batch, config)
+    assert torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, base.loss, **F64)
+    torch.testing.assert_close(grads[1], base_grads[1], **F64)
+    assert (grads[0][padding] == 0).all()
+
+
+def test_duplicate_ids_match_the_reference():
+    batch = make_batch()
+    batch.topk_ids[:, 3] = batch.topk_ids[:, 0]  # degenerate, but both sides must agree
+    for normalization in NORMALIZATIONS:
+        config = KDLossConfig(
+            kd_loss="jsd", topk_normalization=normalization, sft_loss_weight=1.0, chunk_size=8
+        )
+        assert_matches(run_fused(batch, config), run_reference(batch, config))
+
+
+def test_ignored_labels_give_no_sft_term():
+    batch = make_batch()
+    config = KDLossConfig(kd_loss_weight=0.0, sft_loss_weight=1.0, chunk_size=8)
+    base, _ = run_fused(batch, config, topk_ids=None, topk_logprobs=None)
+    ignored = batch.labels == IGNORE_INDEX
+    logits = batch.hidden @ batch.weight.t() + batch.bias
+    per_token = F.cross_entropy(logits, batch.labels.clamp_min(0), reduction="none")
+    expected = (per_token * batch.token_weights * ~ignored).sum()
+    torch.testing.assert_close(base.sft, expected, **F64)
+
+
+def test_sft_only_and_kd_only_accept_missing_inputs():
+    batch = make_batch()
+    sft_only = KDLossConfig(kd_loss_weight=0.0, sft_loss_weight=1.0, chunk_size=8)
+    fused = run_fused(batch, sft_only, topk_ids=None, topk_logprobs=None)
+    assert_matches(fused, run_reference(batch, sft_only, topk_ids=None, topk_logprobs=None))
+    assert math.isnan(fused[0].kd) and math.isnan(fused[0].teacher_coverage)
+    kd_only = KDLossConfig(chunk_size=8)
+    fused = run_fused(batch, kd_only, labels=None)
+    assert_matches(fused, run_reference(batch, kd_only, labels=None))
+    assert math.isnan(fused[0].sft)
+    with pytest.raises(ValueError, match="kd_loss_weight > 0"):
+        run_fused(batch, kd_only, topk_ids=None, topk_logprobs=None)
+    with pytest.raises(ValueError, match="sft_loss_weight > 0"):
+        run_fused(batch, sft_only, labels=None)
+
+
+def test_temperature_squared_multiplies_only_the_kd_term_of_the_loss():
+    batch = make_batch()
+    config = KDLossConfig(logits_scale=0.5, sft_loss_weight=1.0, chunk_size=8)
+    plain = run_fused(batch, config)[0]
+    squared = run_fused(batch, replace(config, temperature_squared=True))[0]
+    torch.testing.assert_close(squared.kd, plain.kd, **F64)  # reported KD is the raw divergence
+    torch.testing.assert_close(squared.loss, 4.0 * plain.kd + plain.sft, **F64)  # T = 1 / 0.5
+
+
+# --- config -----------------------------------------------------------------------------------
+
+
+def test_unknown_kd_loss_names_the_field_and_the_choices():
+    with pytest.raises(ValueError, match=r"kd_loss must be one of \['fwd_kl', 'bwd_kl', 'jsd'\], got 'fwd-kl'"):
+        KDLossConfig(kd_loss="fwd-kl")
+
+
+@pytest.mark.parametrize(
+    "params, message",
+    [
+        ({"topk_normalization": "zero"}, "topk_normalization must be one of"),
+        ({"beta": 1.5}, "beta must be in"),
+        ({"kd_loss_weight": -1.0}, "kd_loss_weight must be >= 0"),
+        ({"kd_loss_weight": 0.0, "sft_loss_weight": 0.0}, "both 0"),
+        ({"logits_scale": 0.0}, "logits_scale must be > 0"),
+        ({"target_logits_scale": float("nan")}, "target_logits_scale must be a finite number"),
+        ({"temperature_squared": "yes"}, "temperature_squared must be a bool"),
+        ({"chunk_size": 0}, "chunk_size must be a positive int"),
+        ({"chunk_size": 2.5}, "chunk_size must be a positive int"),
+    ],
+)
+def test_invalid_config_values_are_rejected(params, message):
+    with pytest.raises(ValueError, match=message):
+        KDLossConfig(**params)
+
+
+def test_from_dict_names_unknown_keys():
+    assert KDLossConfig.from_dict({"kd_loss": "jsd", "beta": 0.2}) == KDLossConfig(kd_loss="jsd", beta=0.2)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['temperature', 'typo'\]"):
+        KDLossConfig.from_dict({"temperature": 2.0, "typo": 1, "beta": 0.1})
+
+
+def test_auto_chunk_size_keeps_the_chunk_small_next_to_the_head():
+    for n, v, h in ((4096, 49152, 576), (4096, 128256, 2048), (10, 100, 16)):
+        chunk = auto_chunk_size(n, v, h)
+        assert 1 <= chunk <= n and chunk * v <= max(h / 4, 16) * v
+    assert auto_chunk_size(4096, 49152, 576) == 64
+
+
+# --- optional torch.compile -----------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("KD_PIPELINE_TEST_COMPILE") != "1" or shutil.which("c++") is None,
+    reason="opt-in (KD_PIPELINE_TEST_COMPILE=1): the inductor C++ build takes 30-110 s on 2 cores",
+)
+def test_compiled_chunk_step_matches_eager():
+    batch = make_batch(n=20).to(torch.float32)
+    config = KDLossConfig(kd_loss="jsd", topk_normalization="tail_bucket", sft_loss_weight=1.0, chunk_size=8)
+    eager = run_fused(batch, config)
+    compiled = run_fused(batch, replace(config, compiled=True))
+    eager_f64 = eager[0]._replace(**{name: getattr(eager[0], name).double() for name in ("loss", *METRICS)})
+    assert_matches(compiled, (eager_f64, [grad.double() for grad in eager[1]]), rtol=1e-5, atol=1e-6)
