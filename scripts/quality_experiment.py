@@ -1,0 +1,115 @@
+"""KD+SFT vs the SFT-only baseline on the default, over seeds (issue 6's quality result).
+
+Runs the core library directly (no Kedro/MLflow) with the parameters of
+conf/base/parameters_distill.yml, so both arms are exactly the default job with
+`kd_loss_weight` = its default or 0. Needs the outputs of `kedro run --pipelines
+corpus_prep,teacher_logits`. Prints a table and writes JSON.
+
+    .venv/bin/python scripts/quality_experiment.py --seeds 0 1 2 --eval-steps 5 \
+        --out data/08_reporting/quality.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from kd_pipeline.core import modeling  # noqa: E402
+from kd_pipeline.core.corpus import TokenizedCorpus  # noqa: E402
+from kd_pipeline.core.evaluation import EvalConfig, evaluate_student  # noqa: E402
+from kd_pipeline.core.losses import KDLossConfig  # noqa: E402
+from kd_pipeline.core.topk_store import TopKReader  # noqa: E402
+from kd_pipeline.core.training import TrainConfig, train_student  # noqa: E402
+
+HELD_OUT = "eval_sft"  # held-out cross-entropy on the validation split's trained tokens
+
+
+def run_arm(name, seed, params, args, corpus, reader):
+    loss = dict(params["loss"])
+    if name == "sft_only":
+        loss["kd_loss_weight"] = 0.0
+    trainer = dict(params["trainer"], seed=seed, eval_steps=args.eval_steps, save_steps=0,
+                   disable_tqdm=True, resume=False)
+    if args.max_steps:
+        trainer["max_steps"] = args.max_steps
+    out = Path(args.workdir) / f"{name}-seed{seed}"
+    started = time.time()
+    summary = train_student(
+        teacher_dir=args.teacher, corpus=corpus, student_init=modeling.StudentInit.from_params(params["student_init"]),
+        loss=KDLossConfig.from_dict(loss), train=TrainConfig.from_dict(trainer), output_dir=out,
+        topk_dir=args.artifact if name == "kd_sft" else None, k=params.get("k"),
+        checkpoint_dir=Path(args.workdir) / f"{name}-seed{seed}_checkpoints",
+    )
+    curve = [(row["step"], row[HELD_OUT]) for row in summary["log_history"] if HELD_OUT in row]
+    model = modeling.load_causal_lm(out)
+    metrics = evaluate_student(model, corpus.split("validation"), reader, EvalConfig())
+    return {"arm": name, "seed": seed, "curve": curve, "metrics": metrics, "seconds": time.time() - started}
+
+
+def first_step_reaching(curve, target):
+    return next((step for step, value in curve if value <= target), None)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--max-steps", type=int, default=0, help="0: the default's epochs")
+    parser.add_argument("--eval-steps", type=int, default=5)
+    parser.add_argument("--teacher", default=str(ROOT / "data/06_models/teacher"))
+    parser.add_argument("--corpus", default=str(ROOT / "data/03_primary/tokenized_corpus"))
+    parser.add_argument("--artifact", default=str(ROOT / "data/04_feature/teacher_topk"))
+    parser.add_argument("--workdir", default=str(ROOT / "data/07_model_output/quality"))
+    parser.add_argument("--out", default=str(ROOT / "data/08_reporting/quality.json"))
+    args = parser.parse_args(argv)
+
+    params = yaml.safe_load((ROOT / "conf/base/parameters_distill.yml").read_text())["distill"]
+    corpus = TokenizedCorpus.load(args.corpus)
+    reader = TopKReader(args.artifact)
+    runs = []
+    for seed in args.seeds:
+        for arm in ("sft_only", "kd_sft"):
+            runs.append(run_arm(arm, seed, params, args, corpus, reader))
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({"runs": runs}, indent=2))
+
+    rows = []
+    for seed in args.seeds:
+        sft = next(r for r in runs if r["seed"] == seed and r["arm"] == "sft_only")
+        kd = next(r for r in runs if r["seed"] == seed and r["arm"] == "kd_sft")
+        sft_final_step, sft_final = sft["curve"][-1]
+        reach = first_step_reaching(kd["curve"], sft_final)
+        rows.append({"seed": seed, "sft_final_step": sft_final_step, "kd_step_reaching_sft_final": reach,
+                     "step_fraction": None if reach is None else reach / sft_final_step})
+    summary = {"runs": runs, "per_seed": rows, "aggregate": {}}
+    for key in ("student_nll", "kl_teacher_student_topk", "kl_student_teacher_topk", "top1_agreement", "topk_overlap"):
+        for arm in ("sft_only", "kd_sft"):
+            values = [r["metrics"][key] for r in runs if r["arm"] == arm and key in r["metrics"]]
+            if values:
+                summary["aggregate"][f"{arm}.{key}"] = {
+                    "mean": statistics.fmean(values), "min": min(values), "max": max(values), "n": len(values)}
+    Path(args.out).write_text(json.dumps(summary, indent=2))
+
+    print(f"{'metric':34s} {'SFT-only mean [min,max]':>30s} {'KD+SFT mean [min,max]':>30s}")
+    for key in ("student_nll", "kl_teacher_student_topk", "kl_student_teacher_topk", "top1_agreement", "topk_overlap"):
+        cells = []
+        for arm in ("sft_only", "kd_sft"):
+            stat = summary["aggregate"].get(f"{arm}.{key}")
+            cells.append("-" if stat is None else f"{stat['mean']:.4f} [{stat['min']:.4f},{stat['max']:.4f}]")
+        print(f"{key:34s} {cells[0]:>30s} {cells[1]:>30s}")
+    for row in rows:
+        print(f"seed {row['seed']}: SFT-only final held-out CE at step {row['sft_final_step']}; "
+              f"KD+SFT first reaches it at step {row['kd_step_reaching_sft_final']} "
+              f"(fraction {row['step_fraction']})")
+
+
+if __name__ == "__main__":
+    main()
