@@ -30,3 +30,5 @@ test: install
 bench: install
 	$(BIN)/python benchmarks/bench_loss.py --quick --out data/08_reporting/bench_loss.json
 	$(BIN)/python benchmarks/bench_artifact.py --quick --out data/08_reporting/bench_artifact.json
+	$(BIN)/python benchmarks/bench_extraction.py --quick --out data/08_reporting/bench_extraction.json
+	$(BIN)/python benchmarks/bench_train_step.py --quick --out data/08_reporting/bench_train_step.json
