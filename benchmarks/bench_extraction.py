@@ -1,0 +1,287 @@
+"""Teacher top-k extraction cost against a bare teacher forward over the same batches.
+
+Passes over the same length-sorted batches. Timing runs batch by batch: all passes on one
+batch back to back (order rotated per repeat), `--repeats` times; the headline is the median
+over (repeat, batch) of extract ÷ bare for such adjacent pairs, which a shared machine's
+fluctuating background load hurts least. The sum over batches of each pass's fastest repeat is
+given too, and process CPU time alongside wall time.
+
+- `bare`: the causal LM's own forward, `model(input_ids).logits` at every position;
+- `decoder`: the base decoder only (hidden states), the floor of any extraction;
+- `naive`: bare forward + full `log_softmax` + top-k + target gather at every position;
+- `extract (no write)`: the production loop (`core.extraction.run_batches`): decoder, LM head
+  on trained rows only, top-k and in-place logsumexp, host copy; samples dropped;
+- `extract`: the same plus encoding and writing shards (`TopKShardWriter`, the configured codec),
+  i.e. what `extract_teacher_topk` spends per batch.
+
+Teacher: `--teacher` or data/06_models/teacher when present, else the SmolLM2-135M architecture
+with random weights. Samples: `--corpus` or data/03_primary/tokenized_corpus when present (and
+of the teacher's vocabulary), else synthetic chat-like samples (prompt masked, lengths 96-320).
+
+    python benchmarks/bench_extraction.py --quick --out data/08_reporting/bench_extraction.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from kd_pipeline.core import extraction as ex  # noqa: E402
+
+
+class _NullWriter:
+    def add(self, *args, **kwargs) -> None:
+        pass
+
+
+def machine_info(device: torch.device) -> dict:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
+    try:
+        import transformers
+
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    try:
+        with open("/proc/cpuinfo") as handle:
+            names = [line.split(":", 1)[1].strip() for line in handle if line.startswith("model name")]
+        if names:
+            info["cpu_model"] = names[0]
+    except OSError:
+        pass
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def load_teacher(args, device: torch.device, dtype: torch.dtype):
+    teacher = Path(args.teacher) if args.teacher else ROOT / "data" / "06_models" / "teacher"
+    if (teacher / "config.json").is_file() and any(teacher.glob("*.safetensors")):
+        from kd_pipeline.core import modeling
+
+        model = modeling.load_causal_lm(teacher, dtype=dtype, device=device)
+        identity = modeling.model_identity(teacher)
+        return model, f"{teacher} (real weights)", identity
+    if args.teacher:
+        raise SystemExit(f"--teacher {teacher}: no config.json / *.safetensors there")
+    model = ex.random_causal_lm(ex.SMOLLM2_135M_CONFIG, seed=0, dtype=dtype, device=device)
+    return model, "SmolLM2-135M architecture, random weights", {"config_sha256": "random", "weights_sha256": "random"}
+
+
+def load_samples(args, vocab_size: int, quick: bool) -> tuple[ex.CorpusArrays, str, str]:
+    corpus_dir = Path(args.corpus) if args.corpus else ROOT / "data" / "03_primary" / "tokenized_corpus"
+    if (corpus_dir / "corpus_meta.json").is_file():
+        from kd_pipeline.core.corpus import TokenizedCorpus
+
+        corpus = TokenizedCorpus.load(corpus_dir)
+        if corpus.meta.get("vocab_size", 0) <= vocab_size:
+            return ex.CorpusArrays.from_table(corpus.samples), f"{corpus_dir}", corpus.fingerprint
+        print(f"note: {corpus_dir} has vocab {corpus.meta.get('vocab_size')} > teacher {vocab_size}; using synthetic samples")
+    elif args.corpus:
+        raise SystemExit(f"--corpus {corpus_dir}: no tokenized corpus there")
+    rng = np.random.default_rng(0)
+    count = 48 if quick else 160
+    ids, masks = [], []
+    for _ in range(count):
+        length = int(rng.integers(96, 321))
+        ids.append(rng.integers(3, vocab_size, size=length))
+        mask = np.zeros(length, dtype=np.int8)
+        mask[int(length * rng.uniform(0.15, 0.35)):] = 1  # a masked prompt, then the response
+        masks.append(mask)
+    names = [f"{i:032x}" for i in range(count)]
+    return ex.CorpusArrays.from_lists(names, ids, masks), "synthetic chat-like (prompt 15-35% masked)", "synthetic"
+
+
+def pick_batches(plan: list, count: int) -> list:
+    """`count` batches spread over the length-sorted plan (short to long)."""
+    if len(plan) <= count:
+        return list(plan)
+    return [plan[round(i * (len(plan) - 1) / (count - 1))] for i in range(count)] if count > 1 else [plan[len(plan) // 2]]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="few small batches (< 1 min on 2 CPU cores)")
+    parser.add_argument("--out", help="write the results as JSON here")
+    parser.add_argument("--teacher")
+    parser.add_argument("--corpus")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--k", type=int, default=64)
+    parser.add_argument("--codec", default="logquant_zstd")
+    parser.add_argument("--batch-tokens", type=int, default=None)
+    parser.add_argument("--batches", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--encode-workers", type=int, default=-1)
+    parser.add_argument("--no-naive", action="store_true", help="skip the naive full-logits pass")
+    args = parser.parse_args(argv)
+
+    started = time.perf_counter()
+    cuda_default = torch.cuda.is_available()
+    batch_tokens = args.batch_tokens or ((8192 if args.quick else 32768) if cuda_default and args.device != "cpu"
+                                         else (512 if args.quick else 2048))
+    config = ex.ExtractionConfig(k=args.k, codec=args.codec, batch_tokens=batch_tokens, max_batch_size=64,
+                                 dtype=args.dtype, device=args.device, encode_workers=args.encode_workers,
+                                 progress=False)
+    device = config.resolved_device()
+    dtype = config.resolved_dtype(device)
+    num_batches = args.batches or (2 if args.quick else 4)
+    repeats = args.repeats or (2 if args.quick else 3)
+
+    model, teacher_desc, identity = load_teacher(args, device, dtype)
+    head = ex.TopKHead(model, config.k, config.temperature, config.resolved_head_chunk_rows(device))
+    samples, samples_desc, fingerprint = load_samples(args, head.vocab_size, args.quick)
+    batches = pick_batches(samples.plan(config), num_batches)
+    inputs = [samples.batch(b) for b in batches]
+    tokens = sum(i.tokens for i in inputs)
+    trained = sum(len(p) for i in inputs for p in i.positions)
+    padded = sum(i.input_ids.numel() for i in inputs)
+
+    from kd_pipeline.core.topk_store import ArtifactSource, TopKShardWriter
+
+    source = ArtifactSource(teacher_path="bench", teacher_config_sha256=identity["config_sha256"],
+                            teacher_weights_sha256=identity["weights_sha256"], tokenizer_sha256="bench",
+                            vocab_size=head.vocab_size, k=config.k, capture_dtype=ex.dtype_name(dtype),
+                            capture_temperature=1.0, corpus_fingerprint=fingerprint)
+    workers = config.resolved_encode_workers(device)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def bare_pass(sel):
+        with torch.inference_mode():
+            for batch in (inputs[i] for i in sel):
+                ex.bare_forward(model, batch, device)
+
+    def decoder_pass(sel):
+        decoder, _ = ex.decoder_and_head(model)
+        with torch.inference_mode():
+            for batch in (inputs[i] for i in sel):
+                decoder(input_ids=batch.input_ids.to(device), use_cache=False).last_hidden_state
+
+    def naive_pass(sel):
+        with torch.inference_mode():
+            for batch in (inputs[i] for i in sel):
+                logits = ex.bare_forward(model, batch, device).float()
+                logprobs = torch.log_softmax(logits, dim=-1)
+                values, ids = logprobs.topk(config.k, dim=-1)
+                target = logprobs[:, :-1].gather(-1, batch.input_ids[:, 1:, None].to(device))
+                values.cpu(), ids.cpu(), target.cpu()
+
+    def extract_pass(sel, write: bool):
+        encoder = ex._PrecomputedCodec(config.codec_object(), workers) if (write and workers) else None
+        with tempfile.TemporaryDirectory() as tmp:
+            writer = (TopKShardWriter(Path(tmp), source, encoder or config.codec_object(), resume=False,
+                                      shard_tokens=config.shard_trained_tokens) if write else _NullWriter())
+            ex.run_batches(model, head, samples, [batches[i] for i in sel], writer, device, encoder=encoder)
+            if write:
+                writer.close()
+        if encoder is not None:
+            encoder.shutdown()
+
+    passes = {"bare": bare_pass, "extract (no write)": lambda sel: extract_pass(sel, False),
+              "extract": lambda sel: extract_pass(sel, True)}
+    if not args.quick:  # context passes: the floor and the naive approach
+        passes["decoder"] = decoder_pass
+        if not args.no_naive:
+            passes["naive"] = naive_pass
+    # Warm-up on the first batch (allocator, kernels, lazy imports).
+    for run in passes.values():
+        run([0])
+        sync()
+    # Timed: batch by batch, every pass on the same batch back to back (pass order rotated per
+    # repeat), so each extract/bare pair sees the same background load.
+    names = list(passes)
+    times = {name: [[0.0] * len(inputs) for _ in range(repeats)] for name in names}
+    cpu_times = {name: [[0.0] * len(inputs) for _ in range(repeats)] for name in names}
+    for rep in range(repeats):
+        for i in range(len(inputs)):
+            for name in names[rep % len(names):] + names[:rep % len(names)]:
+                sync()
+                t0, c0 = time.perf_counter(), time.process_time()
+                passes[name]([i])
+                sync()
+                times[name][rep][i] = time.perf_counter() - t0
+                cpu_times[name][rep][i] = time.process_time() - c0
+
+    def best_total(table):  # per batch the fastest repeat, summed over batches
+        return sum(min(table[rep][i] for rep in range(repeats)) for i in range(len(inputs)))
+
+    best = {name: best_total(times[name]) for name in names}
+    best_cpu = {name: best_total(cpu_times[name]) for name in names}
+
+    def paired_median(name, table=times):
+        return statistics.median(table[name][rep][i] / table["bare"][rep][i]
+                                 for rep in range(repeats) for i in range(len(inputs)))
+
+    paired = {name: round(paired_median(name), 4) for name in names}
+    paired_cpu = {name: round(paired_median(name, cpu_times), 4) for name in names}
+    results = {
+        "benchmark": "bench_extraction",
+        "date": datetime.date.today().isoformat(),
+        "machine": machine_info(device),
+        "device": str(device),
+        "dtype": ex.dtype_name(dtype),
+        "teacher": teacher_desc,
+        "samples": samples_desc,
+        "k": config.k,
+        "codec": config.codec,
+        "encode_workers": workers,
+        "batch_tokens": batch_tokens,
+        "batches": len(batches),
+        "repeats": repeats,
+        "tokens": tokens,
+        "trained_tokens": trained,
+        "padded_tokens": padded,
+        "seconds_min": {name: round(value, 4) for name, value in best.items()},
+        "seconds_all": {name: [[round(v, 4) for v in row] for row in table] for name, table in times.items()},
+        "tokens_per_second": {name: round(tokens / value, 1) for name, value in best.items()},
+        "ratio_to_bare": {name: round(value / best["bare"], 4) for name, value in best.items()},
+        "paired_median_ratio_to_bare": paired,
+        "paired_median_cpu_ratio_to_bare": paired_cpu,
+        # Process CPU seconds (all threads): steadier than wall time on a loaded shared CPU box.
+        "cpu_seconds_min": {name: round(value, 4) for name, value in best_cpu.items()},
+        "load_average": list(os.getloadavg()),
+        "goal_ratio": 1.10,
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    print(f"\nTeacher extraction vs bare forward — {results['machine'].get('gpu') or results['machine'].get('cpu_model', '')}"
+          f" ({device}, {results['dtype']}), {results['date']}")
+    print(f"teacher: {teacher_desc}; samples: {samples_desc}")
+    print(f"{len(batches)} batches, {tokens} tokens ({trained} trained, {padded} padded), k={config.k}, "
+          f"codec={config.codec}, encode_workers={workers}, {repeats} repeats\n")
+    print(f"| {'pass':<20} | {'seconds':>8} | {'tokens/s':>10} | {'÷ bare':>7} | {'paired ÷ bare':>13} | {'CPU paired':>10} |")
+    print(f"|{'-' * 22}|{'-' * 10}|{'-' * 12}|{'-' * 9}|{'-' * 15}|{'-' * 12}|")
+    for name in names:
+        print(f"| {name:<20} | {best[name]:8.3f} | {tokens / best[name]:10.1f} | {best[name] / best['bare']:7.3f} | "
+              f"{paired[name]:13.3f} | {paired_cpu[name]:10.3f} |")
+    print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"\nextract ÷ bare: {paired['extract']:.3f} (median of back-to-back pairs), "
+          f"{best['extract'] / best['bare']:.3f} (fastest repeat per batch); goal <= 1.10")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,281 @@
+"""Teacher top-k extraction: the j -> j+1 alignment against a naive forward, trained positions
+only, resume after SIGKILL (byte-identical shards), corruption detection and repair, 2-process
+(torchrun, gloo) equality with one process, and refusal of a mismatched teacher."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kd_pipeline.core import modeling
+from kd_pipeline.core.atomic import sha256_file
+from kd_pipeline.core.corpus import CorpusConfig, TokenizedCorpus, build_corpus
+from kd_pipeline.core.corpus_sources import source_rows
+from kd_pipeline.core.extraction import (
+    ExtractionConfig,
+    TeacherCorpusMismatchError,
+    extract_teacher_topk,
+    last_runs,
+    plan_batches,
+    rank_share,
+)
+from kd_pipeline.core.topk_store import MANIFEST_NAME, Manifest, ShardCorruptError, TopKReader
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+TINY_TOKENIZER_DIR = PROJECT_ROOT / "tests" / "fixtures" / "tiny_tokenizer"
+K = 8
+# Small shards so that a run writes many of them (resume and repair have something to do).
+PARAMS = {"k": K, "codec": "raw", "shard_trained_tokens": 300, "batch_tokens": 768, "max_batch_size": 8,
+          "device": "cpu", "progress": False}
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    # One thread everywhere: the in-process reference, the killed/resumed CLI runs and each
+    # torchrun rank then run the same kernels, so equal inputs give bit-equal outputs.
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(PROJECT_ROOT / "src"), TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return env
+
+
+def _cli(teacher: Path, corpus: Path, out: Path, params: dict = PARAMS) -> list[str]:
+    return ["-m", "kd_pipeline.core.extraction", "--teacher", str(teacher), "--corpus", str(corpus),
+            "--out", str(out), "--params", json.dumps(params)]
+
+
+def _recorded_shards(directory: Path) -> list:
+    try:
+        return json.loads((directory / "manifest-r00.partial.json").read_text())["shards"]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def _shard_hashes(directory: Path) -> dict[str, str]:
+    return {path.name: sha256_file(path) for path in sorted(directory.glob("shard-*.parquet"))}
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("teacher") / "teacher"
+    modeling.prepare_teacher(modeling.TeacherSource(kind="random_init", tokenizer_path=str(TINY_TOKENIZER_DIR), seed=0), out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def corpus_dir(tmp_path_factory, teacher_dir) -> Path:
+    tokenizer = modeling.load_tokenizer(teacher_dir)
+    rows = source_rows({"kind": "kjv_chat", "num_passages": 40, "verses_per_passage": 3, "prompt_verses": 1, "seed": 0})
+    corpus = build_corpus(rows, tokenizer, modeling.tokenizer_hash(tokenizer),
+                          CorpusConfig(max_length=160, validation_fraction=0.25))
+    out = tmp_path_factory.mktemp("corpus") / "corpus"
+    corpus.save(out)
+    return out
+
+
+def _extract_single_thread(teacher_dir: Path, corpus_dir: Path, out: Path) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return extract_teacher_topk(teacher_dir, corpus_dir, out, ExtractionConfig.from_params(PARAMS))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, teacher_dir, corpus_dir) -> Path:
+    """An uninterrupted single-process extraction (raw codec, one thread)."""
+    out = tmp_path_factory.mktemp("reference") / "topk"
+    _extract_single_thread(teacher_dir, corpus_dir, out)
+    return out
+
+
+def _all_samples(reader: TopKReader) -> dict[str, dict]:
+    batch = reader.get_many(reader.sample_ids())
+    return {sample.sample_id: {name: getattr(sample, name).numpy().copy()
+                               for name in ("positions", "topk_ids", "topk_logprobs", "target_logprobs")}
+            for sample in batch}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rows_describe_the_next_token_like_a_naive_full_forward(teacher_dir, corpus_dir, reference):
+    """Row i of a sample = teacher distribution at position p_i for token input_ids[p_i + 1],
+    compared with log_softmax of a float64 full forward of the same model."""
+    corpus = TokenizedCorpus.load(corpus_dir)
+    model = modeling.load_causal_lm(teacher_dir).double()
+    stored = _all_samples(TopKReader(reference))
+    checked = 0
+    for record in corpus.samples.to_pylist()[:12]:
+        ids = torch.tensor(record["input_ids"])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(input_ids=ids[None]).logits[0], dim=-1)  # [T, V] float64
+        rows = stored[record["sample_id"]]
+        positions = rows["positions"].astype(np.int64)
+        reference_rows = logprobs[positions]
+        # Values at the stored ids, the top-k set (up to float ties) and the target log-prob.
+        at_ids = reference_rows.gather(1, torch.from_numpy(rows["topk_ids"]).long())
+        np.testing.assert_allclose(rows["topk_logprobs"], at_ids.numpy(), atol=2e-5, rtol=0)
+        top = reference_rows.topk(K + 1, dim=-1)
+        np.testing.assert_allclose(rows["topk_logprobs"], top.values[:, :K].numpy(), atol=2e-5, rtol=0)
+        clear = (top.values[:, K - 1] - top.values[:, K]) > 1e-4  # no near-tie at the k-th place
+        assert np.array_equal(np.sort(rows["topk_ids"][clear.numpy()], axis=1),
+                              np.sort(top.indices[clear, :K].numpy(), axis=1))
+        targets = reference_rows.gather(1, ids[positions + 1][:, None]).squeeze(1)
+        np.testing.assert_allclose(rows["target_logprobs"], targets.numpy(), atol=2e-5, rtol=0)
+        # The same comparison one position off must fail: the test would catch a j -> j shift.
+        shifted = logprobs[positions + 1].gather(1, ids[positions + 1][:, None]).squeeze(1) if positions[-1] + 1 < len(ids) else None
+        if shifted is not None:
+            assert not np.allclose(rows["target_logprobs"], shifted.numpy(), atol=1e-3)
+        checked += len(positions)
+    assert checked > 100
+
+
+def test_only_trained_positions_of_every_sample_are_stored(corpus_dir, reference):
+    corpus = TokenizedCorpus.load(corpus_dir)
+    reader = TopKReader(reference)
+    assert sorted(reader.sample_ids()) == sorted(corpus.samples["sample_id"].to_pylist())
+    assert set(corpus.samples["split"].to_pylist()) == {"train", "validation"}
+    for record in corpus.samples.to_pylist():
+        expected = np.flatnonzero(np.asarray(record["loss_mask"])) - 1
+        assert np.array_equal(reader.get(record["sample_id"]).positions.numpy(), expected)
+        prompt_positions = set(range(record["length"])) - set(expected.tolist())
+        assert prompt_positions  # chat samples have a prompt that must not be stored
+    manifest = reader.manifest
+    assert manifest.num_trained_tokens == sum(corpus.samples["num_trained"].to_pylist())
+    source = manifest.source
+    assert (source.k, source.capture_dtype, source.capture_temperature, source.vocab_size) == (K, "float32", 1.0, 512)
+    assert source.corpus_fingerprint == corpus.fingerprint
+    assert source.tokenizer_sha256 == corpus.meta["tokenizer_hash"]
+    coverage = manifest.topk_coverage()
+    assert sum(coverage["histogram"]) == manifest.num_trained_tokens and 0 < coverage["mean"] <= 1
+    latest, measured = last_runs(reference)
+    assert latest == measured and latest["trained_tokens"] == manifest.num_trained_tokens
+    assert latest["tokens_per_second"] > 0
+
+
+def test_batch_plan_is_length_sorted_and_rank_shares_partition_it():
+    lengths = [5, 3, 9, 3, 7, 12, 1]
+    ids = [f"s{i}" for i in range(len(lengths))]
+    plan = plan_batches(lengths, ids, batch_tokens=16, max_batch_size=3)
+    order = [row for batch in plan for row in batch.rows]
+    assert [(lengths[r], ids[r]) for r in order] == sorted(zip(lengths, ids))
+    assert all(len(b.rows) * b.padded_length <= 16 or len(b.rows) == 1 for b in plan)
+    shares = [rank_share(plan, rank, 3) for rank in range(3)]
+    assert sorted(b.index for share in shares for b in share) == list(range(len(plan)))
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="teacher_logits.k"):
+        ExtractionConfig(k=0)
+    with pytest.raises(ValueError, match="teacher_logits.dtype"):
+        ExtractionConfig(dtype="float8")
+    with pytest.raises(ValueError, match="temperature"):
+        ExtractionConfig(temperature=0)
+    with pytest.raises(ValueError, match="codec"):
+        ExtractionConfig(codec="nope")
+    with pytest.raises(ValueError, match="unknown teacher_logits parameter"):
+        ExtractionConfig.from_params({"topk": 3})
+    assert ExtractionConfig(codec="compact").codec == "logquant_zstd"
+
+
+def test_resume_after_sigkill_gives_byte_identical_shards(tmp_path, teacher_dir, corpus_dir, reference):
+    out = tmp_path / "topk"
+    process = subprocess.Popen([sys.executable, *_cli(teacher_dir, corpus_dir, out)], env=_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    try:
+        # Kill once the first shard is finished and recorded in the rank's progress file.
+        while not _recorded_shards(out) and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.002)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL, stderr.decode()[-2000:]
+    killed_with = _shard_hashes(out)
+    assert killed_with, "no shard was written before the kill"
+    assert not (out / MANIFEST_NAME).exists(), "the run finished before it could be killed"
+    expected = _shard_hashes(reference)
+    assert len(killed_with) < len(expected)
+
+    # Re-run (in this process, one thread like the killed one).
+    run = _extract_single_thread(teacher_dir, corpus_dir, out)["run"]
+    assert run["samples_skipped_done"] > 0 and not run["restarted"]  # it resumed rather than starting over
+    assert _shard_hashes(out) == expected
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
+    assert Manifest.read(out / MANIFEST_NAME).shards == Manifest.read(reference / MANIFEST_NAME).shards
+
+
+def test_corrupt_shards_are_detected_by_name_and_a_rerun_repairs_them(tmp_path, teacher_dir, corpus_dir, reference):
+    import shutil
+
+    out = tmp_path / "topk"
+    shutil.copytree(reference, out)
+    expected = _shard_hashes(reference)
+    names = sorted(expected)
+    truncated, altered = out / names[1], out / names[-1]
+    truncated.write_bytes(truncated.read_bytes()[:-100])
+    data = bytearray(altered.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one flipped byte
+    altered.write_bytes(bytes(data))
+
+    with pytest.raises(ShardCorruptError, match=names[1]):
+        TopKReader(out)  # wrong size: refused at open, naming the shard
+    truncated.write_bytes((reference / names[1]).read_bytes())
+    reader = TopKReader(out)
+    assert reader.verify() == [names[-1]]
+    in_altered = _ids_of(reference / names[-1])
+    with pytest.raises(ShardCorruptError, match=names[-1]):
+        reader.get(in_altered[0])
+    truncated.write_bytes(truncated.read_bytes()[:-100])  # both bad again, then repair
+
+    result = _extract_single_thread(teacher_dir, corpus_dir, out)
+    assert sorted(result["run"]["repaired_shards"]) == sorted([names[1], names[-1]])
+    assert _shard_hashes(out) == expected
+    assert TopKReader(out).verify() == []
+    # Only the repaired shards' samples were recomputed.
+    assert result["samples"] == sum(len(_ids_of(reference / name)) for name in (names[1], names[-1]))
+
+
+def _ids_of(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, columns=["sample_id"])["sample_id"].to_pylist()
+
+
+def test_two_processes_under_torchrun_equal_one_process(tmp_path, teacher_dir, corpus_dir, reference):
+    out = tmp_path / "topk"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+               *_cli(teacher_dir, corpus_dir, out)]
+    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    manifest = Manifest.read(out / MANIFEST_NAME)
+    assert manifest.world_size == 2 and {shard.rank for shard in manifest.shards} == {0, 1}
+    single, double = _all_samples(TopKReader(reference)), _all_samples(TopKReader(out))
+    assert sorted(single) == sorted(double)
+    for sample_id, arrays in single.items():
+        for name, value in arrays.items():
+            assert np.array_equal(value, double[sample_id][name]), (sample_id, name)
+    assert manifest.num_trained_tokens == Manifest.read(reference / MANIFEST_NAME).num_trained_tokens
+
+
+def test_refuses_a_teacher_that_does_not_match_the_corpus(tmp_path, teacher_dir, corpus_dir):
+    corpus = TokenizedCorpus.load(corpus_dir)
+    wrong_vocab = dataclasses.replace(corpus, meta={**corpus.meta, "vocab_size": 600})
+    with pytest.raises(TeacherCorpusMismatchError, match="'vocab_size'") as error:
+        extract_teacher_topk(teacher_dir, wrong_vocab, tmp_path / "a", ExtractionConfig.from_params(PARAMS))
+    assert error.value.field_name == "vocab_size" and "600" in str(error.value)
+    wrong_tokenizer = dataclasses.replace(corpus, meta={**corpus.meta, "tokenizer_hash": "0" * 64})
+    with pytest.raises(TeacherCorpusMismatchError, match="'tokenizer_hash'"):
+        extract_teacher_topk(teacher_dir, wrong_tokenizer, tmp_path / "b", ExtractionConfig.from_params(PARAMS))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
