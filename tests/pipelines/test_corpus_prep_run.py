@@ -23,6 +23,7 @@ def test_corpus_prep_runs_end_to_end_in_test_env(tmp_path, project_root):
     shutil.copytree(project_root / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
     (project / "conf" / "local").mkdir()
     shutil.copytree(project_root / "tests" / "fixtures", project / "tests" / "fixtures")
+    shutil.copytree(project_root / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     env = dict(os.environ, KD_MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", KEDRO_DISABLE_TELEMETRY="true")
     kedro = Path(sys.executable).with_name("kedro")
     result = subprocess.run([str(kedro), "run", "--pipelines", "corpus_prep", "--env", "test"], cwd=project,
