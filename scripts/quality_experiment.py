@@ -34,7 +34,7 @@ HELD_OUT = "eval_sft"  # held-out cross-entropy on the validation split's traine
 
 
 def run_arm(name, seed, params, args, corpus, reader):
-    loss = dict(params["loss"])
+    loss = dict(params["loss"], **args.loss_overrides)
     if name == "sft_only":
         loss["kd_loss_weight"] = 0.0
     trainer = dict(params["trainer"], seed=seed, eval_steps=args.eval_steps, save_steps=0,
@@ -69,20 +69,24 @@ def main(argv=None):
     parser.add_argument("--artifact", default=str(ROOT / "data/04_feature/teacher_topk"))
     parser.add_argument("--workdir", default=str(ROOT / "data/07_model_output/quality"))
     parser.add_argument("--out", default=str(ROOT / "data/08_reporting/quality.json"))
+    parser.add_argument("--arms", nargs="+", default=["sft_only", "kd_sft"], choices=["sft_only", "kd_sft"])
+    parser.add_argument("--loss", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override distill.loss keys for both arms, e.g. topk_normalization=tail_bucket")
     args = parser.parse_args(argv)
+    args.loss_overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.loss)}
 
     params = yaml.safe_load((ROOT / "conf/base/parameters_distill.yml").read_text())["distill"]
     corpus = TokenizedCorpus.load(args.corpus)
     reader = TopKReader(args.artifact)
     runs = []
     for seed in args.seeds:
-        for arm in ("sft_only", "kd_sft"):
+        for arm in args.arms:
             runs.append(run_arm(arm, seed, params, args, corpus, reader))
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps({"runs": runs}, indent=2))
 
     rows = []
-    for seed in args.seeds:
+    for seed in args.seeds if len(args.arms) == 2 else []:
         sft = next(r for r in runs if r["seed"] == seed and r["arm"] == "sft_only")
         kd = next(r for r in runs if r["seed"] == seed and r["arm"] == "kd_sft")
         sft_final_step, sft_final = sft["curve"][-1]
