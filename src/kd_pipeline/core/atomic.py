@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -56,3 +57,20 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
         while chunk := handle.read(chunk_bytes):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def replace_dir(new_dir: Path, target: Path) -> None:
+    """Put the finished folder `new_dir` at `target`, replacing an existing folder there.
+
+    A directory cannot be swapped atomically over a non-empty one, so the old folder is moved
+    aside first: a reader sees the old folder, nothing for an instant, or the new one, never a
+    partial one.
+    """
+    if target.exists():
+        old = target.with_name(f"{target.name}.old-{os.getpid()}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(new_dir, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(new_dir, target)

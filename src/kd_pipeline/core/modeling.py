@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import torch
 
-from kd_pipeline.core.atomic import canonical_json, sha256_file, write_json_atomic
+from kd_pipeline.core.atomic import canonical_json, replace_dir, sha256_file, write_json_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -547,23 +547,6 @@ def _read_teacher_record(out_dir: Path) -> dict | None:
     return record if files_present else None
 
 
-def _replace_dir(new_dir: Path, target: Path) -> None:
-    """Put `new_dir` at `target`, replacing an existing folder there.
-
-    A directory cannot be atomically swapped over a non-empty one, so the old folder is moved
-    aside first; a reader sees either the old folder, nothing for an instant, or the new one,
-    never a partial one.
-    """
-    if target.exists():
-        old = target.with_name(f"{target.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(new_dir, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new_dir, target)
-
-
 def prepare_teacher(source: TeacherSource, out_dir: str | os.PathLike) -> dict:
     """Make `out_dir` a plain HF folder holding the teacher (safetensors, config, tokenizer with
     chat template, generation config) plus `teacher_source.json`.
@@ -616,7 +599,7 @@ def prepare_teacher(source: TeacherSource, out_dir: str | os.PathLike) -> dict:
             "prepare_seconds": round(time.perf_counter() - started, 3),
         }
         write_json_atomic(tmp_dir / TEACHER_SOURCE_FILE, record)
-        _replace_dir(tmp_dir, out_dir)
+        replace_dir(tmp_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     logger.info(

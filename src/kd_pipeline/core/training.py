@@ -33,7 +33,7 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_callback import ProgressCallback
 
-from kd_pipeline.core.atomic import canonical_json, write_json_atomic
+from kd_pipeline.core.atomic import canonical_json, replace_dir, write_json_atomic
 from kd_pipeline.core.distill_data import DistillCollator, DistillDataset, flat_labels
 from kd_pipeline.core.losses import KDLossConfig, fused_topk_kd_loss
 
@@ -544,18 +544,6 @@ def _prepare_checkpoint_dir(directory: Path, identity: dict, resume: bool, is_ma
     return last_complete_checkpoint(directory) if resume else None
 
 
-def _replace_dir(new_dir: Path, target: Path) -> None:
-    """Put `new_dir` at `target`; an existing folder there is moved aside first, then removed."""
-    if target.exists():
-        old = target.with_name(f"{target.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(target, old)
-        os.replace(new_dir, target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(new_dir, target)
-
-
 def plot_loss_curves(log_history: list[dict], path: str | os.PathLike) -> None:
     """PNG of total / kd / sft per logged step (and their eval_ counterparts as markers)."""
     import matplotlib
@@ -780,7 +768,7 @@ def train_student(
             plot_loss_curves(trainer.state.log_history, tmp_dir / LOSS_CURVE_FILE)
             write_json_atomic(tmp_dir / SUMMARY_FILE, summary)
             output_dir.parent.mkdir(parents=True, exist_ok=True)
-            _replace_dir(tmp_dir, output_dir)
+            replace_dir(tmp_dir, output_dir)
         finally:
             shutil.rmtree(tmp_dir, ignore_errors=True)
         if not train.keep_checkpoints:
