@@ -23,6 +23,7 @@ import pyarrow.parquet as pq
 
 from kd_pipeline.core.atomic import atomic_path, canonical_json, write_json_atomic
 from kd_pipeline.core.corpus_sources import SourceRow
+from kd_pipeline.core.params import dataclass_from_params
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +69,7 @@ class CorpusConfig:
 
     @classmethod
     def from_params(cls, params: dict) -> "CorpusConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(f"unknown corpus_prep parameter(s) {unknown}; allowed: {sorted(known)} and 'source'")
-        return cls(**params)
+        return dataclass_from_params(cls, params, "corpus_prep")
 
 
 # ---------------------------------------------------------------------------------------

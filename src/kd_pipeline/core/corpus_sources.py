@@ -11,9 +11,11 @@ import json
 import random
 import re
 import sqlite3
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+
+from kd_pipeline.core.params import dataclass_from_params
 
 
 @dataclass(frozen=True)
@@ -29,15 +31,6 @@ class SourceRow:
     @property
     def where(self) -> str:
         return f"{self.file}:{self.line}"
-
-
-def _from_dict(cls, params: dict, what: str):
-    """Build a dataclass from a params dict, refusing unknown keys by name."""
-    known = {f.name for f in fields(cls)}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise ValueError(f"unknown {what} parameter(s) {unknown}; allowed: {sorted(known)}")
-    return cls(**params)
 
 
 def read_jsonl_rows(path: Path) -> Iterator[SourceRow]:
@@ -185,7 +178,7 @@ def source_rows(source: dict) -> Iterator[SourceRow]:
     params = dict(source)
     kind = params.pop("kind", None)
     if kind == "kjv_chat":
-        return kjv_chat_rows(_from_dict(KJVChatSource, params, "corpus_prep.source (kjv_chat)"))
+        return kjv_chat_rows(dataclass_from_params(KJVChatSource, params, "corpus_prep.source (kjv_chat)"))
     if kind == "files":
         paths = params.pop("paths", None)
         if params:

@@ -36,6 +36,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from kd_pipeline.core.params import dataclass_from_params
+
 logger = logging.getLogger(__name__)
 
 #: The default teacher's architecture (SmolLM2-135M-Instruct), for benchmarks that run it with
@@ -150,12 +152,7 @@ class ExtractionConfig:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> "ExtractionConfig":
-        params = dict(params or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(f"unknown teacher_logits parameter(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**params)
+        return dataclass_from_params(cls, params, "teacher_logits")
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -27,6 +27,7 @@ from typing import Any, Mapping
 import torch
 
 from kd_pipeline.core.atomic import canonical_json, replace_dir, sha256_file, write_json_atomic
+from kd_pipeline.core.params import dataclass_from_params
 
 logger = logging.getLogger(__name__)
 
@@ -74,16 +75,6 @@ _PER_LAYER_CONFIG_KEYS = ("layer_types",)
 # --------------------------------------------------------------------------------------------
 # Parameter dataclasses
 # --------------------------------------------------------------------------------------------
-
-
-def _dataclass_from_params(cls, params: Mapping[str, Any] | None, what: str):
-    """Build `cls` from a params mapping, refusing unknown keys by name."""
-    params = dict(params or {})
-    known = [f.name for f in fields(cls)]
-    unknown = sorted(set(params) - set(known))
-    if unknown:
-        raise ValueError(f"unknown {what} parameter(s) {unknown}; allowed: {known}")
-    return cls(**params)
 
 
 def _check_unused_fields(obj, used: set[str], selector: str, what: str) -> None:
@@ -149,7 +140,7 @@ class TeacherSource:
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> "TeacherSource":
         """Build from a params dict (e.g. `corpus_prep.teacher`); unknown keys are an error."""
-        return _dataclass_from_params(cls, params, "teacher")
+        return dataclass_from_params(cls, params, "teacher")
 
 
 @dataclass
@@ -204,7 +195,7 @@ class StudentInit:
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> "StudentInit":
         """Build from a params dict (e.g. `distill.student`); unknown keys are an error."""
-        return _dataclass_from_params(cls, params, "student")
+        return dataclass_from_params(cls, params, "student")
 
 
 # --------------------------------------------------------------------------------------------
