@@ -5,7 +5,7 @@ Made for one H100 with torch + transformers (+ triton) and no kedro: it imports 
 `kd_pipeline.core` (via `src/` on sys.path). liger-kernel is imported if present; otherwise pass
 `--wheels DIR` holding a liger-kernel wheel (installed with `pip --no-index --no-deps`).
 
-The student is the default one's architecture (SmolLM2-135M pruned to 10 layers, random init)
+The student is SmolLM2-135M's shape pruned to 10 layers, random init (the default student until stop 8; now 25)
 trained by `DistillationTrainer` (the same trainer `train_student` builds) on synthetic data:
 sequences of `--seq` tokens (1/4 prompt, 3/4 trained), per-device batch `--batch` (default 8
 as in conf/base/parameters_distill.yml), teacher top-k rows with k = 64. Each configuration

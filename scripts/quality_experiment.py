@@ -37,14 +37,14 @@ def run_arm(name, seed, params, args, corpus, reader):
     loss = dict(params["loss"], **args.loss_overrides)
     if name == "sft_only":
         loss["kd_loss_weight"] = 0.0
-    trainer = dict(params["trainer"], seed=seed, eval_steps=args.eval_steps, save_steps=0,
-                   disable_tqdm=True, resume=False)
+    trainer = dict(params["trainer"], **args.trainer_overrides)
+    trainer.update(seed=seed, eval_steps=args.eval_steps, save_steps=0, disable_tqdm=True, resume=False)
     if args.max_steps:
         trainer["max_steps"] = args.max_steps
     out = Path(args.workdir) / f"{name}-seed{seed}"
     started = time.time()
     summary = train_student(
-        teacher_dir=args.teacher, corpus=corpus, student_init=modeling.StudentInit.from_params(params["student_init"]),
+        teacher_dir=args.teacher, corpus=corpus, student_init=modeling.StudentInit.from_params(args.student_init or params["student_init"]),
         loss=KDLossConfig.from_dict(loss), train=TrainConfig.from_dict(trainer), output_dir=out,
         topk_dir=args.artifact if name == "kd_sft" else None, k=params.get("k"),
         checkpoint_dir=Path(args.workdir) / f"{name}-seed{seed}_checkpoints",
@@ -55,13 +55,17 @@ def run_arm(name, seed, params, args, corpus, reader):
     return {"arm": name, "seed": seed, "curve": curve, "metrics": metrics, "seconds": time.time() - started}
 
 
+def _key_values(items):
+    return {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in items)}
+
+
 def first_step_reaching(curve, target):
     return next((step for step, value in curve if value <= target), None)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--max-steps", type=int, default=0, help="0: the default's epochs")
     parser.add_argument("--eval-steps", type=int, default=5)
     parser.add_argument("--teacher", default=str(ROOT / "data/06_models/teacher"))
@@ -72,13 +76,20 @@ def main(argv=None):
     parser.add_argument("--arms", nargs="+", default=["sft_only", "kd_sft"], choices=["sft_only", "kd_sft"])
     parser.add_argument("--loss", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override distill.loss keys for both arms, e.g. topk_normalization=tail_bucket")
+    parser.add_argument("--include", nargs="*", default=[], metavar="JSON",
+                        help="runs of earlier invocations (their --out files) to summarize with these")
+    parser.add_argument("--trainer", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="override distill.trainer keys for both arms, e.g. learning_rate=1e-3")
+    parser.add_argument("--student-init", type=yaml.safe_load, default=None, metavar="YAML",
+                        help="replace distill.student_init, e.g. '{method: prune_teacher, num_layers: 15}'")
     args = parser.parse_args(argv)
-    args.loss_overrides = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.loss)}
+    args.loss_overrides = _key_values(args.loss)
+    args.trainer_overrides = _key_values(args.trainer)
 
     params = yaml.safe_load((ROOT / "conf/base/parameters_distill.yml").read_text())["distill"]
     corpus = TokenizedCorpus.load(args.corpus)
     reader = TopKReader(args.artifact)
-    runs = []
+    runs = [run for path in args.include for run in json.loads(Path(path).read_text())["runs"]]
     for seed in args.seeds:
         for arm in args.arms:
             runs.append(run_arm(arm, seed, params, args, corpus, reader))
@@ -86,9 +97,11 @@ def main(argv=None):
             Path(args.out).write_text(json.dumps({"runs": runs}, indent=2))
 
     rows = []
-    for seed in args.seeds if len(args.arms) == 2 else []:
-        sft = next(r for r in runs if r["seed"] == seed and r["arm"] == "sft_only")
-        kd = next(r for r in runs if r["seed"] == seed and r["arm"] == "kd_sft")
+    for seed in sorted({r["seed"] for r in runs}):
+        sft = next((r for r in runs if r["seed"] == seed and r["arm"] == "sft_only"), None)
+        kd = next((r for r in runs if r["seed"] == seed and r["arm"] == "kd_sft"), None)
+        if sft is None or kd is None:
+            continue
         sft_final_step, sft_final = sft["curve"][-1]
         reach = first_step_reaching(kd["curve"], sft_final)
         rows.append({"seed": seed, "sft_final_step": sft_final_step, "kd_step_reaching_sft_final": reach,
@@ -100,6 +113,14 @@ def main(argv=None):
             if values:
                 summary["aggregate"][f"{arm}.{key}"] = {
                     "mean": statistics.fmean(values), "min": min(values), "max": max(values), "n": len(values)}
+    # "Better beyond the seed spread": KD+SFT's worst seed beats SFT-only's best seed.
+    lower_is_better = {"student_nll": True, "kl_teacher_student_topk": True, "kl_student_teacher_topk": True,
+                       "top1_agreement": False, "topk_overlap": False}
+    for key, lower in lower_is_better.items():
+        sft, kd = summary["aggregate"].get(f"sft_only.{key}"), summary["aggregate"].get(f"kd_sft.{key}")
+        if sft and kd:
+            summary["aggregate"][f"kd_better_beyond_spread.{key}"] = (
+                kd["max"] < sft["min"] if lower else kd["min"] > sft["max"])
     Path(args.out).write_text(json.dumps(summary, indent=2))
 
     print(f"{'metric':34s} {'SFT-only mean [min,max]':>30s} {'KD+SFT mean [min,max]':>30s}")
@@ -108,7 +129,8 @@ def main(argv=None):
         for arm in ("sft_only", "kd_sft"):
             stat = summary["aggregate"].get(f"{arm}.{key}")
             cells.append("-" if stat is None else f"{stat['mean']:.4f} [{stat['min']:.4f},{stat['max']:.4f}]")
-        print(f"{key:34s} {cells[0]:>30s} {cells[1]:>30s}")
+        beyond = summary["aggregate"].get(f"kd_better_beyond_spread.{key}")
+        print(f"{key:34s} {cells[0]:>30s} {cells[1]:>30s}  KD better beyond spread: {beyond}")
     for row in rows:
         print(f"seed {row['seed']}: SFT-only final held-out CE at step {row['sft_final_step']}; "
               f"KD+SFT first reaches it at step {row['kd_step_reaching_sft_final']} "

@@ -171,6 +171,12 @@ def test_default_selection_keeps_a_third_evenly_spaced_with_first_and_last():
     assert select_layers(5, keep_layers=[1, 4]) == [1, 4]
 
 
+def test_drop_layers_keeps_every_other_layer_in_order():
+    assert select_layers(30, drop_layers=[26, 22, 23, 24, 25]) == list(range(22)) + [27, 28, 29]
+    assert select_layers(4, drop_layers=[]) == [0, 1, 2, 3]
+    assert StudentInit.from_params({"drop_layers": [1, 2]}).drop_layers == [1, 2]
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -184,6 +190,11 @@ def test_default_selection_keeps_a_third_evenly_spaced_with_first_and_last():
         ({"keep_every": 0}, "keep_every must be a positive integer"),
         ({"num_layers": 5}, "num_layers must be between 1 and the teacher's 4 layers"),
         ({"keep_every": 2, "num_layers": 2}, "one of keep_layers, keep_every, num_layers"),
+        ({"drop_layers": [0, 1, 2, 3]}, "drop_layers removes all 4 teacher layers"),
+        ({"drop_layers": [4]}, r"drop_layers \[4\] out of range: the teacher has 4 layers"),
+        ({"drop_layers": [1, 1]}, r"drop_layers repeats layer\(s\) \[1\]"),
+        ({"drop_layers": [1.0]}, "drop_layers must hold integers"),
+        ({"drop_layers": [1], "num_layers": 2}, "one of keep_layers, keep_every, num_layers, drop_layers"),
     ],
 )
 def test_bad_layer_selection_is_refused_clearly(kwargs, message):
@@ -457,6 +468,14 @@ def test_pruning_an_untied_teacher_keeps_a_separate_head(tmp_path):
     torch.testing.assert_close(student.lm_head.weight, teacher.lm_head.weight, rtol=0, atol=0)
     ids = sample_ids(TINY_VOCAB_SIZE)
     torch.testing.assert_close(logits_of(student, ids), logits_of(hand_built_pruned_model(teacher, [0, 2]), ids))
+
+
+def test_drop_layers_student_matches_the_hand_built_pruned_teacher(tiny_teacher_dir):
+    teacher = load_causal_lm(tiny_teacher_dir)
+    student, _ = init_student(StudentInit.from_params({"drop_layers": [2, 1]}), tiny_teacher_dir)
+    assert student.config.num_hidden_layers == 2
+    ids = sample_ids(TINY_VOCAB_SIZE)
+    torch.testing.assert_close(logits_of(student, ids), logits_of(hand_built_pruned_model(teacher, [0, 3]), ids))
 
 
 def test_pruned_student_out_of_range_layer_is_refused(tiny_teacher_dir):

@@ -43,6 +43,8 @@ TEACHER_FORMAT_VERSION = 1
 
 TEACHER_KINDS = ("embedded_gguf", "gguf_file", "hf_folder", "random_init")
 STUDENT_METHODS = ("from_pretrained", "from_config", "prune_teacher")
+#: The mutually exclusive ways `prune_teacher` is told which teacher layers to keep.
+LAYER_CHOICES = ("keep_layers", "keep_every", "num_layers", "drop_layers")
 LIGER_MODES = ("auto", "on", "off")
 
 #: The fraction of teacher layers `prune_teacher` keeps when no layer choice is configured.
@@ -158,8 +160,11 @@ class StudentInit:
         keep_layers: `prune_teacher`: teacher layer indices to keep, increasing, no repeats.
         keep_every: `prune_teacher`: keep layers 0, k, 2k, ... instead of listing them.
         num_layers: `prune_teacher`: keep this many evenly spaced layers, first and last
-            included. With none of the three, a third of the teacher's layers (rounded) are kept
+            included. With none of the four, a third of the teacher's layers (rounded) are kept
             this way: 10 of SmolLM2's 30.
+        drop_layers: `prune_teacher`: teacher layer indices to remove (any order, no repeats);
+            all others are kept. Dropping a contiguous block of deep layers before the last few
+            keeps a pretrained decoder working best (Gromov et al. 2024; Minitron's depth pruning).
         trust_remote_code: `from_pretrained` only: allow the folder's own code.
     """
 
@@ -170,12 +175,13 @@ class StudentInit:
     keep_layers: list[int] | None = None
     keep_every: int | None = None
     num_layers: int | None = None
+    drop_layers: list[int] | None = None
     trust_remote_code: bool = False
 
     _USED_FIELDS = {
         "from_pretrained": {"path", "trust_remote_code"},
         "from_config": {"config", "seed"},
-        "prune_teacher": {"keep_layers", "keep_every", "num_layers"},
+        "prune_teacher": set(LAYER_CHOICES),
     }
 
     def __post_init__(self):
@@ -188,9 +194,9 @@ class StudentInit:
             raise ValueError("student method 'from_config' needs `config` (an HF config dict with model_type)")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"student `seed` must be an integer, got {self.seed!r}")
-        chosen = [name for name in ("keep_layers", "keep_every", "num_layers") if getattr(self, name) is not None]
+        chosen = [name for name in LAYER_CHOICES if getattr(self, name) is not None]
         if len(chosen) > 1:
-            raise ValueError(f"prune_teacher takes one of keep_layers, keep_every, num_layers; got {chosen}")
+            raise ValueError(f"prune_teacher takes one of {', '.join(LAYER_CHOICES)}; got {chosen}")
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> "StudentInit":
@@ -621,11 +627,32 @@ def evenly_spaced_layers(num_teacher_layers: int, num_layers: int) -> list[int]:
     return [int(math.floor(index * step + 0.5)) for index in range(num_layers)]
 
 
+def _layer_indices(name: str, layers: Any, num_teacher_layers: int) -> list[int]:
+    """`layers` as a list of distinct, in-range teacher layer indices; errors name `name`."""
+    if isinstance(layers, (str, bytes)) or not hasattr(layers, "__iter__"):
+        raise ValueError(f"{name} must be a list of layer indices, got {layers!r}")
+    layers = list(layers)
+    bad_types = [layer for layer in layers if isinstance(layer, bool) or not isinstance(layer, int)]
+    if bad_types:
+        raise ValueError(f"{name} must hold integers, got {bad_types}")
+    out_of_range = [layer for layer in layers if not 0 <= layer < num_teacher_layers]
+    if out_of_range:
+        raise ValueError(
+            f"{name} {out_of_range} out of range: the teacher has {num_teacher_layers} layers "
+            f"(valid indices 0..{num_teacher_layers - 1})"
+        )
+    repeated = sorted({layer for layer in layers if layers.count(layer) > 1})
+    if repeated:
+        raise ValueError(f"{name} repeats layer(s) {repeated}")
+    return layers
+
+
 def select_layers(
     num_teacher_layers: int,
     keep_layers: list[int] | None = None,
     keep_every: int | None = None,
     num_layers: int | None = None,
+    drop_layers: list[int] | None = None,
 ) -> list[int]:
     """The teacher layers a pruned student keeps, validated.
 
@@ -635,33 +662,26 @@ def select_layers(
             this order, so a shuffled list is almost certainly a mistake).
         keep_every: Keep layers 0, k, 2k, ...
         num_layers: Keep this many evenly spaced layers (first and last included).
+        drop_layers: Remove these indices (in range, no repeats, not all); keep the rest in order.
         With none given, a third of the teacher's layers (rounded) are kept evenly spaced.
 
     Returns:
         Increasing teacher layer indices.
     """
     given = [name for name, value in (("keep_layers", keep_layers), ("keep_every", keep_every),
-                                      ("num_layers", num_layers)) if value is not None]
+                                      ("num_layers", num_layers), ("drop_layers", drop_layers))
+             if value is not None]
     if len(given) > 1:
-        raise ValueError(f"prune_teacher takes one of keep_layers, keep_every, num_layers; got {given}")
+        raise ValueError(f"prune_teacher takes one of {', '.join(LAYER_CHOICES)}; got {given}")
+    if drop_layers is not None:
+        drop_layers = _layer_indices("drop_layers", drop_layers, num_teacher_layers)
+        if len(drop_layers) == num_teacher_layers:
+            raise ValueError(f"drop_layers removes all {num_teacher_layers} teacher layers: keep at least one")
+        return [layer for layer in range(num_teacher_layers) if layer not in set(drop_layers)]
     if keep_layers is not None:
-        if isinstance(keep_layers, (str, bytes)) or not hasattr(keep_layers, "__iter__"):
-            raise ValueError(f"keep_layers must be a list of layer indices, got {keep_layers!r}")
-        keep_layers = list(keep_layers)
+        keep_layers = _layer_indices("keep_layers", keep_layers, num_teacher_layers)
         if not keep_layers:
             raise ValueError("keep_layers is empty: keep at least one teacher layer")
-        bad_types = [layer for layer in keep_layers if isinstance(layer, bool) or not isinstance(layer, int)]
-        if bad_types:
-            raise ValueError(f"keep_layers must hold integers, got {bad_types}")
-        out_of_range = [layer for layer in keep_layers if not 0 <= layer < num_teacher_layers]
-        if out_of_range:
-            raise ValueError(
-                f"keep_layers {out_of_range} out of range: the teacher has {num_teacher_layers} layers "
-                f"(valid indices 0..{num_teacher_layers - 1})"
-            )
-        repeated = sorted({layer for layer in keep_layers if keep_layers.count(layer) > 1})
-        if repeated:
-            raise ValueError(f"keep_layers repeats layer(s) {repeated}")
         if keep_layers != sorted(keep_layers):
             raise ValueError(
                 f"keep_layers must be in increasing order (the student runs them in that order), got {keep_layers}"
@@ -796,7 +816,8 @@ def init_student(init: StudentInit, teacher_dir: str | os.PathLike):
         return model, teacher_tokenizer
 
     teacher = load_causal_lm(teacher_dir, trust_remote_code=teacher_trusts_code)
-    keep = select_layers(teacher.config.num_hidden_layers, init.keep_layers, init.keep_every, init.num_layers)
+    keep = select_layers(teacher.config.num_hidden_layers, init.keep_layers, init.keep_every, init.num_layers,
+                         init.drop_layers)
     student = prune_causal_lm(teacher, keep)
     logger.info("student: teacher pruned to %d of %d layers %s", len(keep), teacher.config.num_hidden_layers, keep)
     return student, teacher_tokenizer
