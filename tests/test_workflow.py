@@ -153,6 +153,9 @@ def _materialize_test_env(repo: Path) -> None:
         base_file = repo / "conf" / "base" / test_file.name
         base = (yaml.safe_load(base_file.read_text()) or {}) if base_file.is_file() else {}
         merged = _deep_update(base, overlay)
+        # The student's layer choices exclude each other, so the test env's replaces base's.
+        if "student_init" in overlay.get("distill", {}):
+            merged["distill"]["student_init"] = overlay["distill"]["student_init"]
         # `dvc exp run -S` rewrites the file as YAML 1.2, where the string "off" loses its
         # quotes, and kedro reads a bare `off` as YAML 1.1 false. `auto` is `off` on CPU.
         if merged.get("distill", {}).get("trainer", {}).get("liger") == "off":
