@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import yaml
 import torch
 
 from kd_pipeline.core import modeling
@@ -175,6 +176,11 @@ def test_train_config_refuses_unknown_and_bad_values():
         TrainConfig.from_dict({"warmup": 1.5})
     with pytest.raises(ValueError, match="trainer.liger"):
         TrainConfig.from_dict({"liger": "yes"})
+    with pytest.raises(ValueError, match=r"trainer.learning_rate must be a number, got '1e-3' \(write 1.0e-3"):
+        TrainConfig.from_dict(yaml.safe_load("learning_rate: 1e-3"))
+    with pytest.raises(ValueError, match="trainer.max_grad_norm must be a number, got True"):
+        TrainConfig.from_dict({"max_grad_norm": True})
+    assert TrainConfig.from_dict(yaml.safe_load("learning_rate: 1.0e-3")).learning_rate == 1e-3
     assert TrainConfig.from_dict({"max_steps": 3}).max_steps == 3
 
 

@@ -135,6 +135,13 @@ class TrainConfig:
         _choice("precision", self.precision, PRECISIONS)
         _choice("liger", self.liger, LIGER_MODES)
         _choice("reduction", self.reduction, REDUCTIONS)
+        # YAML 1.1 (kedro, PyYAML) reads `1e-3` without a dot as the string "1e-3".
+        for name in ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm",
+                     "num_train_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                hint = " (write 1.0e-3, not 1e-3: YAML 1.1 reads the latter as a string)" if isinstance(value, str) else ""
+                raise ValueError(f"trainer.{name} must be a number, got {value!r}{hint}")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
                      "logging_steps"):
             if _not_int(getattr(self, name)) or getattr(self, name) < 1:
