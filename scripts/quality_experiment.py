@@ -79,7 +79,7 @@ def main(argv=None):
     parser.add_argument("--include", nargs="*", default=[], metavar="JSON",
                         help="runs of earlier invocations (their --out files) to summarize with these")
     parser.add_argument("--trainer", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="override distill.trainer keys for both arms, e.g. learning_rate=1e-3")
+                        help="override distill.trainer keys for both arms, e.g. learning_rate=1.0e-3")
     parser.add_argument("--student-init", type=yaml.safe_load, default=None, metavar="YAML",
                         help="replace distill.student_init, e.g. '{method: prune_teacher, num_layers: 15}'")
     args = parser.parse_args(argv)
