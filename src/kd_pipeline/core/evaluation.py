@@ -36,7 +36,7 @@ import io
 import logging
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -46,6 +46,7 @@ import torch
 
 from kd_pipeline.core.atomic import atomic_path, write_bytes_atomic
 from kd_pipeline.core.distill_data import PositionMismatchError, TargetsProvider, trained_positions
+from kd_pipeline.core.params import KEY_MESSAGE, dataclass_from_params
 
 logger = logging.getLogger(__name__)
 
@@ -64,15 +65,6 @@ TEACHER_METRICS = (
     "teacher_topk_mass",
     "student_mass_on_teacher_topk",
 )
-
-
-def _from_params(cls, params: Mapping[str, Any] | None, what: str):
-    params = dict(params or {})
-    known = [f.name for f in fields(cls)]
-    unknown = sorted(set(params) - set(known))
-    if unknown:
-        raise ValueError(f"{what}: unknown key(s) {unknown}; allowed keys are {known}")
-    return cls(**params)
 
 
 @dataclass(frozen=True)
@@ -108,7 +100,7 @@ class EvalConfig:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> "EvalConfig":
-        return _from_params(cls, params, "evaluate.metrics")
+        return dataclass_from_params(cls, params, "evaluate.metrics", KEY_MESSAGE)
 
 
 @dataclass(frozen=True)
@@ -137,7 +129,7 @@ class GenerationConfig:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> "GenerationConfig":
-        return _from_params(cls, params, "evaluate.generation")
+        return dataclass_from_params(cls, params, "evaluate.generation", KEY_MESSAGE)
 
 
 def resolve_device(device: str) -> torch.device:

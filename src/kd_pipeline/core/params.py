@@ -6,11 +6,18 @@ from dataclasses import fields
 from typing import Any, Mapping
 
 
-def dataclass_from_params(cls, params: Mapping[str, Any] | None, what: str):
-    """`cls(**params)`, but a misspelt or misplaced key is an error naming it, never ignored."""
+PARAMETER_MESSAGE = "unknown {what} parameter(s) {unknown}; allowed: {known}"
+KEY_MESSAGE = "{what}: unknown key(s) {unknown}; allowed keys are {known}"
+
+
+def dataclass_from_params(cls, params: Mapping[str, Any] | None, what: str, message: str = PARAMETER_MESSAGE):
+    """`cls(**params)`, but a misspelt or misplaced key is an error naming it, never ignored.
+
+    `message` is formatted with `what`, the sorted `unknown` keys and the `known` field names.
+    """
     params = dict(params or {})
     known = [f.name for f in fields(cls)]
     unknown = sorted(set(params) - set(known))
     if unknown:
-        raise ValueError(f"unknown {what} parameter(s) {unknown}; allowed: {known}")
+        raise ValueError(message.format(what=what, unknown=unknown, known=known))
     return cls(**params)

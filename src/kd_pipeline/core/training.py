@@ -25,7 +25,7 @@ import re
 import shutil
 import time
 from collections import defaultdict
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -36,6 +36,7 @@ from transformers.trainer_callback import ProgressCallback
 from kd_pipeline.core.atomic import canonical_json, replace_dir, write_json_atomic
 from kd_pipeline.core.distill_data import DistillCollator, DistillDataset, flat_labels
 from kd_pipeline.core.losses import KDLossConfig, fused_topk_kd_loss
+from kd_pipeline.core.params import KEY_MESSAGE, dataclass_from_params
 
 logger = logging.getLogger(__name__)
 
@@ -171,12 +172,7 @@ class TrainConfig:
     @classmethod
     def from_dict(cls, params: Mapping[str, Any] | None) -> "TrainConfig":
         """Build from a params dict (`params:distill.trainer`); unknown keys are named in the error."""
-        params = dict(params or {})
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(params) - set(known))
-        if unknown:
-            raise ValueError(f"TrainConfig: unknown key(s) {unknown}; allowed keys are {known}")
-        return cls(**params)
+        return dataclass_from_params(cls, params, "TrainConfig", KEY_MESSAGE)
 
     def resolved_precision(self) -> str:
         """`bf16` or `fp32`: `auto` is bf16 on a CUDA device that supports it."""

@@ -35,10 +35,12 @@ Semantics in one place (both `reference.py` and `fused.py` implement exactly thi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple
 
 import torch
+
+from kd_pipeline.core.params import KEY_MESSAGE, dataclass_from_params
 
 IGNORE_INDEX = -100
 """Label value whose SFT term is 0 (the Hugging Face / Megatron convention)."""
@@ -136,13 +138,7 @@ class KDLossConfig:
         Raises:
             ValueError: on keys that are not fields (all of them are named) or invalid values.
         """
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(params) - set(known))
-        if unknown:
-            raise ValueError(
-                f"KDLossConfig: unknown key(s) {unknown}; allowed keys are {known}"
-            )
-        return cls(**dict(params))
+        return dataclass_from_params(cls, params, "KDLossConfig", KEY_MESSAGE)
 
     @property
     def student_temperature(self) -> float:
