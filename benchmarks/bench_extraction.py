@@ -40,7 +40,15 @@ sys.path.insert(0, str(ROOT / "src"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from kd_pipeline.core import extraction as ex  # noqa: E402
+from kd_pipeline.core.devices import dtype_name  # noqa: E402
+from kd_pipeline.core.extraction.config import ExtractionConfig  # noqa: E402
+from kd_pipeline.core.extraction.encode import PrecomputedCodec  # noqa: E402
+from kd_pipeline.core.extraction.head import TopKHead, bare_forward  # noqa: E402
+from kd_pipeline.core.extraction.plan import CorpusArrays  # noqa: E402
+from kd_pipeline.core.extraction.run import run_batches  # noqa: E402
+from kd_pipeline.core.models.configs import SMOLLM2_135M_CONFIG  # noqa: E402
+from kd_pipeline.core.models.head import decoder_and_head  # noqa: E402
+from kd_pipeline.core.models.loading import random_causal_lm  # noqa: E402
 
 
 class _NullWriter:
@@ -73,25 +81,26 @@ def machine_info(device: torch.device) -> dict:
 def load_teacher(args, device: torch.device, dtype: torch.dtype):
     teacher = Path(args.teacher) if args.teacher else ROOT / "data" / "06_models" / "teacher"
     if (teacher / "config.json").is_file() and any(teacher.glob("*.safetensors")):
-        from kd_pipeline.core import modeling
+        from kd_pipeline.core.models.identity import model_identity
+        from kd_pipeline.core.models.loading import load_causal_lm
 
-        model = modeling.load_causal_lm(teacher, dtype=dtype, device=device)
-        identity = modeling.model_identity(teacher)
+        model = load_causal_lm(teacher, dtype=dtype, device=device)
+        identity = model_identity(teacher)
         return model, f"{teacher} (real weights)", identity
     if args.teacher:
         raise SystemExit(f"--teacher {teacher}: no config.json / *.safetensors there")
-    model = ex.random_causal_lm(ex.SMOLLM2_135M_CONFIG, seed=0, dtype=dtype, device=device)
+    model = random_causal_lm(SMOLLM2_135M_CONFIG, seed=0, dtype=dtype, device=device)
     return model, "SmolLM2-135M architecture, random weights", {"config_sha256": "random", "weights_sha256": "random"}
 
 
-def load_samples(args, vocab_size: int, quick: bool) -> tuple[ex.CorpusArrays, str, str]:
+def load_samples(args, vocab_size: int, quick: bool) -> tuple[CorpusArrays, str, str]:
     corpus_dir = Path(args.corpus) if args.corpus else ROOT / "data" / "03_primary" / "tokenized_corpus"
     if (corpus_dir / "corpus_meta.json").is_file():
         from kd_pipeline.core.corpus import TokenizedCorpus
 
         corpus = TokenizedCorpus.load(corpus_dir)
         if corpus.meta.get("vocab_size", 0) <= vocab_size:
-            return ex.CorpusArrays.from_table(corpus.samples), f"{corpus_dir}", corpus.fingerprint
+            return CorpusArrays.from_table(corpus.samples), f"{corpus_dir}", corpus.fingerprint
         print(f"note: {corpus_dir} has vocab {corpus.meta.get('vocab_size')} > teacher {vocab_size}; using synthetic samples")
     elif args.corpus:
         raise SystemExit(f"--corpus {corpus_dir}: no tokenized corpus there")
@@ -105,7 +114,7 @@ def load_samples(args, vocab_size: int, quick: bool) -> tuple[ex.CorpusArrays, s
         mask[int(length * rng.uniform(0.15, 0.35)):] = 1  # a masked prompt, then the response
         masks.append(mask)
     names = [f"{i:032x}" for i in range(count)]
-    return ex.CorpusArrays.from_lists(names, ids, masks), "synthetic chat-like (prompt 15-35% masked)", "synthetic"
+    return CorpusArrays.from_lists(names, ids, masks), "synthetic chat-like (prompt 15-35% masked)", "synthetic"
 
 
 def pick_batches(plan: list, count: int) -> list:
@@ -136,7 +145,7 @@ def main(argv=None) -> int:
     cuda_default = torch.cuda.is_available()
     batch_tokens = args.batch_tokens or ((8192 if args.quick else 32768) if cuda_default and args.device != "cpu"
                                          else (512 if args.quick else 2048))
-    config = ex.ExtractionConfig(k=args.k, codec=args.codec, batch_tokens=batch_tokens, max_batch_size=64,
+    config = ExtractionConfig(k=args.k, codec=args.codec, batch_tokens=batch_tokens, max_batch_size=64,
                                  dtype=args.dtype, device=args.device, encode_workers=args.encode_workers,
                                  progress=False)
     device = config.resolved_device()
@@ -145,7 +154,7 @@ def main(argv=None) -> int:
     repeats = args.repeats or (2 if args.quick else 3)
 
     model, teacher_desc, identity = load_teacher(args, device, dtype)
-    head = ex.TopKHead(model, config.k, config.temperature, config.resolved_head_chunk_rows(device))
+    head = TopKHead(model, config.k, config.temperature, config.resolved_head_chunk_rows(device))
     samples, samples_desc, fingerprint = load_samples(args, head.vocab_size, args.quick)
     batches = pick_batches(samples.plan(config), num_batches)
     inputs = [samples.batch(b) for b in batches]
@@ -157,7 +166,7 @@ def main(argv=None) -> int:
 
     source = ArtifactSource(teacher_path="bench", teacher_config_sha256=identity["config_sha256"],
                             teacher_weights_sha256=identity["weights_sha256"], tokenizer_sha256="bench",
-                            vocab_size=head.vocab_size, k=config.k, capture_dtype=ex.dtype_name(dtype),
+                            vocab_size=head.vocab_size, k=config.k, capture_dtype=dtype_name(dtype),
                             capture_temperature=1.0, corpus_fingerprint=fingerprint)
     workers = config.resolved_encode_workers(device)
 
@@ -168,10 +177,10 @@ def main(argv=None) -> int:
     def bare_pass(sel):
         with torch.inference_mode():
             for batch in (inputs[i] for i in sel):
-                ex.bare_forward(model, batch, device)
+                bare_forward(model, batch, device)
 
     def decoder_pass(sel):
-        decoder, _ = ex.decoder_and_head(model)
+        decoder, _ = decoder_and_head(model)
         with torch.inference_mode():
             for batch in (inputs[i] for i in sel):
                 decoder(input_ids=batch.input_ids.to(device), use_cache=False).last_hidden_state
@@ -179,18 +188,18 @@ def main(argv=None) -> int:
     def naive_pass(sel):
         with torch.inference_mode():
             for batch in (inputs[i] for i in sel):
-                logits = ex.bare_forward(model, batch, device).float()
+                logits = bare_forward(model, batch, device).float()
                 logprobs = torch.log_softmax(logits, dim=-1)
                 values, ids = logprobs.topk(config.k, dim=-1)
                 target = logprobs[:, :-1].gather(-1, batch.input_ids[:, 1:, None].to(device))
                 values.cpu(), ids.cpu(), target.cpu()
 
     def extract_pass(sel, write: bool):
-        encoder = ex._PrecomputedCodec(config.codec_object(), workers) if (write and workers) else None
+        encoder = PrecomputedCodec(config.codec_object(), workers) if (write and workers) else None
         with tempfile.TemporaryDirectory() as tmp:
             writer = (TopKShardWriter(Path(tmp), source, encoder or config.codec_object(), resume=False,
                                       shard_tokens=config.shard_trained_tokens) if write else _NullWriter())
-            ex.run_batches(model, head, samples, [batches[i] for i in sel], writer, device, encoder=encoder)
+            run_batches(model, head, samples, [batches[i] for i in sel], writer, device, encoder=encoder)
             if write:
                 writer.close()
         if encoder is not None:
@@ -238,7 +247,7 @@ def main(argv=None) -> int:
         "date": datetime.date.today().isoformat(),
         "machine": machine_info(device),
         "device": str(device),
-        "dtype": ex.dtype_name(dtype),
+        "dtype": dtype_name(dtype),
         "teacher": teacher_desc,
         "samples": samples_desc,
         "k": config.k,

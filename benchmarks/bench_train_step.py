@@ -45,13 +45,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "src"))
 
-SMOLLM2_135M = {  # HuggingFaceTB/SmolLM2-135M config.json, pruned to 10 layers
-    "model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
-    "num_hidden_layers": 10, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
-    "hidden_act": "silu", "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
-    "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False,
-    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
-}
+from kd_pipeline.core.models.configs import SMOLLM2_135M_CONFIG  # noqa: E402
+
+SMOLLM2_135M = {**SMOLLM2_135M_CONFIG, "num_hidden_layers": 10}  # SmolLM2-135M pruned to 10 layers
 MODES = ("kd_sft", "sft_only", "hf_ce")
 RATIO_GOAL = 1.15
 
@@ -98,9 +94,10 @@ def worker(args) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from kd_pipeline.core.distill_data import DistillCollator
     from kd_pipeline.core.losses import KDLossConfig
-    from kd_pipeline.core.training import DistillationTrainer, TrainConfig, _training_arguments
+    from kd_pipeline.core.training.config import TrainConfig, training_arguments
+    from kd_pipeline.core.training.data import DistillCollator
+    from kd_pipeline.core.training.trainer import DistillationTrainer
 
     torch.manual_seed(0)
     config_dict = dict(SMOLLM2_135M)
@@ -114,7 +111,7 @@ def worker(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         train = TrainConfig(max_steps=10_000, per_device_train_batch_size=args.batch, disable_tqdm=True,
                             save_steps=0, logging_steps=10_000, precision="fp32", liger="off")
-        trainer = DistillationTrainer(model=model, args=_training_arguments(train, Path(tmp), False, []),
+        trainer = DistillationTrainer(model=model, args=training_arguments(train, Path(tmp), False, []),
                                       data_collator=DistillCollator(2), loss_config=losses["kd_sft"])
         trainer.create_optimizer_and_scheduler(num_training_steps=10_000)
         trainer.current_gradient_accumulation_steps = 1

@@ -43,7 +43,15 @@ except ImportError:  # the compact codec needs it; the GPU image may lack it
     raise SystemExit("zstandard is missing: carry its wheel (.whl/zstandard-*.whl, see the device README) "
                      "and pip install it with --target, then put that on PYTHONPATH")
 
-from kd_pipeline.core import extraction as ex  # noqa: E402
+from kd_pipeline.core.devices import dtype_name  # noqa: E402
+from kd_pipeline.core.extraction.config import ExtractionConfig  # noqa: E402
+from kd_pipeline.core.extraction.encode import PrecomputedCodec  # noqa: E402
+from kd_pipeline.core.extraction.head import TopKHead, bare_forward, check_head_path  # noqa: E402
+from kd_pipeline.core.extraction.plan import CorpusArrays  # noqa: E402
+from kd_pipeline.core.extraction.run import run_batches  # noqa: E402
+from kd_pipeline.core.models.configs import SMOLLM2_135M_CONFIG  # noqa: E402
+from kd_pipeline.core.models.head import decoder_and_head  # noqa: E402
+from kd_pipeline.core.models.loading import random_causal_lm  # noqa: E402
 from kd_pipeline.core.topk_store import ArtifactSource, TopKShardWriter  # noqa: E402
 
 
@@ -52,7 +60,7 @@ class _NullWriter:
         pass
 
 
-def synthetic_samples(vocab_size: int, count: int, min_len: int, max_len: int, seed: int = 0) -> ex.CorpusArrays:
+def synthetic_samples(vocab_size: int, count: int, min_len: int, max_len: int, seed: int = 0) -> CorpusArrays:
     rng = np.random.default_rng(seed)
     ids, masks = [], []
     for _ in range(count):
@@ -61,7 +69,7 @@ def synthetic_samples(vocab_size: int, count: int, min_len: int, max_len: int, s
         mask = np.zeros(length, dtype=np.int8)
         mask[int(length * rng.uniform(0.15, 0.35)):] = 1
         masks.append(mask)
-    return ex.CorpusArrays.from_lists([f"{i:032x}" for i in range(count)], ids, masks)
+    return CorpusArrays.from_lists([f"{i:032x}" for i in range(count)], ids, masks)
 
 
 def main(argv=None) -> int:
@@ -86,32 +94,32 @@ def main(argv=None) -> int:
     else:
         if not torch.cuda.is_available():
             raise SystemExit("no CUDA device (use --dry-run on CPU)")
-        device, dtype, model_config = torch.device("cuda"), torch.bfloat16, ex.SMOLLM2_135M_CONFIG
+        device, dtype, model_config = torch.device("cuda"), torch.bfloat16, SMOLLM2_135M_CONFIG
         batch_tokens, pass_tokens, lengths = args.batch_tokens or 32768, args.tokens or 131072, (96, 512)
         workers_list = [int(w) for w in (args.workers or "0,4,8,14").split(",")]
 
     if args.teacher:
-        from kd_pipeline.core import modeling
+        from kd_pipeline.core.models.loading import load_causal_lm
 
-        model = modeling.load_causal_lm(args.teacher, dtype=dtype, device=device)
+        model = load_causal_lm(args.teacher, dtype=dtype, device=device)
         teacher_desc = f"{args.teacher} (real weights)"
     else:
-        model = ex.random_causal_lm(model_config, seed=0, dtype=dtype, device=device)
+        model = random_causal_lm(model_config, seed=0, dtype=dtype, device=device)
         teacher_desc = ("tiny Llama" if args.dry_run else "SmolLM2-135M architecture") + ", random weights"
-    config = ex.ExtractionConfig(k=args.k, batch_tokens=batch_tokens, max_batch_size=512, device=str(device.type),
-                                 dtype=ex.dtype_name(dtype), progress=False)
-    head = ex.TopKHead(model, config.k, 1.0, config.resolved_head_chunk_rows(device))
+    config = ExtractionConfig(k=args.k, batch_tokens=batch_tokens, max_batch_size=512, device=str(device.type),
+                                 dtype=dtype_name(dtype), progress=False)
+    head = TopKHead(model, config.k, 1.0, config.resolved_head_chunk_rows(device))
     mean_len = sum(lengths) / 2
     samples = synthetic_samples(head.vocab_size, max(8, int(pass_tokens / mean_len)), *lengths)
     batches = samples.plan(config)
     inputs = [samples.batch(b) for b in batches]
     tokens = sum(i.tokens for i in inputs)
     trained = sum(len(p) for i in inputs for p in i.positions)
-    head_error = ex.check_head_path(model, head, samples.input_ids(0), device)
+    head_error = check_head_path(model, head, samples.input_ids(0), device)
 
     source = ArtifactSource(teacher_path="gpu_check", teacher_config_sha256="-", teacher_weights_sha256="-",
                             tokenizer_sha256="-", vocab_size=head.vocab_size, k=config.k,
-                            capture_dtype=ex.dtype_name(dtype), capture_temperature=1.0, corpus_fingerprint="synthetic")
+                            capture_dtype=dtype_name(dtype), capture_temperature=1.0, corpus_fingerprint="synthetic")
 
     def sync():
         if device.type == "cuda":
@@ -120,10 +128,10 @@ def main(argv=None) -> int:
     def bare():
         with torch.inference_mode():
             for batch in inputs:
-                ex.bare_forward(model, batch, device)
+                bare_forward(model, batch, device)
 
     def decoder():
-        dec, _ = ex.decoder_and_head(model)
+        dec, _ = decoder_and_head(model)
         with torch.inference_mode():
             for batch in inputs:
                 dec(input_ids=batch.input_ids.to(device), use_cache=False)
@@ -131,7 +139,7 @@ def main(argv=None) -> int:
     def naive():
         with torch.inference_mode():
             for batch in inputs:
-                logits = ex.bare_forward(model, batch, device).float()
+                logits = bare_forward(model, batch, device).float()
                 logprobs = torch.log_softmax(logits, dim=-1)
                 values, ids = logprobs.topk(config.k, dim=-1)
                 target = logprobs[:, :-1].gather(-1, batch.input_ids[:, 1:, None].to(device))
@@ -139,13 +147,13 @@ def main(argv=None) -> int:
 
     def extract(codec_name: str | None, workers: int):
         if codec_name is None:
-            ex.run_batches(model, head, samples, batches, _NullWriter(), device)
+            run_batches(model, head, samples, batches, _NullWriter(), device)
             return
-        codec = ex.ExtractionConfig(codec=codec_name).codec_object()
-        encoder = ex._PrecomputedCodec(codec, workers) if workers else None
+        codec = ExtractionConfig(codec=codec_name).codec_object()
+        encoder = PrecomputedCodec(codec, workers) if workers else None
         with tempfile.TemporaryDirectory() as tmp:
             writer = TopKShardWriter(Path(tmp), source, encoder or codec, resume=False)
-            ex.run_batches(model, head, samples, batches, writer, device, encoder=encoder)
+            run_batches(model, head, samples, batches, writer, device, encoder=encoder)
             writer.close()
         if encoder is not None:
             encoder.shutdown()
@@ -185,7 +193,7 @@ def main(argv=None) -> int:
         machine["gpu"] = torch.cuda.get_device_name()
     result = {
         "check": "gpu_check_extraction", "date": datetime.date.today().isoformat(), "machine": machine,
-        "device": str(device), "dtype": ex.dtype_name(dtype), "teacher": teacher_desc, "k": config.k,
+        "device": str(device), "dtype": dtype_name(dtype), "teacher": teacher_desc, "k": config.k,
         "batch_tokens": batch_tokens, "batches": len(batches), "tokens": tokens, "trained_tokens": trained,
         "head_path_max_abs_error": head_error, "repeats": args.repeats,
         "seconds_min": {k: round(v, 4) for k, v in best.items()},

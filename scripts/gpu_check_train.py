@@ -41,13 +41,9 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "src"))
 
-SMOLLM2_135M_10_LAYERS = {
-    "model_type": "llama", "vocab_size": 49152, "hidden_size": 576, "intermediate_size": 1536,
-    "num_hidden_layers": 10, "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64,
-    "hidden_act": "silu", "max_position_embeddings": 8192, "rms_norm_eps": 1e-5, "rope_theta": 100000.0,
-    "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False,
-    "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
-}
+from kd_pipeline.core.models.configs import SMOLLM2_135M_CONFIG  # noqa: E402
+
+SMOLLM2_135M_10_LAYERS = {**SMOLLM2_135M_CONFIG, "num_hidden_layers": 10}
 TINY = {**SMOLLM2_135M_10_LAYERS, "vocab_size": 512, "hidden_size": 32, "intermediate_size": 64,
         "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8}
 CONFIGS = (("kd_sft", "on"), ("kd_sft", "off"), ("sft_only", "on"), ("sft_only", "off"))
@@ -102,10 +98,11 @@ def run_config(mode: str, liger: str, args) -> dict:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 
-    from kd_pipeline.core import modeling
-    from kd_pipeline.core.distill_data import DistillCollator
     from kd_pipeline.core.losses import KDLossConfig
-    from kd_pipeline.core.training import DistillationTrainer, TrainConfig, _training_arguments
+    from kd_pipeline.core.models.liger import apply_liger_kernels
+    from kd_pipeline.core.training.config import TrainConfig, training_arguments
+    from kd_pipeline.core.training.data import DistillCollator
+    from kd_pipeline.core.training.trainer import DistillationTrainer
 
     cuda = torch.cuda.is_available() and not args.dry_run
     config_dict = dict(TINY if args.dry_run else SMOLLM2_135M_10_LAYERS)
@@ -113,7 +110,7 @@ def run_config(mode: str, liger: str, args) -> dict:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config_dict)).float()
     device = torch.device("cuda" if cuda else "cpu")
-    liger_applied = modeling.apply_liger_kernels(model, liger if cuda else "off", device)
+    liger_applied = apply_liger_kernels(model, liger if cuda else "off", device)
 
     loss = KDLossConfig(kd_loss_weight=1.0, sft_loss_weight=0.5) if mode == "kd_sft" else \
         KDLossConfig(kd_loss_weight=0.0, sft_loss_weight=1.0)
@@ -139,7 +136,7 @@ def run_config(mode: str, liger: str, args) -> dict:
                             lr_scheduler="cosine", warmup=0.1, save_steps=0, eval_steps=0, logging_steps=1,
                             precision="fp32" if not cuda else "bf16", liger="off", disable_tqdm=True,
                             pad_to_multiple_of=8 if cuda else None, seed=0)
-        trainer = DistillationTrainer(model=model, args=_training_arguments(train, Path(tmp), False, []),
+        trainer = DistillationTrainer(model=model, args=training_arguments(train, Path(tmp), False, []),
                                       train_dataset=dataset, data_collator=DistillCollator(2, train.pad_to_multiple_of),
                                       loss_config=loss, reduction="token", callbacks=[clock])
         if cuda:

@@ -35,7 +35,7 @@ def teacher_chat_template(teacher_dir: Path | None) -> str:
     if teacher_dir is not None:
         tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     else:
-        from kd_pipeline.core.modeling import embedded_gguf_path
+        from kd_pipeline.core.models.teacher import embedded_gguf_path
 
         gguf_path = embedded_gguf_path()
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)

@@ -23,12 +23,14 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from kd_pipeline.core import modeling  # noqa: E402
 from kd_pipeline.core.corpus import TokenizedCorpus  # noqa: E402
-from kd_pipeline.core.evaluation import EvalConfig, evaluate_student  # noqa: E402
+from kd_pipeline.core.evaluation.metrics import EvalConfig, evaluate_student  # noqa: E402
 from kd_pipeline.core.losses import KDLossConfig  # noqa: E402
+from kd_pipeline.core.models.loading import load_causal_lm  # noqa: E402
+from kd_pipeline.core.models.student import StudentInit  # noqa: E402
 from kd_pipeline.core.topk_store import TopKReader  # noqa: E402
-from kd_pipeline.core.training import TrainConfig, train_student  # noqa: E402
+from kd_pipeline.core.training.config import TrainConfig  # noqa: E402
+from kd_pipeline.core.training.run import train_student  # noqa: E402
 
 HELD_OUT = "eval_sft"  # held-out cross-entropy on the validation split's trained tokens
 
@@ -44,13 +46,13 @@ def run_arm(name, seed, params, args, corpus, reader):
     out = Path(args.workdir) / f"{name}-seed{seed}"
     started = time.time()
     summary = train_student(
-        teacher_dir=args.teacher, corpus=corpus, student_init=modeling.StudentInit.from_params(args.student_init or params["student_init"]),
+        teacher_dir=args.teacher, corpus=corpus, student_init=StudentInit.from_params(args.student_init or params["student_init"]),
         loss=KDLossConfig.from_dict(loss), train=TrainConfig.from_dict(trainer), output_dir=out,
         topk_dir=args.artifact if name == "kd_sft" else None, k=params.get("k"),
         checkpoint_dir=Path(args.workdir) / f"{name}-seed{seed}_checkpoints",
     )
     curve = [(row["step"], row[HELD_OUT]) for row in summary["log_history"] if HELD_OUT in row]
-    model = modeling.load_causal_lm(out)
+    model = load_causal_lm(out)
     metrics = evaluate_student(model, corpus.split("validation"), reader, EvalConfig())
     return {"arm": name, "seed": seed, "curve": curve, "metrics": metrics, "seconds": time.time() - started}
 

@@ -9,11 +9,13 @@ import pytest
 import yaml
 
 from kd_pipeline.core.corpus import CorpusConfig
-from kd_pipeline.core.evaluation import EvalConfig, GenerationConfig
-from kd_pipeline.core.extraction import ExtractionConfig
+from kd_pipeline.core.evaluation.generation import GenerationConfig
+from kd_pipeline.core.evaluation.metrics import EvalConfig
+from kd_pipeline.core.extraction.config import ExtractionConfig
 from kd_pipeline.core.losses import KDLossConfig
-from kd_pipeline.core.modeling import StudentInit, TeacherSource, select_layers
-from kd_pipeline.core.training import TrainConfig
+from kd_pipeline.core.models.student import StudentInit, select_layers
+from kd_pipeline.core.models.teacher import TeacherSource
+from kd_pipeline.core.training.config import TrainConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 

@@ -83,7 +83,7 @@ def test_dvc_yaml_declares_the_four_stages_in_order():
 
 
 def test_evaluate_run_tags_trace_the_artifact(tmp_path, monkeypatch):
-    from kd_pipeline.pipelines.evaluate.nodes import artifact_tags, dvc_experiment_tags, run_label
+    from kd_pipeline.tracking import artifact_tags, dvc_experiment_tags, run_label
 
     artifact = tmp_path / "data" / "04_feature" / "teacher_topk"
     artifact.mkdir(parents=True)
@@ -114,11 +114,11 @@ def test_plots_overlay_kd_and_sft_only_once_both_ran(tmp_path, monkeypatch):
     monkeypatch.setenv("DVC_EXP_NAME", "exp-a")
     summary = {"log_history": [{"step": 1, "loss": 2.0, "sft": 3.0}, {"step": 1, "eval_loss": 2.1, "eval_sft": 3.1}]}
     plots = root / "data" / "plots"
-    written = plot_training_curves(summary, {"loss": {"kd_loss_weight": 1.0}}, {"history_dir": "hist"})(plots)
-    assert [p.name for p in written] == ["training_curves.png"]
+    plot_training_curves(summary, {"loss": {"kd_loss_weight": 1.0}}, {"history_dir": "hist"})(plots)
+    assert [p.name for p in sorted(plots.glob("*.png"))] == ["training_curves.png"]
     monkeypatch.setenv("DVC_EXP_NAME", "exp-b")
-    written = plot_training_curves(summary, {"loss": {"kd_loss_weight": 0}}, {"history_dir": "hist"})(plots)
-    assert [p.name for p in written] == ["kd_vs_sft.png", "training_curves.png"]
+    plot_training_curves(summary, {"loss": {"kd_loss_weight": 0}}, {"history_dir": "hist"})(plots)
+    assert [p.name for p in sorted(plots.glob("*.png"))] == ["kd_vs_sft.png", "training_curves.png"]
     assert sorted(p.name for p in (root / "hist").iterdir()) == ["kd_sft.json", "sft_only.json"]
     assert json.loads((root / "hist" / "kd_sft.json").read_text())["dvc_exp_name"] == "exp-a"
     assert (plots / "held_out_loss.csv").read_text() == "step,held_out_loss\n1,3.1\n"

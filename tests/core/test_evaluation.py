@@ -13,21 +13,10 @@ import pyarrow as pa
 import pytest
 import torch
 
-from kd_pipeline.core.distill_data import PositionMismatchError
-from kd_pipeline.core.evaluation import (
-    STUDENT_METRICS,
-    TEACHER_METRICS,
-    EvalConfig,
-    GenerationConfig,
-    chat_prompt_ids,
-    curves,
-    evaluate_student,
-    format_generations,
-    generate_greedy,
-    held_out_loss_key,
-    plot_loss_curves,
-    train_loss_key,
-)
+from kd_pipeline.core.batching import PositionMismatchError
+from kd_pipeline.core.evaluation.generation import GenerationConfig, chat_prompt_ids, format_generations, generate_greedy
+from kd_pipeline.core.evaluation.metrics import STUDENT_METRICS, TEACHER_METRICS, EvalConfig, evaluate_student
+from kd_pipeline.core.plots import curves, held_out_loss_key, plot_loss_curves, train_loss_key
 from kd_pipeline.core.tiny import tiny_llama_config
 
 K = 8

@@ -17,18 +17,17 @@ import numpy as np
 import pytest
 import torch
 
-from kd_pipeline.core import modeling
 from kd_pipeline.core.atomic import sha256_file
 from kd_pipeline.core.corpus import CorpusConfig, TokenizedCorpus, build_corpus
 from kd_pipeline.core.corpus_sources import source_rows
-from kd_pipeline.core.extraction import (
-    ExtractionConfig,
-    TeacherCorpusMismatchError,
-    extract_teacher_topk,
-    last_runs,
-    plan_batches,
-    rank_share,
-)
+from kd_pipeline.core.extraction.compat import TeacherCorpusMismatchError
+from kd_pipeline.core.extraction.config import ExtractionConfig
+from kd_pipeline.core.extraction.plan import plan_batches, rank_share
+from kd_pipeline.core.extraction.report import last_runs
+from kd_pipeline.core.extraction.run import extract_teacher_topk
+from kd_pipeline.core.models.identity import tokenizer_hash
+from kd_pipeline.core.models.loading import load_causal_lm, load_tokenizer
+from kd_pipeline.core.models.teacher import TeacherSource, prepare_teacher
 from kd_pipeline.core.topk_store import MANIFEST_NAME, Manifest, ShardCorruptError, TopKReader
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -67,15 +66,15 @@ def _shard_hashes(directory: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("teacher") / "teacher"
-    modeling.prepare_teacher(modeling.TeacherSource(kind="random_init", tokenizer_path=str(TINY_TOKENIZER_DIR), seed=0), out)
+    prepare_teacher(TeacherSource(kind="random_init", tokenizer_path=str(TINY_TOKENIZER_DIR), seed=0), out)
     return out
 
 
 @pytest.fixture(scope="module")
 def corpus_dir(tmp_path_factory, teacher_dir) -> Path:
-    tokenizer = modeling.load_tokenizer(teacher_dir)
+    tokenizer = load_tokenizer(teacher_dir)
     rows = source_rows({"kind": "kjv_chat", "num_passages": 40, "verses_per_passage": 3, "prompt_verses": 1, "seed": 0})
-    corpus = build_corpus(rows, tokenizer, modeling.tokenizer_hash(tokenizer),
+    corpus = build_corpus(rows, tokenizer, tokenizer_hash(tokenizer),
                           CorpusConfig(max_length=160, validation_fraction=0.25))
     out = tmp_path_factory.mktemp("corpus") / "corpus"
     corpus.save(out)
@@ -113,7 +112,7 @@ def test_rows_describe_the_next_token_like_a_naive_full_forward(teacher_dir, cor
     """Row i of a sample = teacher distribution at position p_i for token input_ids[p_i + 1],
     compared with log_softmax of a float64 full forward of the same model."""
     corpus = TokenizedCorpus.load(corpus_dir)
-    model = modeling.load_causal_lm(teacher_dir).double()
+    model = load_causal_lm(teacher_dir).double()
     stored = _all_samples(TopKReader(reference))
     checked = 0
     for record in corpus.samples.to_pylist()[:12]:

@@ -3,6 +3,7 @@ manifest refusal, NaN stop, SFT-only path, resume after SIGKILL and 2-process DD
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -18,26 +19,24 @@ import pytest
 import yaml
 import torch
 
-from kd_pipeline.core import modeling
 from kd_pipeline.core.corpus import SAMPLES_SCHEMA, TokenizedCorpus, corpus_fingerprint
-from kd_pipeline.core.distill_data import DistillCollator, DistillDataset, flat_labels, trained_positions
+from kd_pipeline.core.batching import trained_positions
 from kd_pipeline.core.losses import KDLossConfig, fused_topk_kd_loss
 from kd_pipeline.core.tiny import TINY_VOCAB_SIZE
-from kd_pipeline.core.training import (
-    SUMMARY_FILE,
-    ArtifactMismatchError,
-    DistillationTrainer,
-    NonFiniteLossError,
-    TrainConfig,
-    _training_arguments,
-    check_artifact_compatibility,
-    train_student,
-)
+from kd_pipeline.core.models.identity import tokenizer_hash as hash_tokenizer
+from kd_pipeline.core.models.loading import load_tokenizer
+from kd_pipeline.core.models.student import StudentInit, init_student
+from kd_pipeline.core.models.teacher import TeacherSource, prepare_teacher
+from kd_pipeline.core.topk_store import ArtifactMismatchError, ArtifactSource, Manifest, check_artifact_compatibility
+from kd_pipeline.core.training.config import TrainConfig, training_arguments
+from kd_pipeline.core.training.data import DistillCollator, DistillDataset, flat_labels
+from kd_pipeline.core.training.run import SUMMARY_FILE, train_student
+from kd_pipeline.core.training.trainer import DistillationTrainer, NonFiniteLossError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TINY_TOKENIZER_DIR = PROJECT_ROOT / "tests" / "fixtures" / "tiny_tokenizer"
 K = 8
-STUDENT = modeling.StudentInit(method="prune_teacher", num_layers=2)
+STUDENT = StudentInit(method="prune_teacher", num_layers=2)
 LOSS = KDLossConfig(kd_loss_weight=1.0, sft_loss_weight=0.5)
 
 
@@ -46,8 +45,8 @@ LOSS = KDLossConfig(kd_loss_weight=1.0, sft_loss_weight=0.5)
 
 
 def make_teacher(directory: Path) -> Path:
-    source = modeling.TeacherSource(kind="random_init", tokenizer_path=str(TINY_TOKENIZER_DIR), seed=0)
-    modeling.prepare_teacher(source, directory)
+    source = TeacherSource(kind="random_init", tokenizer_path=str(TINY_TOKENIZER_DIR), seed=0)
+    prepare_teacher(source, directory)
     return directory
 
 
@@ -72,13 +71,21 @@ def make_corpus(tokenizer_hash: str, n: int = 28, seed: int = 0) -> TokenizedCor
     return TokenizedCorpus(samples, meta)
 
 
+def fake_manifest(corpus_fingerprint: str, tokenizer_sha256: str, vocab_size: int, k: int) -> Manifest:
+    """The manifest of a synthetic artifact with these contract fields (and no shards)."""
+    source = ArtifactSource(
+        teacher_path="synthetic", teacher_config_sha256="0" * 64, teacher_weights_sha256="0" * 64,
+        tokenizer_sha256=tokenizer_sha256, vocab_size=vocab_size, k=k, capture_dtype="float32",
+        capture_temperature=1.0, corpus_fingerprint=corpus_fingerprint)
+    return Manifest.create(source, "raw", {}, shard_tokens=200, samples_per_row_group=4, world_size=1)
+
+
 class FakeTargets:
     """Dict-backed stand-in for TopKReader: per-sample teacher distributions in which the actual
     next token is the top-1 (so a batch can be checked row by row), full-vocab log-probs."""
 
     def __init__(self, corpus: TokenizedCorpus, tokenizer_hash: str, k: int = K):
-        self.manifest = {"corpus_fingerprint": corpus.fingerprint, "tokenizer_sha256": tokenizer_hash,
-                         "vocab_size": TINY_VOCAB_SIZE, "k": k}
+        self.manifest = fake_manifest(corpus.fingerprint, tokenizer_hash, TINY_VOCAB_SIZE, k)
         self.data = {}
         for row in corpus.samples.to_pylist():
             ids, positions = np.asarray(row["input_ids"]), trained_positions(row["loss_mask"])
@@ -95,13 +102,11 @@ class FakeTargets:
 
     def write_artifact(self, directory: Path, corpus_fingerprint: str | None = None) -> Path:
         """The same rows as a real artifact (exact `raw` codec), readable by TopKReader."""
-        from kd_pipeline.core.topk_store import ArtifactSource, RawCodec, TopKShardWriter
+        from kd_pipeline.core.topk_store import RawCodec, TopKShardWriter
 
-        source = ArtifactSource(
-            teacher_path="synthetic", teacher_config_sha256="0" * 64, teacher_weights_sha256="0" * 64,
-            tokenizer_sha256=self.manifest["tokenizer_sha256"], vocab_size=self.manifest["vocab_size"],
-            k=self.manifest["k"], capture_dtype="float32", capture_temperature=1.0,
-            corpus_fingerprint=corpus_fingerprint or self.manifest["corpus_fingerprint"])
+        source = self.manifest.source
+        if corpus_fingerprint is not None:
+            source = dataclasses.replace(source, corpus_fingerprint=corpus_fingerprint)
         with TopKShardWriter(directory, source, RawCodec(), shard_tokens=200, samples_per_row_group=4) as writer:
             for sample_id, record in self.data.items():
                 writer.add(sample_id, record["positions"], record["topk_ids"], record["topk_logprobs"],
@@ -110,8 +115,8 @@ class FakeTargets:
 
 
 def build_fixture(teacher_dir: Path):
-    tokenizer = modeling.load_tokenizer(teacher_dir)
-    tokenizer_hash = modeling.tokenizer_hash(tokenizer)
+    tokenizer = load_tokenizer(teacher_dir)
+    tokenizer_hash = hash_tokenizer(tokenizer)
     corpus = make_corpus(tokenizer_hash)
     return corpus, FakeTargets(corpus, tokenizer_hash), tokenizer_hash
 
@@ -148,10 +153,10 @@ def one_thread():
 
 
 def make_trainer(teacher_dir, corpus, targets, tmp_path, reduction="token", **config):
-    model, tokenizer = modeling.init_student(STUDENT, teacher_dir)
+    model, tokenizer = init_student(STUDENT, teacher_dir)
     train = quick_config(reduction=reduction, **config)
     trainer = DistillationTrainer(
-        model=model, args=_training_arguments(train, tmp_path / "ckpt", False, []),
+        model=model, args=training_arguments(train, tmp_path / "ckpt", False, []),
         train_dataset=DistillDataset(corpus.split("train"), targets, K),
         data_collator=DistillCollator(tokenizer.pad_token_id), loss_config=LOSS, reduction=reduction,
     )
@@ -188,18 +193,18 @@ def test_train_config_refuses_unknown_and_bad_values():
     ("corpus_fingerprint", "0" * 64), ("tokenizer_sha256", "f" * 64), ("vocab_size", 1024),
 ])
 def test_manifest_mismatch_names_the_field(field, value):
-    good = {"corpus_fingerprint": "c" * 64, "tokenizer_sha256": "t" * 64, "vocab_size": 512, "k": 8}
-    expected = dict(corpus_fingerprint="c" * 64, tokenizer_hash="t" * 64, vocab_size=512, k=None)
-    assert check_artifact_compatibility(good, **expected) == 8
+    good = {"corpus_fingerprint": "c" * 64, "tokenizer_sha256": "t" * 64, "vocab_size": 2048, "k": 8}
+    expected = dict(corpus_fingerprint="c" * 64, tokenizer_hash="t" * 64, vocab_size=2048, k=None)
+    assert check_artifact_compatibility(fake_manifest(**good), **expected) == 8
     with pytest.raises(ArtifactMismatchError, match=f"field '{field}'"):
-        check_artifact_compatibility({**good, field: value}, **expected)
+        check_artifact_compatibility(fake_manifest(**{**good, field: value}), **expected)
 
 
 def test_manifest_k_must_cover_the_run():
-    manifest = {"corpus_fingerprint": "c", "tokenizer_sha256": "t", "vocab_size": 5, "k": 8}
-    assert check_artifact_compatibility(manifest, corpus_fingerprint="c", tokenizer_hash="t", vocab_size=5, k=4) == 4
+    manifest = fake_manifest("c", "t", 16, 8)
+    assert check_artifact_compatibility(manifest, corpus_fingerprint="c", tokenizer_hash="t", vocab_size=16, k=4) == 4
     with pytest.raises(ArtifactMismatchError, match="field 'k'"):
-        check_artifact_compatibility(manifest, corpus_fingerprint="c", tokenizer_hash="t", vocab_size=5, k=16)
+        check_artifact_compatibility(manifest, corpus_fingerprint="c", tokenizer_hash="t", vocab_size=16, k=16)
 
 
 def test_mismatched_artifact_stops_before_the_first_step(teacher_dir, fixture, tmp_path, monkeypatch):
@@ -369,7 +374,7 @@ def test_nan_loss_stops_with_step_and_sample_ids(teacher_dir, fixture, tmp_path,
 
 
 def test_checkpoints_of_a_different_run_are_discarded(tmp_path):
-    from kd_pipeline.core.training import _prepare_checkpoint_dir, last_complete_checkpoint
+    from kd_pipeline.core.training.checkpoints import last_complete_checkpoint, prepare_checkpoint_dir
 
     directory = tmp_path / "student_checkpoints"
     for step, complete in ((2, True), (4, True), (6, False)):  # checkpoint-6 was cut by a kill
@@ -378,13 +383,13 @@ def test_checkpoints_of_a_different_run_are_discarded(tmp_path):
             (directory / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
     assert last_complete_checkpoint(directory) == directory / "checkpoint-4"
     first = {"loss": {"kd_loss_weight": 1.0}, "train": {"learning_rate": 1e-3}}
-    assert _prepare_checkpoint_dir(directory, first, resume=True, is_main=True) is None  # no record: not ours
+    assert prepare_checkpoint_dir(directory, first, resume=True, is_main=True) is None  # no record: not ours
     assert not list(directory.glob("checkpoint-*"))
     (directory / "checkpoint-2").mkdir()
     (directory / "checkpoint-2" / "trainer_state.json").write_text("{}")
-    assert _prepare_checkpoint_dir(directory, first, resume=True, is_main=True) == directory / "checkpoint-2"
+    assert prepare_checkpoint_dir(directory, first, resume=True, is_main=True) == directory / "checkpoint-2"
     changed = {**first, "train": {"learning_rate": 2e-3}}
-    assert _prepare_checkpoint_dir(directory, changed, resume=True, is_main=True) is None
+    assert prepare_checkpoint_dir(directory, changed, resume=True, is_main=True) is None
     assert not (directory / "checkpoint-2").exists()
 
 
@@ -510,8 +515,6 @@ def test_two_process_ddp_matches_one_process(teacher_dir, tmp_path):
 
 
 def test_liger_accepts_yaml_booleans_and_rejects_unknown_modes():
-    from kd_pipeline.core.training import TrainConfig
-
     assert TrainConfig(liger=False).liger == "off"
     assert TrainConfig(liger=True).liger == "on"
     with pytest.raises(ValueError, match="liger"):

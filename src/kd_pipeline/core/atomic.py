@@ -51,11 +51,19 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
+def sha256_update_file(digest, path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> int:
+    """Feed a file to `digest` in chunks; returns its size."""
+    size = 0
     with open(path, "rb") as handle:
         while chunk := handle.read(chunk_bytes):
             digest.update(chunk)
+            size += len(chunk)
+    return size
+
+
+def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    sha256_update_file(digest, path, chunk_bytes)
     return digest.hexdigest()
 
 
@@ -74,3 +82,19 @@ def replace_dir(new_dir: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(new_dir, target)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temp folder beside `target` to fill; on success it replaces `target`
+    (`replace_dir`), on failure it is removed and `target` is left as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path_for(target)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        replace_dir(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

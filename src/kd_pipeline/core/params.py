@@ -21,3 +21,17 @@ def dataclass_from_params(cls, params: Mapping[str, Any] | None, what: str, mess
     if unknown:
         raise ValueError(message.format(what=what, unknown=unknown, known=known))
     return cls(**params)
+
+
+def check_unused_fields(obj, used: set[str], selector: str, what: str) -> None:
+    """Refuse fields that the chosen kind/method ignores, so a misplaced setting is not lost."""
+    defaults = {f.name: f.default for f in fields(obj)}
+    stray = sorted(
+        name for name, default in defaults.items()
+        if name not in used and name != selector and getattr(obj, name) != default
+    )
+    if stray:
+        raise ValueError(
+            f"{what} {selector} {getattr(obj, selector)!r} does not use parameter(s) {stray}; "
+            f"it uses {sorted(used) or 'none'}"
+        )

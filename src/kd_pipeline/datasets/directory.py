@@ -1,6 +1,7 @@
 """A catalog entry for a directory that a core writer fills in place (model folders, the
-top-k artifact): writing is incremental and resumable, so it cannot be a value handed to
-`save`. The node returns a writer callable; `save` calls it with the directory."""
+top-k artifact, plots): writing is incremental and resumable, so it cannot be a value handed
+to `save`. The node returns a writer `write(directory) -> None`; `save` calls it with the
+catalog's directory, and whatever the next node needs is read back from that directory."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any, Callable
 from kedro.io import AbstractDataset, DatasetError
 
 
-class DirectoryDataset(AbstractDataset[Path, Callable[[Path], Any]]):
+class DirectoryDataset(AbstractDataset[Path, Callable[[Path], None]]):
     """`load()` -> the directory's Path (it must hold `marker`); `save(write)` -> `write(path)`.
 
     Args:
@@ -30,7 +31,7 @@ class DirectoryDataset(AbstractDataset[Path, Callable[[Path], Any]]):
             )
         return self._path
 
-    def save(self, data: Callable[[Path], Any]) -> None:
+    def save(self, data: Callable[[Path], None]) -> None:
         if not callable(data):
             raise DatasetError(f"DirectoryDataset({self._path}) expects a writer callable, got {type(data).__name__}")
         data(self._path)

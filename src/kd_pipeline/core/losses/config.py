@@ -40,10 +40,8 @@ from typing import Any, Mapping, NamedTuple
 
 import torch
 
+from kd_pipeline.core.batching import IGNORE_INDEX  # noqa: F401 (re-exported: the loss takes HF labels)
 from kd_pipeline.core.params import KEY_MESSAGE, dataclass_from_params
-
-IGNORE_INDEX = -100
-"""Label value whose SFT term is 0 (the Hugging Face / Megatron convention)."""
 
 KD_LOSSES = ("fwd_kl", "bwd_kl", "jsd")
 TOPK_NORMALIZATIONS = ("renormalize", "tail_bucket")

@@ -18,11 +18,14 @@ from kd_pipeline.core.topk_store.codec import (
 from kd_pipeline.core.topk_store.manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
+    ArtifactMismatchError,
     ArtifactSource,
     Manifest,
     ManifestMismatchError,
     ShardInfo,
     TopKStoreError,
+    check_artifact_compatibility,
+    manifest_sha256,
 )
 from kd_pipeline.core.topk_store.reader import (
     MissingSampleError,
@@ -40,6 +43,7 @@ __all__ = [
     "DEFAULT_CODEC",
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
+    "ArtifactMismatchError",
     "ArtifactSource",
     "LogQuantZstdCodec",
     "Manifest",
@@ -55,7 +59,9 @@ __all__ = [
     "TopKSample",
     "TopKShardWriter",
     "TopKStoreError",
+    "check_artifact_compatibility",
     "get_codec",
+    "manifest_sha256",
     "merge_manifests",
     "register_codec",
 ]

@@ -17,16 +17,21 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from kd_pipeline.core.atomic import sha256_file
+
 __all__ = [
     "COVERAGE_BINS",
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
+    "ArtifactMismatchError",
     "ArtifactSource",
     "Manifest",
     "ManifestMismatchError",
     "ShardInfo",
     "TopKStoreError",
+    "check_artifact_compatibility",
     "coverage_histogram",
+    "manifest_sha256",
 ]
 
 SCHEMA_VERSION = 1
@@ -43,6 +48,10 @@ class TopKStoreError(ValueError):
 
 class ManifestMismatchError(TopKStoreError):
     """A manifest field differs from what the caller (trainer, resumed writer, other rank) expects."""
+
+
+class ArtifactMismatchError(ManifestMismatchError):
+    """The top-k artifact was not made for this corpus / student tokenizer / vocabulary / k."""
 
 
 @dataclass(frozen=True)
@@ -300,3 +309,52 @@ def _same(actual: Any, wanted: Any) -> bool:
         except (TypeError, ValueError):
             return False
     return actual == wanted
+
+
+def manifest_sha256(directory: str | os.PathLike) -> str | None:
+    """sha256 of an artifact's `manifest.json` (its identity: every shard's sha256 is inside), or
+    None when the directory has none."""
+    path = Path(directory) / MANIFEST_NAME
+    return sha256_file(path) if path.is_file() else None
+
+
+def check_artifact_compatibility(manifest: Manifest, *, corpus_fingerprint: str, vocab_size: int,
+                                 tokenizer_hash: str | None = None, k: int | None = None) -> int:
+    """Refuse a top-k artifact made for another corpus, tokenizer, vocabulary or a smaller k: the
+    check every consumer of an artifact (training, evaluation) runs, through `check_compatible`.
+
+    Args:
+        manifest: the artifact's manifest (`TopKReader.manifest`).
+        corpus_fingerprint: `TokenizedCorpus.fingerprint` of the corpus the consumer reads.
+        vocab_size: rows of the student's lm_head.
+        tokenizer_hash: `models.identity.tokenizer_hash` of the student's tokenizer (None: not checked).
+        k: top-k columns the consumer uses (None: all of the artifact's).
+
+    Returns:
+        The k to use.
+
+    Raises:
+        ArtifactMismatchError: naming the first mismatching manifest field.
+    """
+    checks = (
+        ("corpus_fingerprint", corpus_fingerprint, "the tokenized corpus"),
+        ("tokenizer_sha256", tokenizer_hash, "the student tokenizer"),
+        ("vocab_size", vocab_size, "the student lm_head"),
+    )
+    for name, expected, holder in checks:
+        if expected is None:
+            continue
+        try:
+            manifest.check_compatible({name: expected}, against=holder)
+        except ManifestMismatchError as error:
+            raise ArtifactMismatchError(
+                f"top-k artifact {error}: the artifact was made for another corpus or teacher; "
+                "re-run `kedro run --pipelines teacher_logits`"
+            ) from None
+    stored_k = manifest.source.k
+    if k is not None and not 1 <= k <= stored_k:
+        raise ArtifactMismatchError(
+            f"top-k artifact manifest field 'k' is {stored_k} but the run asks for k={k}: use a k between 1 "
+            "and the artifact's, or regenerate the artifact with a larger k"
+        )
+    return int(stored_k if k is None else k)

@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
+from typing import Callable
 
-from kd_pipeline.core import modeling
 from kd_pipeline.core.corpus import CorpusConfig, TokenizedCorpus, build_corpus
 from kd_pipeline.core.corpus_sources import source_rows
+from kd_pipeline.core.models.identity import tokenizer_hash
+from kd_pipeline.core.models.loading import load_tokenizer
+from kd_pipeline.core.models.teacher import TeacherSource, prepare_teacher
 
 
-def prepare_teacher_model(teacher: dict):
-    """The teacher as a plain HF folder (converted once from GGUF for the embedded default)."""
-    source = modeling.TeacherSource.from_params(teacher)
-    return functools.partial(modeling.prepare_teacher, source)
+def prepare_teacher_model(teacher: dict) -> Callable[[Path], None]:
+    """The writer of the teacher folder that `DirectoryDataset.save` runs (a plain HF folder,
+    converted once from GGUF for the embedded default; reused when its source is unchanged)."""
+    source = TeacherSource.from_params(teacher)
+
+    def write_teacher(directory: Path) -> None:
+        prepare_teacher(source, directory)
+
+    return write_teacher
 
 
 def tokenize_corpus(teacher_model: Path, params: dict) -> tuple[TokenizedCorpus, dict]:
     """Rows from the configured source -> tokenized samples with loss masks, ids and split."""
     settings = {key: value for key, value in params.items() if key not in ("source", "teacher")}
-    tokenizer = modeling.load_tokenizer(teacher_model)
-    corpus = build_corpus(source_rows(params["source"]), tokenizer, modeling.tokenizer_hash(tokenizer),
+    tokenizer = load_tokenizer(teacher_model)
+    corpus = build_corpus(source_rows(params["source"]), tokenizer, tokenizer_hash(tokenizer),
                           CorpusConfig.from_params(settings))
     return corpus, {"fingerprint": corpus.fingerprint, **corpus.meta["stats"], **corpus.meta["report"]}

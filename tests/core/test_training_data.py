@@ -10,15 +10,8 @@ import pytest
 import torch
 
 from kd_pipeline.core.corpus import SAMPLES_SCHEMA
-from kd_pipeline.core.distill_data import (
-    IGNORE_INDEX,
-    DistillCollator,
-    DistillDataset,
-    MissingTargetsError,
-    PositionMismatchError,
-    flat_labels,
-    trained_positions,
-)
+from kd_pipeline.core.batching import IGNORE_INDEX, MissingTargetsError, PositionMismatchError, trained_positions
+from kd_pipeline.core.training.data import DistillCollator, DistillDataset, flat_labels
 
 VOCAB = 50
 PAD = 0

@@ -21,20 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd_pipeline.core import modeling
-from kd_pipeline.core.modeling import (
-    StudentInit,
-    TeacherSource,
-    apply_liger_kernels,
-    evenly_spaced_layers,
-    init_student,
-    load_causal_lm,
-    load_tokenizer,
-    model_identity,
-    prepare_teacher,
-    select_layers,
-    tokenizer_hash,
-)
+from kd_pipeline.core.atomic import sha256_file
+from kd_pipeline.core.models.identity import model_identity, tokenizer_hash
+from kd_pipeline.core.models.liger import apply_liger_kernels
+from kd_pipeline.core.models.loading import load_causal_lm, load_tokenizer
+from kd_pipeline.core.models.student import StudentInit, evenly_spaced_layers, init_student, select_layers
+from kd_pipeline.core.models.teacher import TEACHER_SOURCE_FILE, TeacherSource, embedded_gguf_path, prepare_teacher
 from kd_pipeline.core.tiny import (
     CHATML_SPECIAL_TOKENS,
     TINY_LLAMA_CONFIG,
@@ -208,7 +200,7 @@ def test_bad_layer_selection_is_refused_clearly(kwargs, message):
 
 
 def test_random_init_teacher_folder_is_complete_and_reloads(tiny_teacher_dir, tiny_teacher):
-    record = json.loads((tiny_teacher_dir / modeling.TEACHER_SOURCE_FILE).read_text())
+    record = json.loads((tiny_teacher_dir / TEACHER_SOURCE_FILE).read_text())
     assert record["identity"]["kind"] == "random_init"
     assert record["num_layers"] == 4 and record["vocab_size"] == TINY_VOCAB_SIZE
     assert record["num_parameters"] == sum(p.numel() for p in tiny_teacher.parameters())
@@ -259,7 +251,7 @@ def test_random_init_vocab_must_match_tokenizer(tmp_path):
 def test_hf_folder_teacher_is_hardlinked_and_identified_by_content(tmp_path, tiny_teacher_dir):
     source_dir = tmp_path / "my_teacher"
     shutil.copytree(tiny_teacher_dir, source_dir)
-    (source_dir / modeling.TEACHER_SOURCE_FILE).unlink()
+    (source_dir / TEACHER_SOURCE_FILE).unlink()
     (source_dir / "generation_config.json").unlink()  # recreated from the config
     (source_dir / "README.md").write_text("not copied")
     params = {"kind": "hf_folder", "path": str(source_dir)}
@@ -404,7 +396,7 @@ def test_gguf_conversion_reproduces_the_model_and_tokenizer(tmp_path, tied):
 
     out_dir = tmp_path / "teacher"
     record = prepare_teacher(TeacherSource.from_params({"kind": "gguf_file", "path": str(gguf_path)}), out_dir)
-    assert record["identity"]["gguf_sha256"] == modeling.sha256_file(gguf_path)
+    assert record["identity"]["gguf_sha256"] == sha256_file(gguf_path)
     assert not (out_dir / "config.json").read_text().count("quantization_config")
 
     converted = load_causal_lm(out_dir)
@@ -600,9 +592,9 @@ def test_liger_on_without_cuda_is_an_error(tiny_teacher):
 
 
 def test_liger_auto_on_cpu_is_off_with_one_info_line(tiny_teacher, caplog):
-    with caplog.at_level(logging.INFO, logger="kd_pipeline.core.modeling"):
+    with caplog.at_level(logging.INFO, logger="kd_pipeline.core.models.liger"):
         assert apply_liger_kernels(tiny_teacher, "auto", "cpu") is False
-    lines = [record for record in caplog.records if record.name == "kd_pipeline.core.modeling"]
+    lines = [record for record in caplog.records if record.name == "kd_pipeline.core.models.liger"]
     assert len(lines) == 1 and lines[0].levelno == logging.INFO and "liger: off" in lines[0].getMessage()
     assert apply_liger_kernels(tiny_teacher, "off", "cpu") is False
 
@@ -643,7 +635,7 @@ def test_liger_unsupported_architecture_errors_when_on_and_skips_when_auto(fake_
     expected = "liger: no Liger kernels for architecture 'mystery'; supported: ['llama']"
     with pytest.raises(ValueError, match=re.escape(expected)):
         apply_liger_kernels(model, "on", "cuda")
-    with caplog.at_level(logging.INFO, logger="kd_pipeline.core.modeling"):
+    with caplog.at_level(logging.INFO, logger="kd_pipeline.core.models.liger"):
         assert apply_liger_kernels(model, "auto", "cuda") is False
     assert "no Liger kernels for architecture 'mystery'" in caplog.text
     assert not fake_cuda_liger
@@ -670,7 +662,7 @@ def real_teacher_dir(tmp_path_factory) -> Path:
     """The embedded SmolLM2 teacher converted once per test session (~30-50 s on 2 cores)."""
     pytest.importorskip("gguf")
     try:
-        modeling.embedded_gguf_path()
+        embedded_gguf_path()
     except (ModuleNotFoundError, FileNotFoundError) as error:
         pytest.skip(str(error))
     out_dir = tmp_path_factory.mktemp("real_teacher") / "teacher"
@@ -680,7 +672,7 @@ def real_teacher_dir(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_real_embedded_teacher_converts_and_reloads(real_teacher_dir):
-    record = json.loads((real_teacher_dir / modeling.TEACHER_SOURCE_FILE).read_text())
+    record = json.loads((real_teacher_dir / TEACHER_SOURCE_FILE).read_text())
     assert record["identity"]["kind"] == "embedded_gguf" and len(record["identity"]["gguf_sha256"]) == 64
     assert record["num_parameters"] == 134_515_008
 

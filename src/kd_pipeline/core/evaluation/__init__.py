@@ -1,0 +1,1 @@
+"""Evaluation of a student: held-out metrics against the teacher artifact (`metrics`) and greedy generations (`generation`)."""

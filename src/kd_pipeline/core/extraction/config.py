@@ -1,0 +1,120 @@
+"""Settings of the teacher pass (parameters `teacher_logits`)."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+import torch
+
+from kd_pipeline.core.devices import DTYPES, is_device_spec, resolve_device, resolve_dtype
+from kd_pipeline.core.params import dataclass_from_params
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """How the teacher pass runs (parameters `teacher_logits`).
+
+    Attributes:
+        k: Top-k entries stored per trained token.
+        codec: Artifact codec: `logquant_zstd` (the compact default; `compact` is an alias)
+            or `raw` (exact reference), see `core.topk_store`.
+        codec_settings: Codec options (e.g. `{step: 0.08}`), passed to the codec as given.
+        batch_tokens: Budget of padded tokens per batch (batch size x longest sample).
+        max_batch_size: Upper bound on samples per batch.
+        shard_trained_tokens: Target trained tokens per shard file.
+        dtype: `auto` (bfloat16 on CUDA, float32 on CPU), `float32`, `bfloat16` or `float16`.
+        temperature: Capture temperature: logits are divided by it before normalization.
+        device: `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
+        head_chunk_rows: Trained rows per LM-head chunk; 0 = auto (CPU 1024, CUDA 8192).
+        check_head: Check once, on a short slice, that the head path equals the model's own
+            logits (guards against architectures with extra logit post-processing).
+        encode_workers: Threads encoding samples while the teacher runs; -1 = auto (none on
+            CPU, where the forward already uses every core; up to 8 on CUDA).
+        resume: Keep verified shards of an earlier run with the same settings and skip their
+            samples (False: start over).
+        progress: Show a tqdm progress bar (rank 0 only).
+    """
+
+    k: int = 64
+    codec: str = "logquant_zstd"
+    codec_settings: Mapping[str, Any] = field(default_factory=dict)
+    batch_tokens: int = 8192
+    max_batch_size: int = 64
+    shard_trained_tokens: int = 1 << 18
+    dtype: str = "auto"
+    temperature: float = 1.0
+    device: str = "auto"
+    head_chunk_rows: int = 0
+    check_head: bool = True
+    encode_workers: int = -1
+    resume: bool = True
+    progress: bool = True
+
+    def __post_init__(self):
+        def bad(name: str, reason: str):
+            return ValueError(f"teacher_logits.{name}: {reason}, got {getattr(self, name)!r}")
+
+        for name in ("k", "batch_tokens", "max_batch_size", "shard_trained_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise bad(name, "must be a positive integer")
+        if isinstance(self.head_chunk_rows, bool) or not isinstance(self.head_chunk_rows, int) or self.head_chunk_rows < 0:
+            raise bad("head_chunk_rows", "must be an integer >= 0 (0 = auto)")
+        if not isinstance(self.codec, str) or not self.codec:
+            raise bad("codec", "must be a codec name")
+        if not isinstance(self.codec_settings, Mapping):
+            raise bad("codec_settings", "must be a mapping")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise bad("dtype", f"must be 'auto' or one of {sorted(DTYPES)}")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not math.isfinite(self.temperature) or self.temperature <= 0:
+            raise bad("temperature", "must be a finite number > 0")
+        if not is_device_spec(self.device):
+            raise bad("device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if isinstance(self.encode_workers, bool) or not isinstance(self.encode_workers, int) or self.encode_workers < -1:
+            raise bad("encode_workers", "must be an integer >= -1 (-1 = auto, 0 = encode inline)")
+        for name in ("check_head", "resume", "progress"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true or false")
+        # Frozen dataclass: normalize once (alias, plain dict, float).
+        from kd_pipeline.core.topk_store import DEFAULT_CODEC, get_codec
+
+        object.__setattr__(self, "codec", DEFAULT_CODEC if self.codec == "compact" else self.codec)
+        object.__setattr__(self, "codec_settings", dict(self.codec_settings))
+        object.__setattr__(self, "temperature", float(self.temperature))
+        try:
+            get_codec(self.codec, self.codec_settings)
+        except ValueError as error:
+            raise ValueError(f"teacher_logits.codec / codec_settings: {error}") from None
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any] | None) -> "ExtractionConfig":
+        return dataclass_from_params(cls, params, "teacher_logits")
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def resolved_device(self, local_rank: int | None = None) -> torch.device:
+        """The device this process uses; under torchrun each CUDA rank takes its LOCAL_RANK GPU."""
+        return resolve_device(self.device, local_rank)
+
+    def resolved_dtype(self, device: torch.device) -> torch.dtype:
+        return resolve_dtype(self.dtype, device)
+
+    def resolved_head_chunk_rows(self, device: torch.device) -> int:
+        if self.head_chunk_rows:
+            return self.head_chunk_rows
+        return 8192 if device.type == "cuda" else 1024
+
+    def resolved_encode_workers(self, device: torch.device) -> int:
+        if self.encode_workers >= 0:
+            return self.encode_workers
+        return 0 if device.type == "cpu" else max(1, min(8, (os.cpu_count() or 2) - 2))
+
+    def codec_object(self):
+        from kd_pipeline.core.topk_store import get_codec
+
+        return get_codec(self.codec, self.codec_settings)

@@ -1,0 +1,136 @@
+"""The teacher's LM head on trained rows only, reduced to top-k log-probs.
+
+The head is applied only to the hidden rows of trained positions (prompt and padding positions
+never get logits), in row chunks written into one reused buffer; top-k comes first, its first
+value is the row max, and logsumexp is then computed in place on the chunk (`sub_`, `exp_`,
+`sum`): no extra full-vocabulary copy and no separate max pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kd_pipeline.core.extraction.plan import BatchInputs, make_batch
+from kd_pipeline.core.models.head import decoder_and_head, head_transform
+
+
+@dataclass
+class HeadRows:
+    """Per trained row: top-k ids / log-probs (descending) and the target log-prob."""
+
+    topk_ids: torch.Tensor  # [N, k] int32
+    topk_logprobs: torch.Tensor  # [N, k] float32
+    target_logprobs: torch.Tensor  # [N] float32
+
+
+class TopKHead:
+    """Applies the LM head to selected hidden rows and reduces each row to top-k log-probs.
+
+    Works chunk by chunk: logits of `chunk_rows` rows go into one reused buffer; top-k (whose
+    first value is the row max) and the target logit are read first, then the buffer is
+    turned in place into `exp(logit - max)` and summed. Nothing else of size [rows, V] exists.
+    """
+
+    def __init__(self, model, k: int, temperature: float = 1.0, chunk_rows: int = 1024):
+        _, self.head = decoder_and_head(model)
+        self.weight = self.head.weight
+        self.bias = getattr(self.head, "bias", None)
+        self.vocab_size = int(self.weight.shape[0])
+        if k > self.vocab_size:
+            raise ValueError(f"teacher_logits.k = {k} exceeds the teacher vocabulary size {self.vocab_size}")
+        self.k = k
+        self.temperature = float(temperature)
+        self.chunk_rows = chunk_rows
+        self.transform = head_transform(model)
+        self._buffer: torch.Tensor | None = None
+
+    def _logits_into_buffer(self, hidden: torch.Tensor) -> torch.Tensor:
+        rows = hidden.shape[0]
+        if self.weight.dtype == torch.float32 and hidden.device.type == "cpu":
+            # CPU fp32: matmul straight into a reused buffer (no fresh [rows, V] allocation,
+            # whose page faults cost as much as the exp pass).
+            if self._buffer is None or self._buffer.shape[0] < rows:
+                self._buffer = torch.empty(max(rows, self.chunk_rows), self.vocab_size, dtype=torch.float32)
+            logits = self._buffer[:rows]
+            torch.matmul(hidden, self.weight.t(), out=logits)
+            if self.bias is not None:
+                logits.add_(self.bias)
+        else:
+            # bf16/fp16 (or CUDA): the model's own head output, then one fp32 copy per chunk.
+            logits = torch.nn.functional.linear(hidden, self.weight, self.bias).float()
+        return logits
+
+    @torch.no_grad()
+    def __call__(self, hidden: torch.Tensor, labels: torch.Tensor) -> HeadRows:
+        """`hidden [N, H]` rows at trained positions, `labels [N]` the actual next tokens."""
+        n = hidden.shape[0]
+        device = hidden.device
+        out_ids = torch.empty(n, self.k, dtype=torch.int32, device=device)
+        out_lp = torch.empty(n, self.k, dtype=torch.float32, device=device)
+        out_tgt = torch.empty(n, dtype=torch.float32, device=device)
+        for start in range(0, n, self.chunk_rows):
+            stop = min(start + self.chunk_rows, n)
+            logits = self._logits_into_buffer(hidden[start:stop])
+            self.transform.apply_(logits)
+            if self.temperature != 1.0:
+                logits.div_(self.temperature)
+            values, ids = torch.topk(logits, self.k, dim=-1, largest=True, sorted=True)
+            target = logits.gather(1, labels[start:stop, None].long())
+            row_max = values[:, :1]
+            # In place: logits <- exp(logits - max); lse = max + log(sum).
+            lse = logits.sub_(row_max).exp_().sum(dim=-1, keepdim=True).log_().add_(row_max)
+            out_ids[start:stop] = ids
+            out_lp[start:stop] = values - lse
+            out_tgt[start:stop] = (target - lse).squeeze(1)
+        return HeadRows(out_ids, out_lp, out_tgt)
+
+
+@torch.no_grad()
+def teacher_rows(model, head: TopKHead, batch: BatchInputs, device: torch.device) -> HeadRows:
+    """Decoder forward, gather the trained rows' hidden states, head on those rows only."""
+    decoder, _ = decoder_and_head(model)
+    input_ids = batch.input_ids.to(device, non_blocking=True)
+    hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
+    rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.flat_positions.to(device))
+    return head(rows, batch.labels.to(device))
+
+
+@torch.no_grad()
+def bare_forward(model, batch: BatchInputs, device: torch.device) -> torch.Tensor:
+    """The baseline: the causal LM's own forward (logits at every position) on the same batch."""
+    return model(input_ids=batch.input_ids.to(device), use_cache=False).logits
+
+
+def check_head_path(model, head: TopKHead, input_ids: np.ndarray, device: torch.device,
+                    atol: float | None = None) -> float:
+    """Compare the decoder + trained-row head path with `log_softmax(model(...).logits)` on one
+    short sequence; raise if they disagree (an architecture whose logits need more than the
+    head, scaling and soft-capping). Returns the max abs error of the top-k log-probs."""
+    ids = np.asarray(input_ids[: min(len(input_ids), 24)], dtype=np.int64)
+    if len(ids) < 2:
+        return 0.0
+    mask = np.ones(len(ids), dtype=np.int8)
+    mask[0] = 0
+    batch = make_batch([ids], [mask])
+    got = teacher_rows(model, head, batch, device)
+    with torch.no_grad():
+        logits = model(input_ids=batch.input_ids.to(device), use_cache=False).logits[0, :-1].float()
+    logits = logits / head.temperature
+    reference = torch.log_softmax(logits, dim=-1)
+    ref_lp = reference.gather(1, got.topk_ids.long())
+    ref_tgt = reference.gather(1, batch.labels.to(device)[:, None]).squeeze(1)
+    error = max(float((ref_lp - got.topk_logprobs).abs().max()), float((ref_tgt - got.target_logprobs).abs().max()))
+    ref_top = reference.max(dim=-1).values
+    error = max(error, float((ref_top - got.topk_logprobs[:, 0]).abs().max()))
+    if atol is None:
+        atol = 1e-3 if head.weight.dtype == torch.float32 else 0.25
+    if not error <= atol:
+        raise ValueError(
+            f"{type(model).__name__}: the trained-row head path differs from the model's own logits "
+            f"by {error:.3g} (> {atol}); this architecture post-processes logits in a way the "
+            "extraction does not reproduce"
+        )
+    return error

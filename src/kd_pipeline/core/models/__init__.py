@@ -1,0 +1,1 @@
+"""Models: loading, identities, the teacher, the student, the LM head policy, Liger kernels."""

@@ -1,0 +1,116 @@
+"""Loading models and tokenizers from local Hugging Face folders, never from a hub.
+
+Every path is checked to be a local folder before transformers sees it, so a typo can never turn
+into a download attempt; weights are safetensors only.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from kd_pipeline.core.devices import resolve_dtype
+
+#: Files of an HF folder that make up a tokenizer.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "spiece.model",
+)
+
+
+def require_local_dir(path: str | os.PathLike, what: str) -> Path:
+    """`path` as a Path if it is an existing folder; otherwise a clear error (and no hub lookup)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{what} folder {folder} does not exist (only local folders are used, never a hub)")
+    return folder
+
+
+
+def load_causal_lm(
+    path: str | os.PathLike,
+    dtype: torch.dtype | str = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+):
+    """Load a causal LM from a local HF folder (safetensors weights only), in eval mode.
+
+    Args:
+        path: The model folder.
+        dtype: Parameter dtype (a torch dtype or its name).
+        device: Where to put the model.
+        trust_remote_code: Allow the folder's own modeling code.
+
+    Returns:
+        The `PreTrainedModel`.
+    """
+    from transformers import AutoModelForCausalLM
+
+    folder = require_local_dir(path, "model")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"model folder {folder} has no config.json")
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=resolve_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+    )
+    return model.to(device).eval()
+
+
+def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
+    """Load the tokenizer (chat template included) from a local folder."""
+    from transformers import AutoTokenizer
+
+    folder = require_local_dir(path, "tokenizer")
+    if not has_tokenizer_files(folder):
+        raise FileNotFoundError(f"tokenizer folder {folder} holds no tokenizer files (e.g. tokenizer.json)")
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+
+
+def has_tokenizer_files(folder: Path) -> bool:
+    return any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+
+
+def model_from_config_dict(config: Mapping[str, Any], what: str):
+    """An HF `PretrainedConfig` from a plain dict holding `model_type`."""
+    from transformers import AutoConfig
+
+    config = dict(config)
+    model_type = config.pop("model_type", None)
+    if not model_type:
+        raise ValueError(f"{what} config needs `model_type` (e.g. 'llama')")
+    try:
+        return AutoConfig.for_model(model_type, **config)
+    except (ValueError, KeyError) as error:
+        raise ValueError(f"{what} config: {error}") from error
+
+
+def seeded_model_from_config(config, seed: int):
+    """A randomly initialized causal LM, the same for the same config and seed.
+
+    The global RNG is forked so that initializing a model does not shift the random stream of
+    whatever runs next (data shuffling, dropout).
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config)
+    return model.float().eval()
+
+
+def random_causal_lm(config: Mapping[str, Any], seed: int = 0, dtype: torch.dtype = torch.float32,
+                     device: str | torch.device = "cpu"):
+    """A seeded random causal LM from a config dict with `model_type` (benchmarks, GPU checks)."""
+    model = seeded_model_from_config(model_from_config_dict(config, "random model"), seed)
+    return model.to(device=device, dtype=dtype).eval()

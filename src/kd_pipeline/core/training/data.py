@@ -1,0 +1,142 @@
+"""Training data for distillation: corpus samples joined with their teacher top-k rows by
+`sample_id`, and a collator that puts every top-k row at exactly the position it belongs to.
+
+Alignment (docs/architecture.md): the output at position `p` predicts token `p + 1`, so a
+sample's trained *positions* are `[t - 1 for t where loss_mask[t] == 1]` and the artifact holds
+one top-k row per trained position, in increasing position order. The collator pads right and
+returns, for a batch of B samples padded to T tokens:
+
+- `input_ids [B, T]` long, `attention_mask [B, T]` long;
+- `labels [B, T]` long: `input_ids` where `loss_mask` is 1, else -100 (HF convention, so that
+  the Trainer's `num_items_in_batch` counts trained tokens);
+- `kd_positions_mask [B, T]` bool: position `p` is on iff `loss_mask[p + 1] == 1`;
+- `kd_topk_ids [N, K]` long and `kd_topk_logprobs [N, K]` float32, N = trained tokens of the
+  batch, in the row-major order of `kd_positions_mask.nonzero()`: row `i` at `(b, p)` describes
+  the token `labels[b, p + 1]` (absent when the dataset has no targets: the SFT-only baseline);
+- `sample_index [B]` long and `sample_ids` (list of B str), for error messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Sequence
+
+import numpy as np
+import torch
+
+from kd_pipeline.core.batching import (
+    IGNORE_INDEX,
+    TargetsProvider,
+    check_rows,
+    fetch_targets,
+    flat_list_column,
+    pad_right,
+    sample_targets,
+)
+
+if TYPE_CHECKING:  # pyarrow is only needed to read a corpus table, not to collate
+    import pyarrow as pa
+
+
+class DistillDataset(torch.utils.data.Dataset):
+    """Samples of one corpus split, each with its teacher top-k rows (when `targets` is given).
+
+    Items are fetched in batches through `__getitems__` (one `targets.get_many` call per batch,
+    which the DataLoader uses when present); `__getitem__` fetches one.
+
+    Args:
+        samples: corpus rows (`TokenizedCorpus.split(...)`): sample_id, input_ids, loss_mask.
+        targets: the artifact reader, or None for the SFT-only baseline (no KD targets).
+        k: use the first `k` top-k columns (None: all the artifact has).
+        split: the split name, for messages.
+    """
+
+    def __init__(self, samples: "pa.Table", targets: TargetsProvider | None = None, k: int | None = None,
+                 split: str = "train"):
+        if samples.num_rows == 0:
+            raise ValueError(f"the corpus has no {split!r} samples")
+        self.split = split
+        self.targets = targets
+        self.k = k
+        self.sample_ids: list[str] = samples["sample_id"].to_pylist()
+        self._ids = flat_list_column(samples["input_ids"], np.int64)
+        self._mask = flat_list_column(samples["loss_mask"], np.int8)
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def _tokens(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        (ids_values, ids_offsets), (mask_values, mask_offsets) = self._ids, self._mask
+        start, stop = ids_offsets[index], ids_offsets[index + 1]
+        return ids_values[start:stop], mask_values[mask_offsets[index]:mask_offsets[index + 1]]
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        indices = [int(index) for index in indices]
+        sample_ids = [self.sample_ids[index] for index in indices]
+        fetched = (fetch_targets(self.targets, sample_ids, self.split) if self.targets is not None
+                   else [None] * len(indices))
+        items = []
+        for index, sample_id, record in zip(indices, sample_ids, fetched):
+            input_ids, loss_mask = self._tokens(index)
+            item = {"sample_index": index, "sample_id": sample_id, "input_ids": input_ids, "loss_mask": loss_mask}
+            if record is not None:
+                target = sample_targets(record, self.k)
+                check_rows(sample_id, loss_mask, target)
+                item["topk_ids"], item["topk_logprobs"] = target.topk_ids, target.topk_logprobs
+            items.append(item)
+        return items
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+
+@dataclass(frozen=True)
+class DistillCollator:
+    """Pads a list of `DistillDataset` items (right padding) into the batch described above.
+
+    Args:
+        pad_token_id: id written at padded positions (masked out by `attention_mask`).
+        pad_to_multiple_of: round T up to a multiple of this (None: the longest sample).
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, items: list[dict]) -> dict:
+        if not items:
+            raise ValueError("DistillCollator got an empty batch")
+        padded = pad_right([np.asarray(item["input_ids"], dtype=np.int64) for item in items],
+                           [item["loss_mask"] for item in items], self.pad_token_id, self.pad_to_multiple_of,
+                           sample_ids=[item["sample_id"] for item in items])
+        labels = torch.where(padded.loss_mask, padded.input_ids, torch.full_like(padded.input_ids, IGNORE_INDEX))
+        batch = {
+            "input_ids": padded.input_ids,
+            "attention_mask": padded.attention_mask,
+            "labels": labels,
+            "kd_positions_mask": padded.positions_mask,
+            "sample_index": torch.tensor([int(item["sample_index"]) for item in items], dtype=torch.long),
+            "sample_ids": [item["sample_id"] for item in items],
+        }
+        with_targets = ["topk_ids" in item for item in items]
+        if any(with_targets):
+            if not all(with_targets):
+                raise ValueError("DistillCollator: some items of the batch have top-k targets and some do not")
+            # Items in batch order, each's rows in increasing position order = row-major order of
+            # kd_positions_mask.nonzero(), which is how the trainer gathers hidden states.
+            batch["kd_topk_ids"] = torch.from_numpy(
+                np.concatenate([np.asarray(item["topk_ids"], dtype=np.int64) for item in items]))
+            batch["kd_topk_logprobs"] = torch.from_numpy(
+                np.concatenate([np.asarray(item["topk_logprobs"], dtype=np.float32) for item in items]))
+            trained = int(padded.positions_mask.sum())
+            if batch["kd_topk_ids"].shape[0] != trained:
+                raise ValueError(
+                    f"batch {batch['sample_ids']}: {batch['kd_topk_ids'].shape[0]} top-k rows for "
+                    f"{trained} trained positions"
+                )
+        return batch
+
+
+def flat_labels(batch: dict) -> torch.Tensor:
+    """`labels[b, p + 1]` for each trained position `(b, p)`, in row-major order: `[N]` long."""
+    mask = batch["kd_positions_mask"]
+    return batch["labels"][:, 1:][mask[:, :-1]]

@@ -1,0 +1,210 @@
+"""Student training end to end: build the student, the datasets and the trainer, resume from the
+last complete checkpoint, and write the final student as a plain HF folder (safetensors +
+tokenizer) that `AutoModelForCausalLM.from_pretrained` loads, plus `training_summary.json` and
+`loss_curve.png`."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from kd_pipeline.core.atomic import atomic_dir, canonical_json, write_json_atomic
+from kd_pipeline.core.losses import KDLossConfig
+from kd_pipeline.core.models.identity import tokenizer_hash
+from kd_pipeline.core.models.liger import apply_liger_kernels
+from kd_pipeline.core.models.student import init_student
+from kd_pipeline.core.plots import plot_training_curves
+from kd_pipeline.core.topk_store import ArtifactMismatchError, check_artifact_compatibility, manifest_sha256
+from kd_pipeline.core.training.checkpoints import is_finished, prepare_checkpoint_dir
+from kd_pipeline.core.training.config import NON_NUMERIC_FIELDS, TrainConfig, training_arguments
+from kd_pipeline.core.training.data import DistillCollator, DistillDataset
+from kd_pipeline.core.training.trainer import DistillationTrainer, DistillProgressCallback
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_FILE = "training_summary.json"
+LOSS_CURVE_FILE = "loss_curve.png"
+
+
+def train_student(
+    *,
+    teacher_dir: str | os.PathLike,
+    corpus,
+    student_init,
+    loss: KDLossConfig,
+    train: TrainConfig,
+    output_dir: str | os.PathLike,
+    topk_dir: str | os.PathLike | None = None,
+    k: int | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    report_to: Sequence[str] = (),
+    callbacks: Iterable[TrainerCallback] = (),
+    targets=None,
+) -> dict:
+    """Train the student and save it as an HF folder at `output_dir` (atomically replaced).
+
+    Args:
+        teacher_dir: the prepared teacher folder (tokenizer; weights for `prune_teacher`).
+        corpus: the `TokenizedCorpus` (train split trained on, validation split evaluated).
+        student_init: a `models.student.StudentInit`.
+        loss: the loss config; `kd_loss_weight == 0` trains SFT only and needs no artifact.
+        train: the `TrainConfig`.
+        output_dir: where the final student goes.
+        topk_dir: the teacher top-k artifact (required when `kd_loss_weight > 0`).
+        k: top-k columns to use (None: all the artifact has).
+        checkpoint_dir: resumable checkpoints (default: `<output_dir>_checkpoints` beside it).
+        report_to: Trainer integrations (`["mlflow"]` logs into the active MLflow run).
+        callbacks: extra `TrainerCallback`s.
+        targets: an already open targets provider with `.manifest` (a `topk_store.Manifest`) and
+            `.get_many` (synthetic data in checks and benchmarks); overrides `topk_dir`.
+
+    Returns:
+        A JSON-able summary: final train/eval losses, steps, tokens/s, the log history, ...
+
+    Raises:
+        ArtifactMismatchError: manifest does not fit the corpus, tokenizer, vocabulary or k.
+        NonFiniteLossError: the loss became NaN/Inf (names the step and the batch's sample ids).
+    """
+    from transformers import set_seed
+
+    output_dir = Path(output_dir)
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else output_dir.with_name(f"{output_dir.name}_checkpoints")
+    started = time.perf_counter()
+    set_seed(train.seed)
+    model, tokenizer = init_student(student_init, teacher_dir)
+    student_tokenizer_hash = tokenizer_hash(tokenizer)
+    if corpus.meta.get("tokenizer_hash") not in (None, student_tokenizer_hash):
+        raise ArtifactMismatchError(
+            f"corpus field 'tokenizer_hash' is {corpus.meta.get('tokenizer_hash')!r} but the student tokenizer "
+            f"hashes to {student_tokenizer_hash!r}: the corpus was tokenized with another tokenizer"
+        )
+    vocab_size = model.get_output_embeddings().weight.shape[0]
+    targets, used_k, manifest_id = _open_targets(loss, targets, topk_dir, corpus, student_tokenizer_hash,
+                                                 vocab_size, k)
+    train_set = DistillDataset(corpus.split("train"), targets, used_k, split="train")
+    validation = corpus.split("validation")
+    eval_set = DistillDataset(validation, targets, used_k, split="validation") if validation.num_rows else None
+
+    args = training_arguments(train, checkpoint_dir, eval_set is not None, report_to)
+    liger_applied = apply_liger_kernels(model, train.liger, args.device)
+    identity = {
+        "train": {key: value for key, value in asdict(train).items() if key not in NON_NUMERIC_FIELDS},
+        "loss": asdict(loss),
+        "student_init": asdict(student_init) if dataclasses.is_dataclass(student_init) else dict(student_init),
+        "corpus_fingerprint": corpus.fingerprint,
+        "artifact": manifest_id,
+        "k": used_k,
+        "world_size": args.world_size,
+    }
+    resume_from = prepare_checkpoint_dir(checkpoint_dir, identity, train.resume, args.process_index == 0)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    trainer = DistillationTrainer(
+        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+        data_collator=DistillCollator(pad_id, train.pad_to_multiple_of), processing_class=tokenizer,
+        loss_config=loss, reduction=train.reduction, callbacks=list(callbacks),
+    )
+    if not train.disable_tqdm:
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(DistillProgressCallback())
+    train_metrics = _train(trainer, resume_from)
+    evaluated_last_step = bool(train.eval_steps) and trainer.state.global_step % train.eval_steps == 0
+    if eval_set is not None and train.eval_at_end and not evaluated_last_step:
+        trainer.evaluate()
+
+    summary = _summary(trainer, train_metrics, liger_applied, args, resume_from, manifest_id, used_k,
+                       time.perf_counter() - started)
+    _save_student(trainer, summary, output_dir, checkpoint_dir, train.keep_checkpoints)
+    trainer._hook.remove()
+    return summary
+
+
+def _open_targets(loss: KDLossConfig, targets, topk_dir, corpus, student_tokenizer_hash: str, vocab_size: int,
+                  k: int | None):
+    """(targets, k to use, manifest sha256) of the run; all None for SFT only (`kd_loss_weight` 0)."""
+    if loss.kd_loss_weight == 0:
+        return None, None, None
+    if targets is None:
+        if topk_dir is None:
+            raise ValueError("kd_loss_weight > 0 needs the teacher top-k artifact (topk_dir); "
+                             "set kd_loss_weight: 0 for the SFT-only baseline")
+        from kd_pipeline.core.topk_store import TopKReader
+
+        targets = TopKReader(topk_dir)
+    used_k = check_artifact_compatibility(targets.manifest, corpus_fingerprint=corpus.fingerprint,
+                                          tokenizer_hash=student_tokenizer_hash, vocab_size=vocab_size, k=k)
+    directory = getattr(targets, "directory", None)
+    manifest_id = manifest_sha256(directory) if directory is not None else None
+    if manifest_id is None:  # an in-memory provider: the hash of its manifest's content
+        manifest_id = hashlib.sha256(canonical_json(targets.manifest.to_dict()).encode("utf-8")).hexdigest()
+    return targets, used_k, manifest_id
+
+
+def _train(trainer: DistillationTrainer, resume_from: Path | None) -> dict:
+    """Train (resuming from `resume_from`), or take `resume_from` as is when its run had finished."""
+    if resume_from is not None and is_finished(resume_from):
+        # The run had already finished (killed while saving the student, or re-run): take its
+        # last checkpoint as is. (Trainer.train resumed at max_steps would run one step more.)
+        from transformers import TrainerState
+
+        logger.info("distill: %s is the end of an identical finished run; saving it", resume_from)
+        trainer._load_from_checkpoint(str(resume_from))
+        trainer.state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
+        return {}
+    if resume_from is not None:
+        logger.info("distill: resuming from %s", resume_from)
+    return trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None).metrics
+
+
+def _save_student(trainer: DistillationTrainer, summary: dict, output_dir: Path, checkpoint_dir: Path,
+                  keep_checkpoints: bool) -> None:
+    """On the main process: the student folder (weights, config, tokenizer, loss curve, summary),
+    built beside `output_dir` and swapped into place."""
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        with atomic_dir(output_dir) as tmp_dir:
+            trainer.save_model(str(tmp_dir))  # safetensors weights, config, tokenizer
+            plot_training_curves(trainer.state.log_history, tmp_dir / LOSS_CURVE_FILE, title="distillation loss")
+            write_json_atomic(tmp_dir / SUMMARY_FILE, summary)
+        if not keep_checkpoints:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        logger.info("distill: saved the student to %s (%d steps, final loss %s)", output_dir,
+                    summary["global_step"], summary.get("final_train", {}).get("loss"))
+    trainer.accelerator.wait_for_everyone()
+
+
+def _summary(trainer, train_metrics, liger_applied, args, resume_from, manifest_id, k, seconds) -> dict:
+    history = trainer.state.log_history
+    last_train = next((row for row in reversed(history) if "loss" in row), {})
+    last_eval = next((row for row in reversed(history) if "eval_loss" in row), {})
+    final_train = {key: last_train[key] for key in ("loss", "total", "kd", "sft", "teacher_coverage",
+                                                   "student_topk_mass", "tokens_per_second", "grad_norm",
+                                                   "learning_rate") if key in last_train}
+    rates = [row["tokens_per_second"] for row in history if "tokens_per_second" in row]
+    return {
+        "global_step": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "final_train": final_train,
+        "final_eval": {key: value for key, value in last_eval.items() if key.startswith("eval_")},
+        "train_runtime_s": train_metrics.get("train_runtime"),
+        "train_seconds_in_steps": trainer._train_seconds,
+        "mean_tokens_per_second": sum(rates) / len(rates) if rates else None,
+        "total_seconds": seconds,
+        "precision": "bf16" if args.bf16 else "fp32",
+        "device": str(args.device),
+        "world_size": args.world_size,
+        "liger": liger_applied,
+        "resumed_from": str(resume_from) if resume_from else None,
+        "artifact_manifest_sha256": manifest_id,
+        "k": k,
+        "log_history": history,
+    }

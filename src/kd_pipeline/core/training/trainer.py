@@ -1,0 +1,262 @@
+"""`DistillationTrainer`: a Hugging Face `Trainer` whose loss is the fused top-k KD + SFT loss on
+the student's final hidden states, normalized over the global trained tokens of each optimizer
+step, and its callbacks.
+
+Normalization (docs/architecture.md, issue 4): the loss of an optimizer step is
+`sum_i w_i * loss_i` over every trained token of the step, all micro-batches and all ranks
+together, with `w_i = 1 / global_trained_tokens` (`reduction: token`) or
+`w_i = 1 / (trained_tokens_of_its_sequence * global_sequences)` (`reduction: sequence`). The
+trainer counts the step's tokens and sequences before its first micro-batch (all-reduced across
+ranks), and multiplies each rank's weights by the world size because DDP averages gradients.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import defaultdict
+
+import torch
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_callback import ProgressCallback
+
+from kd_pipeline.core.losses import KDLossConfig, fused_topk_kd_loss
+from kd_pipeline.core.models.head import require_plain_head
+from kd_pipeline.core.training.config import REDUCTIONS
+from kd_pipeline.core.training.data import flat_labels
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or Inf; names the global step and the batch's sample ids."""
+
+
+
+class DistillationTrainer(Trainer):
+    """`Trainer` whose loss is `fused_topk_kd_loss` on the student's final hidden states.
+
+    `compute_loss` runs the model with `logits_to_keep` set to no position (so the lm_head
+    projects nothing), takes the final hidden states from a forward hook on the base model,
+    gathers the trained positions, and hands them with the lm_head weight to the fused loss,
+    which never holds [N, V] logits. Going through the (possibly DDP-wrapped) model's own
+    forward keeps DDP's gradient synchronization intact.
+
+    Args (beyond `Trainer`'s):
+        loss_config: the loss hyperparameters (`kd_loss_weight: 0` = SFT only, no targets needed).
+        reduction: `token` or `sequence` (see the module docstring).
+    """
+
+    # compute_loss normalizes over the whole optimizer step itself (see get_batch_samples).
+    loss_is_scaled_for_ga = True
+
+    def __init__(self, *args, loss_config: KDLossConfig, reduction: str = "token", **kwargs):
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
+        super().__init__(*args, **kwargs)
+        if self.args.n_gpu > 1:
+            raise ValueError(
+                f"{self.args.n_gpu} GPUs visible to one process (torch DataParallel) are not supported: "
+                "launch one process per GPU with torchrun or accelerate launch"
+            )
+        # The fused loss runs the bare lm_head: a model whose forward transforms its output cannot train here.
+        require_plain_head(self.model, "the fused KD + SFT loss")
+        self.loss_config = loss_config
+        self.reduction = reduction
+        self._captured: list[torch.Tensor] = []
+        base = self.model.base_model
+        if base is self.model:
+            raise ValueError(f"{type(self.model).__name__} has no separate base model (decoder) to take the final "
+                             "hidden states from; the student must be a *ForCausalLM with a base model")
+        self._hook = base.register_forward_hook(self._capture_hidden)
+        self._step_sequences: int | None = None
+        self._metrics = {"train": defaultdict(float), "eval": defaultdict(float)}
+        self._train_seconds = 0.0
+        self._step_started: float | None = None
+        self.add_callback(_StepTimer(self))
+
+    # ---- data: count the step's tokens and sequences before its first micro-batch ----------
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Fetch the step's micro-batches and count their trained tokens and sequences globally."""
+        self._step_started = time.perf_counter()
+        batch_samples = []
+        for _ in range(num_batches):
+            try:
+                batch_samples.append(next(epoch_iterator))
+            except StopIteration:
+                break
+        counts = torch.tensor(
+            [sum(int(batch["kd_positions_mask"].sum()) for batch in batch_samples),
+             sum(int(batch["kd_positions_mask"].shape[0]) for batch in batch_samples)],
+            dtype=torch.long, device=device,
+        )
+        if self.accelerator.num_processes > 1:
+            counts = self.accelerator.reduce(counts, reduction="sum")
+        self._step_sequences = int(counts[1])
+        return batch_samples, counts[0]
+
+    # ---- the loss ---------------------------------------------------------------------------
+
+    def _capture_hidden(self, module, args, output) -> None:
+        hidden = getattr(output, "last_hidden_state", None)
+        self._captured.append(output[0] if hidden is None else hidden)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Fused KD + SFT loss of one micro-batch, weighted for the global step mean.
+
+        Args:
+            model: the (possibly wrapped) student.
+            inputs: a `DistillCollator` batch (on the device).
+            return_outputs: also return the model outputs (their logits are empty).
+            num_items_in_batch: trained tokens of the whole optimizer step on all ranks (set by
+                `get_batch_samples`); None normalizes over this micro-batch alone.
+        """
+        mask = inputs["kd_positions_mask"]  # (B, T) bool
+        self._captured.clear()
+        no_positions = torch.empty(0, dtype=torch.long, device=mask.device)
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                        logits_to_keep=no_positions, use_cache=False)
+        if len(self._captured) != 1:
+            raise RuntimeError(f"expected one base-model forward per batch, saw {len(self._captured)}")
+        hidden_states = self._captured.pop()  # (B, T, H)
+        head = self.accelerator.unwrap_model(model).get_output_embeddings()
+        # Boolean indexing is row-major: the rows line up with kd_topk_* and flat_labels.
+        hidden = hidden_states[mask].to(head.weight.dtype)  # (N, H)
+        training = model.training
+        scale = self.accelerator.num_processes if training and self.accelerator.num_processes > 1 else 1
+        weights = self._token_weights(mask, num_items_in_batch if training else None, scale)
+        with self.accelerator.autocast():
+            out = fused_topk_kd_loss(
+                hidden, head.weight, head.bias, inputs.get("kd_topk_ids"), inputs.get("kd_topk_logprobs"),
+                flat_labels(inputs), weights, self.loss_config,
+            )
+        self._check_finite(out.loss, inputs, training)
+        self._record(out, inputs, scale, training)
+        return (out.loss, outputs) if return_outputs else out.loss
+
+    def _token_weights(self, mask: torch.Tensor, num_items_in_batch, scale: int) -> torch.Tensor:
+        """(N,) float32 reduction weights (see the module docstring)."""
+        if self.reduction == "token":
+            total = num_items_in_batch if num_items_in_batch is not None else mask.sum()
+            total = torch.as_tensor(total, device=mask.device).float().clamp_min(1)
+            return torch.full((int(mask.sum()),), 1.0, device=mask.device) * (scale / total)
+        per_sequence = mask.sum(dim=1)  # (B,)
+        sequences = self._step_sequences if num_items_in_batch is not None and self._step_sequences else mask.shape[0]
+        row_of_token = mask.nonzero()[:, 0]  # (N,) the sequence of each trained token
+        return scale / (per_sequence[row_of_token].float() * float(sequences))
+
+    def _check_finite(self, loss: torch.Tensor, inputs: dict, training: bool) -> None:
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad, reduction="sum")  # every rank stops, none hangs
+        if bad.item() > 0:
+            value = loss.item()
+            where = (f"global step {self.state.global_step + 1}" if training
+                     else f"evaluation after global step {self.state.global_step}")
+            ids = ", ".join(inputs.get("sample_ids", []))
+            note = "" if not math.isfinite(value) else " (finite here; another rank's batch was not)"
+            raise NonFiniteLossError(
+                f"non-finite loss ({value}) at {where}; sample ids of the batch{note}: {ids}"
+            )
+
+    def _record(self, out, inputs: dict, scale: int, training: bool) -> None:
+        """Accumulate this micro-batch's metrics (TRL's `_metrics` pattern; reduced in `log`)."""
+        metrics = self._metrics["train" if training else "eval"]
+        mask = inputs["kd_positions_mask"]
+        has_kd = "kd_topk_ids" in inputs
+        # One device-to-host copy for all of them.
+        loss, kd, sft, coverage, mass, weight_sum, trained, tokens = torch.stack([
+            out.loss.detach().double(), out.kd.double(), out.sft.double(), out.teacher_coverage.double(),
+            out.student_topk_mass.double(), out.weight_sum.double(), mask.sum().double(),
+            inputs["attention_mask"].sum().double(),
+        ]).tolist()
+        if training:
+            # Each micro-batch holds its share of the step's global mean (weights * scale).
+            norm = 1.0 / scale
+        else:
+            # Evaluation weights are per micro-batch means: re-weight to an exact mean overall.
+            norm = trained if self.reduction == "token" else float(mask.shape[0])
+            metrics["norm"] += norm
+        metrics["loss_sum"] += loss * norm
+        metrics["sft_sum"] += sft * norm
+        if has_kd:
+            metrics["kd_sum"] += kd * norm
+            metrics["weight_sum"] += weight_sum
+            metrics["coverage_sum"] += coverage * weight_sum
+            metrics["mass_sum"] += mass * weight_sum
+        metrics["tokens"] += tokens
+        metrics["trained_tokens"] += trained
+
+    def _reduced(self, mode: str) -> dict[str, float]:
+        names = sorted(self._metrics[mode])
+        values = torch.tensor([self._metrics[mode][name] for name in names], dtype=torch.float64,
+                              device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values, reduction="sum")
+        self._metrics[mode].clear()
+        return dict(zip(names, values.tolist()))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add kd, sft, total, coverage, student mass and tokens/s to the Trainer's logs."""
+        mode = "train" if "loss" in logs else "eval" if "eval_loss" in logs else None
+        if mode is not None and self._metrics[mode]:
+            sums = self._reduced(mode)
+            has_kd = "kd_sum" in sums
+            if mode == "train":
+                steps = max(1, self.state.global_step - self._globalstep_last_logged_for_metrics)
+                self._globalstep_last_logged_for_metrics = self.state.global_step
+                extra = {"total": sums["loss_sum"] / steps, "sft": sums["sft_sum"] / steps}
+                if has_kd:
+                    extra["kd"] = sums["kd_sum"] / steps
+                seconds = self._train_seconds - self._train_seconds_last_logged
+                self._train_seconds_last_logged = self._train_seconds
+                if seconds > 0:
+                    extra["tokens_per_second"] = sums["tokens"] / seconds
+                    extra["trained_tokens_per_second"] = sums["trained_tokens"] / seconds
+            else:
+                norm = max(sums["norm"], 1.0)
+                extra = {"total": sums["loss_sum"] / norm, "sft": sums["sft_sum"] / norm}
+                if has_kd:
+                    extra["kd"] = sums["kd_sum"] / norm
+            if has_kd and sums["weight_sum"] > 0:
+                extra["teacher_coverage"] = sums["coverage_sum"] / sums["weight_sum"]
+                extra["student_topk_mass"] = sums["mass_sum"] / sums["weight_sum"]
+            prefix = "" if mode == "train" else "eval_"
+            logs = {**logs, **{prefix + key: value for key, value in extra.items()}}
+        super().log(logs, start_time)
+
+    _globalstep_last_logged_for_metrics = 0
+    _train_seconds_last_logged = 0.0
+
+
+class _StepTimer(TrainerCallback):
+    """Adds each optimizer step's wall time (data loading included; eval and saving excluded)."""
+
+    def __init__(self, trainer: DistillationTrainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # After a resume the state's global_step is the checkpoint's: count logged steps from it.
+        self.trainer._globalstep_last_logged_for_metrics = state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.trainer._step_started is not None:
+            self.trainer._train_seconds += time.perf_counter() - self.trainer._step_started
+            self.trainer._step_started = None
+
+
+class DistillProgressCallback(ProgressCallback):
+    """The Trainer's tqdm bar, with loss, kd and tokens/s shown on the bar instead of printed dicts."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or self.training_bar is None or not logs:
+            return
+        if "loss" in logs:
+            postfix = {"loss": f"{logs['loss']:.4f}"}
+            if "kd" in logs:
+                postfix["kd"] = f"{logs['kd']:.4f}"
+            if "tokens_per_second" in logs:
+                postfix["tok/s"] = f"{logs['tokens_per_second']:.0f}"
+            self.training_bar.set_postfix(postfix, refresh=True)
+        elif "eval_loss" in logs:
+            shown = {key: f"{value:.4g}" for key, value in logs.items() if isinstance(value, float)}
+            self.training_bar.write(f"step {state.global_step}: {shown}")

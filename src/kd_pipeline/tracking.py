@@ -1,0 +1,148 @@
+"""MLflow, git and DVC helpers of the pipeline layer: run tags, artifacts, the identities of a
+run's inputs, and the loss-curve history shared by runs. The only place besides the Kedro hooks
+(kedro-mlflow) that talks to MLflow; `kd_pipeline.core` never does."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from kd_pipeline.core.atomic import write_json_atomic
+from kd_pipeline.core.topk_store import manifest_sha256
+from kd_pipeline.paths import project_root
+
+logger = logging.getLogger(__name__)
+
+KD_LABEL, SFT_LABEL = "KD+SFT", "SFT-only"
+_HISTORY_FILES = {KD_LABEL: "kd_sft.json", SFT_LABEL: "sft_only.json"}
+# HF's MLflow callback opens its own run when these are set; the run must be kedro-mlflow's.
+_SECOND_RUN_ENV = ("MLFLOW_NESTED_RUN", "MLFLOW_RUN_ID")
+
+
+def is_main_process() -> bool:
+    """Rank 0 under `torchrun --nproc-per-node N kedro run ...` (every rank runs the nodes)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def mlflow_active() -> bool:
+    """Whether kedro-mlflow opened a run that this process should log into."""
+    import mlflow
+
+    return mlflow.active_run() is not None
+
+
+def set_tags(tags: Mapping[str, str], stage: str) -> None:
+    """Tag the active MLflow run (main process only); the tags are logged either way."""
+    if mlflow_active() and is_main_process():
+        import mlflow
+
+        mlflow.set_tags(dict(tags))
+    logger.info("%s: run tags %s", stage, dict(tags))
+
+
+def log_artifacts(path: str | os.PathLike, artifact_path: str) -> None:
+    """Log a file or a folder's files into the active MLflow run (main process only)."""
+    if not (mlflow_active() and is_main_process()):
+        return
+    import mlflow
+
+    path = Path(path)
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path=artifact_path)
+    elif path.is_file():
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+@contextlib.contextmanager
+def one_mlflow_run(stage: str) -> Iterator[list[str]]:
+    """The Trainer's `report_to` (`["mlflow"]` when a run is active), with the variables that make
+    HF's MLflowCallback start a second (nested) run unset meanwhile."""
+    saved = {name: os.environ.pop(name) for name in _SECOND_RUN_ENV if name in os.environ}
+    if saved:
+        logger.warning("%s: ignoring %s so that the Trainer logs into the kedro-mlflow run", stage, sorted(saved))
+    try:
+        yield ["mlflow"] if mlflow_active() else []
+    finally:
+        os.environ.update(saved)
+
+
+def git_commit() -> str:
+    """HEAD of the project's git repository, with `-dirty` when there are uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=project_root(), capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    try:
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        dirty = False
+    return f"{commit}-dirty" if dirty else commit
+
+
+def run_label(distill_params: Mapping[str, Any]) -> str:
+    """`SFT-only` when the distill KD weight is 0, else `KD+SFT`."""
+    loss = distill_params.get("loss", distill_params)
+    return SFT_LABEL if float(loss.get("kd_loss_weight", 1.0)) == 0 else KD_LABEL
+
+
+def dvc_experiment_tags() -> dict[str, str]:
+    """The DVC experiment this run belongs to (DVC sets these for `dvc exp run`, temp and queued too)."""
+    names = {"DVC_EXP_NAME": "dvc_exp_name", "DVC_EXP_BASELINE_REV": "dvc_exp_baseline_rev"}
+    return {tag: os.environ[env] for env, tag in names.items() if os.environ.get(env)}
+
+
+def artifact_tags(teacher_topk: Path, lock_file: Path | None = None) -> dict[str, str]:
+    """The teacher artifact's identity: its DVC hash (from dvc.lock, when DVC produced it) and
+    the sha256 of its manifest (which holds every shard's sha256)."""
+    tags = {}
+    sha256 = manifest_sha256(teacher_topk)
+    if sha256:
+        tags["teacher_topk_manifest_sha256"] = sha256
+    dvc_hash = dvc_out_hash(teacher_topk, lock_file or project_root() / "dvc.lock")
+    if dvc_hash:
+        tags["teacher_topk_dvc_md5"] = dvc_hash
+    return tags
+
+
+def dvc_out_hash(path: str | os.PathLike, lock_file: Path) -> str | None:
+    """The md5 dvc.lock records for the stage output at `path` (relative to the lock's folder)."""
+    if not lock_file.is_file():
+        return None
+    import yaml
+
+    root = lock_file.resolve().parent
+    wanted = Path(path) if Path(path).is_absolute() else Path.cwd() / path
+    lock: dict[str, Any] = yaml.safe_load(lock_file.read_text()) or {}
+    for stage in (lock.get("stages") or {}).values():
+        for out in stage.get("outs") or []:
+            if (root / out.get("path", "")).resolve() == wanted.resolve():
+                return out.get("md5")
+    return None
+
+
+def curve_history(history_dir: Path, label: str, log_history: list[dict]) -> dict[str, dict]:
+    """Record this run's loss history as the latest of its kind (`KD+SFT` or `SFT-only`) under
+    `history_dir`, and return the latest run of each kind (`label -> run`) for the overlay.
+
+    `history_dir` lies outside the catalog on purpose: it must outlive DVC's experiment copies
+    (`dvc exp run` runs in `.dvc/tmp/exps/...`), so whichever of the two kinds runs second
+    finds the other.
+    """
+    this_run = {"label": label, "dvc_exp_name": os.environ.get("DVC_EXP_NAME"), "log_history": log_history}
+    write_json_atomic(history_dir / _HISTORY_FILES[label], this_run)
+    comparison = {}
+    for name in (KD_LABEL, SFT_LABEL):
+        path = history_dir / _HISTORY_FILES[name]
+        if path.is_file():
+            run = this_run if name == label else json.loads(path.read_text())
+            comparison[f"{name} [{run['dvc_exp_name']}]" if run.get("dvc_exp_name") else name] = run
+    return comparison
