@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install run test bench clean-data
+.PHONY: install run lint test bench clean-data
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ install: $(STAMP)
 
 run: install
 	$(BIN)/kedro run
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks scripts
 
 test: install
 	$(BIN)/python -m pytest

@@ -183,7 +183,7 @@ def main(argv=None) -> int:
         decoder, _ = decoder_and_head(model)
         with torch.inference_mode():
             for batch in (inputs[i] for i in sel):
-                decoder(input_ids=batch.input_ids.to(device), use_cache=False).last_hidden_state
+                _ = decoder(input_ids=batch.input_ids.to(device), use_cache=False).last_hidden_state
 
     def naive_pass(sel):
         with torch.inference_mode():

@@ -41,7 +41,7 @@ try:
     import zstandard  # noqa: F401,E402
 except ImportError:  # the compact codec needs it; the GPU image may lack it
     raise SystemExit("zstandard is missing: carry its wheel (.whl/zstandard-*.whl, see the device README) "
-                     "and pip install it with --target, then put that on PYTHONPATH")
+                     "and pip install it with --target, then put that on PYTHONPATH") from None
 
 from kd_pipeline.core.devices import dtype_name  # noqa: E402
 from kd_pipeline.core.extraction.config import ExtractionConfig  # noqa: E402

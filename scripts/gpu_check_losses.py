@@ -186,7 +186,9 @@ def check_loss_shape(shape, device: torch.device, repeats: int, compile_ok: bool
         label = "naive" if impl == "naive" else f"fused chunk={chunk}" + (" compiled" if config.compiled else "")
         row = dict(base, check=f"bf16 memory/time: {label}", floor_bytes=floor)
         try:
-            step = lambda: loss_step(impl, h_bf16, w_bf16, targets, config)  # noqa: E731
+            def step(impl=impl, config=config):
+                return loss_step(impl, h_bf16, w_bf16, targets, config)
+
             seconds, _ = timed(step, device, repeats)  # also warms up (and compiles)
             _free(device)
             peak = peak_growth_bytes(step, device)

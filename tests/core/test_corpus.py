@@ -15,8 +15,8 @@ from kd_pipeline.core.corpus import (
     CorpusConfig,
     TokenizedCorpus,
     build_corpus,
-    sample_id_of,
     normalize_row,
+    sample_id_of,
     split_of,
 )
 from kd_pipeline.core.corpus_sources import KJVChatSource, SourceRow, kjv_chat_rows, read_file_rows, source_rows
@@ -97,12 +97,16 @@ def test_ids_and_split_survive_shuffling_and_reruns(tiny_tokenizer):
     shuffled = records[:]
     random.Random(1).shuffle(shuffled)
     second = build_corpus(rows_of(*shuffled), tiny_tokenizer, "tok", CorpusConfig(validation_fraction=0.3))
-    by_id = lambda corpus: {r["sample_id"]: (r["split"], r["input_ids"]) for r in corpus.samples.to_pylist()}
+    def by_id(corpus):
+        return {r["sample_id"]: (r["split"], r["input_ids"]) for r in corpus.samples.to_pylist()}
+
     assert by_id(first) == by_id(second)
     assert first.fingerprint == second.fingerprint
     splits = [r["split"] for r in first.samples.to_pylist()]
     assert 5 <= splits.count("validation") <= 30  # ~30% of 60, deterministic
-    normalized = lambda text: normalize_row(SourceRow("f.jsonl", 1, data={"text": text}))
+    def normalized(text):
+        return normalize_row(SourceRow("f.jsonl", 1, data={"text": text}))
+
     assert sample_id_of(normalized("a\r\nb")) == sample_id_of(normalized("a\nb"))
     assert sample_id_of(normalized("a\nb")) != sample_id_of(normalized("a\nb "))
     assert split_of("abc", 0.5, "salt") == split_of("abc", 0.5, "salt")

@@ -14,7 +14,12 @@ import pytest
 import torch
 
 from kd_pipeline.core.batching import PositionMismatchError
-from kd_pipeline.core.evaluation.generation import GenerationConfig, chat_prompt_ids, format_generations, generate_greedy
+from kd_pipeline.core.evaluation.generation import (
+    GenerationConfig,
+    chat_prompt_ids,
+    format_generations,
+    generate_greedy,
+)
 from kd_pipeline.core.evaluation.metrics import STUDENT_METRICS, TEACHER_METRICS, EvalConfig, evaluate_student
 from kd_pipeline.core.plots import curves, held_out_loss_key, plot_loss_curves, train_loss_key
 from kd_pipeline.core.tiny import tiny_llama_config

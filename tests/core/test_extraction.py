@@ -188,6 +188,7 @@ def test_config_validation_names_the_field():
     assert ExtractionConfig(codec="compact").codec == "logquant_zstd"
 
 
+@pytest.mark.slow  # multi-process (subprocesses / torchrun)
 def test_resume_after_sigkill_gives_byte_identical_shards(tmp_path, teacher_dir, corpus_dir, reference):
     out = tmp_path / "topk"
     process = subprocess.Popen([sys.executable, *_cli(teacher_dir, corpus_dir, out)], env=_env(),
@@ -252,6 +253,7 @@ def _ids_of(path: Path) -> list[str]:
     return pq.read_table(path, columns=["sample_id"])["sample_id"].to_pylist()
 
 
+@pytest.mark.slow  # multi-process (subprocesses / torchrun)
 def test_two_processes_under_torchrun_equal_one_process(tmp_path, teacher_dir, corpus_dir, reference):
     out = tmp_path / "topk"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",

@@ -16,17 +16,17 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-import yaml
 import torch
+import yaml
 
-from kd_pipeline.core.corpus import SAMPLES_SCHEMA, TokenizedCorpus, corpus_fingerprint
 from kd_pipeline.core.batching import trained_positions
+from kd_pipeline.core.corpus import SAMPLES_SCHEMA, TokenizedCorpus, corpus_fingerprint
 from kd_pipeline.core.losses import KDLossConfig, fused_topk_kd_loss
-from kd_pipeline.core.tiny import TINY_VOCAB_SIZE
 from kd_pipeline.core.models.identity import tokenizer_hash as hash_tokenizer
 from kd_pipeline.core.models.loading import load_tokenizer
 from kd_pipeline.core.models.student import StudentInit, init_student
 from kd_pipeline.core.models.teacher import TeacherSource, prepare_teacher
+from kd_pipeline.core.tiny import TINY_VOCAB_SIZE
 from kd_pipeline.core.topk_store import ArtifactMismatchError, ArtifactSource, Manifest, check_artifact_compatibility
 from kd_pipeline.core.training.config import TrainConfig, training_arguments
 from kd_pipeline.core.training.data import DistillCollator, DistillDataset, flat_labels
@@ -449,6 +449,7 @@ def _losses(out_dir: Path) -> dict:
     return {int(step): loss for step, loss in record["losses"].items()}, record["resumed_from"]
 
 
+@pytest.mark.slow  # multi-process (subprocesses / torchrun)
 def test_resume_after_sigkill_matches_an_uninterrupted_run(teacher_dir, tmp_path):
     settings = {"max_steps": 8, "save_steps": 2, "per_device_train_batch_size": 3, "gradient_accumulation_steps": 2,
                 "save_total_limit": 3}
@@ -482,6 +483,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(teacher_dir, tmp_path
     assert resumed["final_train"]["loss"] == pytest.approx(reference[8], rel=1e-4)
 
 
+@pytest.mark.slow  # multi-process (subprocesses / torchrun)
 def test_two_process_ddp_matches_one_process(teacher_dir, tmp_path):
     """torchrun --nproc-per-node 2 (gloo, CPU) with 2 sequences per rank = 1 process with 4."""
     corpus, targets, _ = build_fixture(teacher_dir)

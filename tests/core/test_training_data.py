@@ -9,8 +9,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from kd_pipeline.core.corpus import SAMPLES_SCHEMA
 from kd_pipeline.core.batching import IGNORE_INDEX, MissingTargetsError, PositionMismatchError, trained_positions
+from kd_pipeline.core.corpus import SAMPLES_SCHEMA
 from kd_pipeline.core.training.data import DistillCollator, DistillDataset, flat_labels
 
 VOCAB = 50

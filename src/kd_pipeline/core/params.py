@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import Any, Mapping
 
-
 PARAMETER_MESSAGE = "unknown {what} parameter(s) {unknown}; allowed: {known}"
 KEY_MESSAGE = "{what}: unknown key(s) {unknown}; allowed keys are {known}"
 

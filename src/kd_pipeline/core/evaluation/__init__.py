@@ -1,1 +1,2 @@
-"""Evaluation of a student: held-out metrics against the teacher artifact (`metrics`) and greedy generations (`generation`)."""
+"""Evaluation of a student: held-out metrics against the teacher artifact (`metrics`) and greedy
+generations (`generation`)."""

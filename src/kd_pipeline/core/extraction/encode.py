@@ -8,8 +8,8 @@ class PrecomputedCodec:
     thread pool (same codec, same arrays: the same bytes), in submission order."""
 
     def __init__(self, codec, workers: int):
-        from concurrent.futures import ThreadPoolExecutor
         from collections import deque
+        from concurrent.futures import ThreadPoolExecutor
 
         self.inner = codec
         self.name = codec.name

@@ -18,7 +18,12 @@ from typing import Any, Mapping
 import torch
 
 from kd_pipeline.core.atomic import atomic_dir, canonical_json, sha256_file, write_json_atomic
-from kd_pipeline.core.models.identity import count_safetensors_parameters, folder_files_sha256, model_identity, tokenizer_hash
+from kd_pipeline.core.models.identity import (
+    count_safetensors_parameters,
+    folder_files_sha256,
+    model_identity,
+    tokenizer_hash,
+)
 from kd_pipeline.core.models.loading import (
     TOKENIZER_FILES,
     has_tokenizer_files,

@@ -1,1 +1,2 @@
-"""Student training: `config` (TrainConfig -> TrainingArguments), `data` (dataset and collator), `trainer` (DistillationTrainer), `checkpoints` (resume), `run` (train_student)."""
+"""Student training: `config` (TrainConfig -> TrainingArguments), `data` (dataset and collator),
+`trainer` (DistillationTrainer), `checkpoints` (resume), `run` (train_student)."""
