@@ -109,8 +109,8 @@ def worker(args) -> dict:
     losses = {"kd_sft": KDLossConfig(kd_loss_weight=1.0, sft_loss_weight=0.5),
               "sft_only": KDLossConfig(kd_loss_weight=0.0, sft_loss_weight=1.0)}
     with tempfile.TemporaryDirectory() as tmp:
-        train = TrainConfig(max_steps=10_000, per_device_train_batch_size=args.batch, disable_tqdm=True,
-                            save_steps=0, logging_steps=10_000, precision="fp32", liger="off")
+        train = TrainConfig.from_dict(dict(max_steps=10_000, per_device_train_batch_size=args.batch, disable_tqdm=True,
+                                           save_steps=0, logging_steps=10_000, precision="fp32", liger="off"))
         trainer = DistillationTrainer(model=model, args=training_arguments(train, Path(tmp), False, []),
                                       data_collator=DistillCollator(2), loss_config=losses["kd_sft"])
         trainer.create_optimizer_and_scheduler(num_training_steps=10_000)

@@ -99,7 +99,6 @@ def run_config(mode: str, liger: str, args) -> dict:
     from transformers import AutoConfig, AutoModelForCausalLM, TrainerCallback
 
     from kd_pipeline.core.losses import KDLossConfig
-    from kd_pipeline.core.models.liger import apply_liger_kernels
     from kd_pipeline.core.training.config import TrainConfig, training_arguments
     from kd_pipeline.core.training.data import DistillCollator
     from kd_pipeline.core.training.trainer import DistillationTrainer
@@ -110,7 +109,6 @@ def run_config(mode: str, liger: str, args) -> dict:
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config_dict)).float()
     device = torch.device("cuda" if cuda else "cpu")
-    liger_applied = apply_liger_kernels(model, liger if cuda else "off", device)
 
     loss = KDLossConfig(kd_loss_weight=1.0, sft_loss_weight=0.5) if mode == "kd_sft" else \
         KDLossConfig(kd_loss_weight=0.0, sft_loss_weight=1.0)
@@ -132,11 +130,15 @@ def run_config(mode: str, liger: str, args) -> dict:
 
     clock = Clock()
     with tempfile.TemporaryDirectory() as tmp:
-        train = TrainConfig(max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=3e-4,
-                            lr_scheduler="cosine", warmup=0.1, save_steps=0, eval_steps=0, logging_steps=1,
-                            precision="fp32" if not cuda else "bf16", liger="off", disable_tqdm=True,
-                            pad_to_multiple_of=8 if cuda else None, seed=0)
-        trainer = DistillationTrainer(model=model, args=training_arguments(train, Path(tmp), False, []),
+        # Liger goes through the Trainer's own switch (TrainingArguments.use_liger_kernel).
+        train = TrainConfig.from_dict(dict(
+            max_steps=args.steps, per_device_train_batch_size=args.batch, learning_rate=3e-4,
+            lr_scheduler_type="cosine", warmup_steps=0.1, save_steps=0, eval_steps=0, logging_steps=1,
+            precision="fp32" if not cuda else "bf16", liger=liger if cuda else "off", disable_tqdm=True,
+            pad_to_multiple_of=8 if cuda else None, seed=0))
+        training_args = training_arguments(train, Path(tmp), False, [], model_type)
+        liger_applied = training_args.use_liger_kernel
+        trainer = DistillationTrainer(model=model, args=training_args,
                                       train_dataset=dataset, data_collator=DistillCollator(2, train.pad_to_multiple_of),
                                       loss_config=loss, reduction="token", callbacks=[clock])
         if cuda:

@@ -193,7 +193,7 @@ def test_corpus_round_trips_and_detects_tampering(tmp_path, tiny_tokenizer):
 def test_config_and_source_errors_name_the_parameter():
     with pytest.raises(ValueError, match="length_policy must be 'truncate' or 'drop'"):
         CorpusConfig(length_policy="cut")
-    with pytest.raises(ValueError, match=r"unknown corpus_prep parameter\(s\) \['max_len'\]"):
+    with pytest.raises(ValueError, match=r"corpus_prep: unknown key\(s\) \['max_len'\]"):
         CorpusConfig.from_params({"max_len": 3})
     with pytest.raises(ValueError, match="source.kind must be"):
         source_rows({"kind": "web"})

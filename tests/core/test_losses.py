@@ -311,11 +311,11 @@ def test_no_grad_evaluation_gives_the_same_values():
 def test_frozen_head_gets_no_gradient():
     batch = make_batch()
     hidden = batch.hidden.clone().requires_grad_()
-    out = TopKDistillationLoss(KDLossConfig(chunk_size=8))(
+    out = TopKDistillationLoss(KDLossConfig(sft_loss_weight=0.0, chunk_size=8))(
         hidden, batch.weight, batch.bias, batch.topk_ids, batch.topk_logprobs, None, batch.token_weights
     )
     out.loss.backward()
-    _, reference_grads = run_reference(batch, KDLossConfig())
+    _, reference_grads = run_reference(batch, KDLossConfig(sft_loss_weight=0.0))
     torch.testing.assert_close(hidden.grad, reference_grads[0], **F64)
 
 
@@ -333,7 +333,8 @@ def test_renormalize_fwd_kl_gradient_is_q_minus_p_on_teacher_ids(logits_scale):
     topk_logprobs, topk_ids = teacher.topk(k)
     token_weights = torch.rand(n, generator=gen, dtype=torch.float64)
     hidden = logits.clone().requires_grad_()
-    config = KDLossConfig(logits_scale=logits_scale, target_logits_scale=1.7, chunk_size=4)
+    config = KDLossConfig(kd_loss_weight=1.0, sft_loss_weight=0.0, topk_normalization="renormalize",
+                          logits_scale=logits_scale, target_logits_scale=1.7, chunk_size=4)
     eye = torch.eye(v, dtype=torch.float64)
     fused_topk_kd_loss(hidden, eye, None, topk_ids, topk_logprobs, None, token_weights, config).loss.backward()
 
@@ -379,7 +380,7 @@ def identity_head_batch(student_logits: torch.Tensor, k: int, teacher_logprobs: 
 def test_kl_is_nonnegative_and_zero_when_the_student_reproduces_the_teacher(normalization, kd_loss):
     gen = torch.Generator().manual_seed(5)
     teacher = (2 * torch.randn(13, 29, generator=gen, dtype=torch.float64)).log_softmax(-1)
-    config = KDLossConfig(kd_loss=kd_loss, topk_normalization=normalization, chunk_size=4)
+    config = KDLossConfig(kd_loss=kd_loss, topk_normalization=normalization, sft_loss_weight=0.0, chunk_size=4)
     # The student's logits equal the teacher's log-probs up to a per-row shift.
     reproduced, grads = run_fused(identity_head_batch(teacher + 5.0, 6, teacher), config)
     torch.testing.assert_close(reproduced.kd, torch.tensor(0.0, dtype=torch.float64), rtol=0, atol=1e-12)
@@ -478,7 +479,7 @@ def test_sft_only_and_kd_only_accept_missing_inputs():
     fused = run_fused(batch, sft_only, topk_ids=None, topk_logprobs=None)
     assert_matches(fused, run_reference(batch, sft_only, topk_ids=None, topk_logprobs=None))
     assert math.isnan(fused[0].kd) and math.isnan(fused[0].teacher_coverage)
-    kd_only = KDLossConfig(chunk_size=8)
+    kd_only = KDLossConfig(sft_loss_weight=0.0, chunk_size=8)
     fused = run_fused(batch, kd_only, labels=None)
     assert_matches(fused, run_reference(batch, kd_only, labels=None))
     assert math.isnan(fused[0].sft)
@@ -490,7 +491,7 @@ def test_sft_only_and_kd_only_accept_missing_inputs():
 
 def test_temperature_squared_multiplies_only_the_kd_term_of_the_loss():
     batch = make_batch()
-    config = KDLossConfig(logits_scale=0.5, sft_loss_weight=1.0, chunk_size=8)
+    config = KDLossConfig(kd_loss_weight=1.0, logits_scale=0.5, sft_loss_weight=1.0, chunk_size=8)
     plain = run_fused(batch, config)[0]
     squared = run_fused(batch, replace(config, temperature_squared=True))[0]
     torch.testing.assert_close(squared.kd, plain.kd, **F64)  # reported KD is the raw divergence

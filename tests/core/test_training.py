@@ -123,10 +123,10 @@ def build_fixture(teacher_dir: Path):
 
 def quick_config(**overrides) -> TrainConfig:
     settings = dict(max_steps=4, per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=3e-3,
-                    warmup=0, save_steps=0, eval_steps=0, eval_at_end=False, logging_steps=1, disable_tqdm=True,
-                    lr_scheduler="linear", seed=0)
+                    warmup_steps=0, save_steps=0, eval_steps=0, eval_at_end=False, logging_steps=1, disable_tqdm=True,
+                    lr_scheduler_type="linear", seed=0)
     settings.update(overrides)
-    return TrainConfig(**settings)
+    return TrainConfig.from_dict(settings)
 
 
 def step_losses(summary: dict) -> dict[int, float]:
@@ -177,16 +177,19 @@ def test_train_config_refuses_unknown_and_bad_values():
         TrainConfig.from_dict({"lr": 1e-3})
     with pytest.raises(ValueError, match="trainer.reduction"):
         TrainConfig.from_dict({"reduction": "batch"})
-    with pytest.raises(ValueError, match="trainer.warmup"):
-        TrainConfig.from_dict({"warmup": 1.5})
+    with pytest.raises(ValueError, match="trainer.warmup_steps"):
+        TrainConfig.from_dict({"warmup_steps": 1.5})
+    with pytest.raises(ValueError, match=r"\['remove_unused_columns'\] are set by the trainer"):
+        TrainConfig.from_dict({"remove_unused_columns": True})
     with pytest.raises(ValueError, match="trainer.liger"):
         TrainConfig.from_dict({"liger": "yes"})
     with pytest.raises(ValueError, match=r"trainer.learning_rate must be a number, got '1e-3' \(write 1.0e-3"):
         TrainConfig.from_dict(yaml.safe_load("learning_rate: 1e-3"))
     with pytest.raises(ValueError, match="trainer.max_grad_norm must be a number, got True"):
         TrainConfig.from_dict({"max_grad_norm": True})
-    assert TrainConfig.from_dict(yaml.safe_load("learning_rate: 1.0e-3")).learning_rate == 1e-3
-    assert TrainConfig.from_dict({"max_steps": 3}).max_steps == 3
+    assert TrainConfig.from_dict(yaml.safe_load("learning_rate: 1.0e-3")).argument("learning_rate") == 1e-3
+    assert TrainConfig.from_dict({"max_steps": 3}).argument("max_steps") == 3
+    assert TrainConfig().argument("learning_rate") == 5e-5  # not given: Hugging Face's default
 
 
 @pytest.mark.parametrize("field,value", [

@@ -97,7 +97,7 @@ class KJVChatSource:
     """The embedded default corpus: consecutive KJV verses, the first `prompt_verses` in the
     user turn after an instruction, the rest as the assistant's continuation."""
 
-    num_passages: int = 400
+    num_passages: int = 250
     verses_per_passage: int = 7
     prompt_verses: int = 1
     system_prompt: str = "You are a helpful assistant."
@@ -182,6 +182,6 @@ def source_rows(source: dict) -> Iterator[SourceRow]:
     if kind == "files":
         paths = params.pop("paths", None)
         if params:
-            raise ValueError(f"unknown corpus_prep.source (files) parameter(s) {sorted(params)}; allowed: ['paths']")
+            raise ValueError(f"corpus_prep.source (files): unknown key(s) {sorted(params)}; allowed keys are ['paths']")
         return read_file_rows(list(paths or []))
     raise ValueError(f"corpus_prep.source.kind must be 'kjv_chat' or 'files', got {kind!r}")

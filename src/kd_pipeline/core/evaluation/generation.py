@@ -9,8 +9,17 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from kd_pipeline.core.params import KEY_MESSAGE, dataclass_from_params
+from kd_pipeline.core.params import dataclass_from_params, require, require_bool, require_int
 
+#: The default prompts: three KJV continuations (the training distribution) and one off-topic.
+DEFAULT_PROMPTS = (
+    "Continue this passage from the King James Bible.\n\nIn the beginning God created the heaven and the earth.",
+    "Here is the beginning of a passage from the King James Version. Write how it continues.\n\n"
+    "The LORD is my shepherd; I shall not want.",
+    "What comes next in this passage of scripture? Continue it.\n\n"
+    "Blessed are the poor in spirit: for theirs is the kingdom of heaven.",
+    "Write one sentence about the sea.",
+)
 
 @dataclass(frozen=True)
 class GenerationConfig:
@@ -24,21 +33,23 @@ class GenerationConfig:
         include_teacher: also generate with the teacher, for side-by-side reading.
     """
 
-    prompts: tuple[str, ...] = ()
+    prompts: tuple[str, ...] = DEFAULT_PROMPTS
     max_new_tokens: int = 64
     system_prompt: str | None = None
     include_teacher: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompts", tuple(self.prompts))
-        if not all(isinstance(prompt, str) and prompt for prompt in self.prompts):
-            raise ValueError(f"GenerationConfig.prompts must be non-empty strings, got {self.prompts!r}")
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"GenerationConfig.max_new_tokens must be a positive int, got {self.max_new_tokens!r}")
+        require(all(isinstance(prompt, str) and prompt for prompt in self.prompts), "evaluate.generation", "prompts",
+                "non-empty strings", self.prompts)
+        require_int("evaluate.generation", "max_new_tokens", self.max_new_tokens, minimum=1)
+        require(self.system_prompt is None or isinstance(self.system_prompt, str), "evaluate.generation",
+                "system_prompt", "a string or null", self.system_prompt)
+        require_bool("evaluate.generation", "include_teacher", self.include_teacher)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> "GenerationConfig":
-        return dataclass_from_params(cls, params, "evaluate.generation", KEY_MESSAGE)
+        return dataclass_from_params(cls, params, "evaluate.generation")
 
 
 def chat_prompt_ids(tokenizer, prompt: str, system_prompt: str | None = None) -> list[int]:

@@ -42,9 +42,9 @@ import pyarrow as pa
 import torch
 
 from kd_pipeline.core.batching import TargetsProvider, check_rows, fetch_targets, pad_right, sample_targets
-from kd_pipeline.core.devices import resolve_device
+from kd_pipeline.core.devices import is_device_spec, resolve_device
 from kd_pipeline.core.models.head import HeadTransform, decoder_and_head, head_transform
-from kd_pipeline.core.params import KEY_MESSAGE, dataclass_from_params
+from kd_pipeline.core.params import dataclass_from_params, require, require_int
 
 #: Metric names `evaluate_student` returns without a teacher artifact.
 STUDENT_METRICS = ("num_samples", "num_tokens", "student_nll", "student_ppl")
@@ -86,17 +86,15 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "token_chunk_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"EvalConfig.{name} must be a positive int, got {value!r}")
+            require_int("evaluate.metrics", name, getattr(self, name), minimum=1)
         for name in ("overlap_k", "max_samples"):
-            value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"EvalConfig.{name} must be a positive int or null, got {value!r}")
+            require_int("evaluate.metrics", name, getattr(self, name), minimum=1, allow_none=True)
+        require(is_device_spec(self.device), "evaluate.metrics", "device", "'auto', 'cpu', 'cuda' or 'cuda:N'",
+                self.device)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> "EvalConfig":
-        return dataclass_from_params(cls, params, "evaluate.metrics", KEY_MESSAGE)
+        return dataclass_from_params(cls, params, "evaluate.metrics")
 
 
 class _Sums:

@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import torch
 
 from kd_pipeline.core.devices import DTYPES, is_device_spec, resolve_device, resolve_dtype
-from kd_pipeline.core.params import dataclass_from_params
+from kd_pipeline.core.params import dataclass_from_params, is_number, require, require_bool, require_int
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class ExtractionConfig:
     codec_settings: Mapping[str, Any] = field(default_factory=dict)
     batch_tokens: int = 8192
     max_batch_size: int = 64
-    shard_trained_tokens: int = 1 << 18
+    shard_trained_tokens: int = 32768
     dtype: str = "auto"
     temperature: float = 1.0
     device: str = "auto"
@@ -54,31 +54,20 @@ class ExtractionConfig:
     progress: bool = True
 
     def __post_init__(self):
-        def bad(name: str, reason: str):
-            return ValueError(f"teacher_logits.{name}: {reason}, got {getattr(self, name)!r}")
-
+        what = "teacher_logits"
         for name in ("k", "batch_tokens", "max_batch_size", "shard_trained_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise bad(name, "must be a positive integer")
-        if isinstance(self.head_chunk_rows, bool) or not isinstance(self.head_chunk_rows, int) or self.head_chunk_rows < 0:
-            raise bad("head_chunk_rows", "must be an integer >= 0 (0 = auto)")
-        if not isinstance(self.codec, str) or not self.codec:
-            raise bad("codec", "must be a codec name")
-        if not isinstance(self.codec_settings, Mapping):
-            raise bad("codec_settings", "must be a mapping")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise bad("dtype", f"must be 'auto' or one of {sorted(DTYPES)}")
-        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
-                or not math.isfinite(self.temperature) or self.temperature <= 0:
-            raise bad("temperature", "must be a finite number > 0")
-        if not is_device_spec(self.device):
-            raise bad("device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
-        if isinstance(self.encode_workers, bool) or not isinstance(self.encode_workers, int) or self.encode_workers < -1:
-            raise bad("encode_workers", "must be an integer >= -1 (-1 = auto, 0 = encode inline)")
+            require_int(what, name, getattr(self, name), minimum=1)
+        require_int(what, "head_chunk_rows", self.head_chunk_rows, minimum=0)
+        require(isinstance(self.codec, str) and bool(self.codec), what, "codec", "a codec name", self.codec)
+        require(isinstance(self.codec_settings, Mapping), what, "codec_settings", "a mapping", self.codec_settings)
+        require(self.dtype == "auto" or self.dtype in DTYPES, what, "dtype", f"'auto' or one of {sorted(DTYPES)}",
+                self.dtype)
+        require(is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature > 0, what,
+                "temperature", "a finite number > 0", self.temperature)
+        require(is_device_spec(self.device), what, "device", "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
+        require_int(what, "encode_workers", self.encode_workers, minimum=-1)
         for name in ("check_head", "resume", "progress"):
-            if not isinstance(getattr(self, name), bool):
-                raise bad(name, "must be true or false")
+            require_bool(what, name, getattr(self, name))
         # Frozen dataclass: normalize once (alias, plain dict, float).
         from kd_pipeline.core.topk_store import DEFAULT_CODEC, get_codec
 

@@ -41,7 +41,7 @@ from typing import Any, Mapping, NamedTuple
 import torch
 
 from kd_pipeline.core.batching import IGNORE_INDEX  # noqa: F401 (re-exported: the loss takes HF labels)
-from kd_pipeline.core.params import KEY_MESSAGE, dataclass_from_params
+from kd_pipeline.core.params import dataclass_from_params
 
 KD_LOSSES = ("fwd_kl", "bwd_kl", "jsd")
 TOPK_NORMALIZATIONS = ("renormalize", "tail_bucket")
@@ -80,12 +80,12 @@ class KDLossConfig:
 
     kd_loss: str = "fwd_kl"
     beta: float = 0.5
-    kd_loss_weight: float = 1.0
-    sft_loss_weight: float = 0.0
+    kd_loss_weight: float = 0.5
+    sft_loss_weight: float = 1.0
     logits_scale: float = 1.0
     target_logits_scale: float = 1.0
     temperature_squared: bool = False
-    topk_normalization: str = "renormalize"
+    topk_normalization: str = "tail_bucket"
     scale_sft_logits: bool = True
     chunk_size: int | None = None
     compiled: bool = False
@@ -136,7 +136,7 @@ class KDLossConfig:
         Raises:
             ValueError: on keys that are not fields (all of them are named) or invalid values.
         """
-        return dataclass_from_params(cls, params, "KDLossConfig", KEY_MESSAGE)
+        return dataclass_from_params(cls, params, "distill.loss")
 
     @property
     def student_temperature(self) -> float:

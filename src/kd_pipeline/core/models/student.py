@@ -94,7 +94,7 @@ class StudentInit:
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> "StudentInit":
         """Build from a params dict (e.g. `distill.student`); unknown keys are an error."""
-        return dataclass_from_params(cls, params, "student")
+        return dataclass_from_params(cls, params, "distill.student_init")
 
 
 def evenly_spaced_layers(num_teacher_layers: int, num_layers: int) -> list[int]:

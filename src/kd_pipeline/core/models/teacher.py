@@ -102,7 +102,7 @@ class TeacherSource:
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> "TeacherSource":
         """Build from a params dict (e.g. `corpus_prep.teacher`); unknown keys are an error."""
-        return dataclass_from_params(cls, params, "teacher")
+        return dataclass_from_params(cls, params, "corpus_prep.teacher")
 
 
 def embedded_gguf_path() -> Path:

@@ -21,12 +21,11 @@ from transformers.trainer_callback import ProgressCallback
 from kd_pipeline.core.atomic import atomic_dir, canonical_json, write_json_atomic
 from kd_pipeline.core.losses import KDLossConfig
 from kd_pipeline.core.models.identity import tokenizer_hash
-from kd_pipeline.core.models.liger import apply_liger_kernels
 from kd_pipeline.core.models.student import init_student
 from kd_pipeline.core.plots import plot_training_curves
 from kd_pipeline.core.topk_store import ArtifactMismatchError, check_artifact_compatibility, manifest_sha256
 from kd_pipeline.core.training.checkpoints import is_finished, prepare_checkpoint_dir
-from kd_pipeline.core.training.config import NON_NUMERIC_FIELDS, TrainConfig, training_arguments
+from kd_pipeline.core.training.config import TrainConfig, training_arguments
 from kd_pipeline.core.training.data import DistillCollator, DistillDataset
 from kd_pipeline.core.training.trainer import DistillationTrainer, DistillProgressCallback
 
@@ -95,10 +94,9 @@ def train_student(
     validation = corpus.split("validation")
     eval_set = DistillDataset(validation, targets, used_k, split="validation") if validation.num_rows else None
 
-    args = training_arguments(train, checkpoint_dir, eval_set is not None, report_to)
-    liger_applied = apply_liger_kernels(model, train.liger, args.device)
+    args = training_arguments(train, checkpoint_dir, eval_set is not None, report_to, model.config.model_type)
     identity = {
-        "train": {key: value for key, value in asdict(train).items() if key not in NON_NUMERIC_FIELDS},
+        "train": train.identity(),
         "loss": asdict(loss),
         "student_init": asdict(student_init) if dataclasses.is_dataclass(student_init) else dict(student_init),
         "corpus_fingerprint": corpus.fingerprint,
@@ -113,15 +111,15 @@ def train_student(
         data_collator=DistillCollator(pad_id, train.pad_to_multiple_of), processing_class=tokenizer,
         loss_config=loss, reduction=train.reduction, callbacks=list(callbacks),
     )
-    if not train.disable_tqdm:
+    if not args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(DistillProgressCallback())
     train_metrics = _train(trainer, resume_from)
-    evaluated_last_step = bool(train.eval_steps) and trainer.state.global_step % train.eval_steps == 0
+    evaluated_last_step = args.eval_strategy == "steps" and trainer.state.global_step % args.eval_steps == 0
     if eval_set is not None and train.eval_at_end and not evaluated_last_step:
         trainer.evaluate()
 
-    summary = _summary(trainer, train_metrics, liger_applied, args, resume_from, manifest_id, used_k,
+    summary = _summary(trainer, train_metrics, args.use_liger_kernel, args, resume_from, manifest_id, used_k,
                        time.perf_counter() - started)
     _save_student(trainer, summary, output_dir, checkpoint_dir, train.keep_checkpoints)
     trainer._hook.remove()
