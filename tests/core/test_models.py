@@ -707,3 +707,36 @@ def test_real_embedded_teacher_converts_and_reloads(real_teacher_dir):
     student, _ = init_student(StudentInit(), real_teacher_dir)
     assert student.config.num_hidden_layers == 10
     assert sum(p.numel() for p in student.parameters()) < 0.55 * sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------------------------
+# The LM head policy: what extraction, evaluation and training do after the head
+
+
+@pytest.mark.parametrize("model_type, setting", [
+    ("gemma2", {"final_logit_softcapping": 2.0}),  # tanh(z / cap) * cap
+    ("granite", {"logits_scaling": 4.0}),  # z / scaling
+    ("cohere", {"logit_scale": 0.5}),  # z * scale
+    ("llama", {}),  # nothing
+])
+def test_head_transform_reproduces_the_models_own_logits(model_type, setting):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from kd_pipeline.core.models.head import decoder_and_head, head_transform, require_plain_head
+
+    config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=8, **setting)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).double().eval()
+    ids = torch.randint(0, 64, (1, 7))
+    decoder, head = decoder_and_head(model)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits[0]
+        got = head_transform(model).apply_(head(decoder(input_ids=ids).last_hidden_state[0]))
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
+    assert head_transform(model).settings == setting
+    if setting:
+        with pytest.raises(ValueError, match=f"sets config.{next(iter(setting))}; the fused loss applies the plain"):
+            require_plain_head(model, "the fused loss")
+    else:
+        require_plain_head(model, "the fused loss")
