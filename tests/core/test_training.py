@@ -350,6 +350,11 @@ def test_sft_only_runs_without_an_artifact(teacher_dir, fixture, tmp_path, monke
                           train=quick_config(max_steps=2, save_steps=2), output_dir=tmp_path / "student")
     assert again["global_step"] == 2 and again["resumed_from"].endswith("checkpoint-2")
     assert len(spy.batches) == 2 and again["final_train"] == final
+    from safetensors.torch import load_file
+
+    saved = load_file(tmp_path / "student" / "model.safetensors")
+    checkpoint = load_file(Path(again["resumed_from"]) / "model.safetensors")
+    assert saved.keys() == checkpoint.keys() and all(torch.equal(saved[key], checkpoint[key]) for key in saved)
     with pytest.raises(ValueError, match="needs the teacher top-k artifact"):
         train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=LOSS,
                       train=quick_config(), output_dir=tmp_path / "other")

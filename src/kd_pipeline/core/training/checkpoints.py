@@ -68,3 +68,23 @@ def prepare_checkpoint_dir(directory: Path, identity: dict, resume: bool, is_mai
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()  # other ranks look only after the main one has cleaned up
     return last_complete_checkpoint(directory) if resume else None
+
+
+def load_checkpoint_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Load a checkpoint's safetensors weights into `model` in place. A weight the checkpoint
+    leaves out is accepted only when it is tied to one it holds (e.g. lm_head = embeddings)."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for file in sorted(Path(checkpoint).glob("*.safetensors")):
+        state.update(load_file(file))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    names_of: dict[int, list[str]] = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(parameter), []).append(name)
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    untied = [name for name in missing
+              if name not in parameters or not set(names_of[id(parameters[name])]) & set(state)]
+    if untied or unexpected:
+        raise RuntimeError(f"checkpoint {checkpoint} does not fit the student: missing {untied[:5]}, "
+                           f"unexpected {list(unexpected)[:5]}")

@@ -5,7 +5,6 @@ tokenizer) that `AutoModelForCausalLM.from_pretrained` loads, plus `training_sum
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import logging
 import os
@@ -24,7 +23,7 @@ from kd_pipeline.core.models.identity import tokenizer_hash
 from kd_pipeline.core.models.student import init_student
 from kd_pipeline.core.plots import plot_training_curves
 from kd_pipeline.core.topk_store import ArtifactMismatchError, check_artifact_compatibility, manifest_sha256
-from kd_pipeline.core.training.checkpoints import is_finished, prepare_checkpoint_dir
+from kd_pipeline.core.training.checkpoints import is_finished, load_checkpoint_weights, prepare_checkpoint_dir
 from kd_pipeline.core.training.config import TrainConfig, training_arguments
 from kd_pipeline.core.training.data import DistillCollator, DistillDataset
 from kd_pipeline.core.training.trainer import DistillationTrainer, DistillProgressCallback
@@ -82,11 +81,7 @@ def train_student(
     set_seed(train.seed)
     model, tokenizer = init_student(student_init, teacher_dir)
     student_tokenizer_hash = tokenizer_hash(tokenizer)
-    if corpus.meta.get("tokenizer_hash") not in (None, student_tokenizer_hash):
-        raise ArtifactMismatchError(
-            f"corpus field 'tokenizer_hash' is {corpus.meta.get('tokenizer_hash')!r} but the student tokenizer "
-            f"hashes to {student_tokenizer_hash!r}: the corpus was tokenized with another tokenizer"
-        )
+    _check_corpus_tokenizer(corpus, student_tokenizer_hash)
     vocab_size = model.get_output_embeddings().weight.shape[0]
     targets, used_k, manifest_id = _open_targets(loss, targets, topk_dir, corpus, student_tokenizer_hash,
                                                  vocab_size, k)
@@ -95,15 +90,9 @@ def train_student(
     eval_set = DistillDataset(validation, targets, used_k, split="validation") if validation.num_rows else None
 
     args = training_arguments(train, checkpoint_dir, eval_set is not None, report_to, model.config.model_type)
-    identity = {
-        "train": train.identity(),
-        "loss": asdict(loss),
-        "student_init": asdict(student_init) if dataclasses.is_dataclass(student_init) else dict(student_init),
-        "corpus_fingerprint": corpus.fingerprint,
-        "artifact": manifest_id,
-        "k": used_k,
-        "world_size": args.world_size,
-    }
+    identity = {"train": train.identity(), "loss": asdict(loss), "student_init": asdict(student_init),
+                "corpus_fingerprint": corpus.fingerprint, "artifact": manifest_id, "k": used_k,
+                "world_size": args.world_size}
     resume_from = prepare_checkpoint_dir(checkpoint_dir, identity, train.resume, args.process_index == 0)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     trainer = DistillationTrainer(
@@ -122,8 +111,16 @@ def train_student(
     summary = _summary(trainer, train_metrics, args.use_liger_kernel, args, resume_from, manifest_id, used_k,
                        time.perf_counter() - started)
     _save_student(trainer, summary, output_dir, checkpoint_dir, train.keep_checkpoints)
-    trainer._hook.remove()
+    trainer.close()
     return summary
+
+
+def _check_corpus_tokenizer(corpus, student_tokenizer_hash: str) -> None:
+    if corpus.meta.get("tokenizer_hash") not in (None, student_tokenizer_hash):
+        raise ArtifactMismatchError(
+            f"corpus field 'tokenizer_hash' is {corpus.meta.get('tokenizer_hash')!r} but the student tokenizer "
+            f"hashes to {student_tokenizer_hash!r}: the corpus was tokenized with another tokenizer"
+        )
 
 
 def _open_targets(loss: KDLossConfig, targets, topk_dir, corpus, student_tokenizer_hash: str, vocab_size: int,
@@ -155,7 +152,7 @@ def _train(trainer: DistillationTrainer, resume_from: Path | None) -> dict:
         from transformers import TrainerState
 
         logger.info("distill: %s is the end of an identical finished run; saving it", resume_from)
-        trainer._load_from_checkpoint(str(resume_from))
+        load_checkpoint_weights(trainer.model, resume_from)
         trainer.state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
         return {}
     if resume_from is not None:

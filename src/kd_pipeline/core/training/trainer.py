@@ -73,6 +73,10 @@ class DistillationTrainer(Trainer):
         self._step_started: float | None = None
         self.add_callback(_StepTimer(self))
 
+    def close(self) -> None:
+        """Remove the hidden-state hook from the student (the model outlives the trainer)."""
+        self._hook.remove()
+
     # ---- data: count the step's tokens and sequences before its first micro-batch ----------
 
     def get_batch_samples(self, epoch_iterator, num_batches, device):
