@@ -8,13 +8,13 @@ into torch tensors). Payloads go through a registered codec: `raw` (exact refere
 
 from kd_pipeline.core.topk_store.codec import (
     CODECS,
-    LogQuantZstdCodec,
     RawCodec,
     TopKArrays,
     TopKCodec,
     get_codec,
     register_codec,
 )
+from kd_pipeline.core.topk_store.logquant import LogQuantZstdCodec
 from kd_pipeline.core.topk_store.manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,

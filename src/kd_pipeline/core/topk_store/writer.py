@@ -41,7 +41,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kd_pipeline.core.atomic import sha256_file, temp_path_for, write_json_atomic
-from kd_pipeline.core.topk_store.codec import LogQuantZstdCodec, TopKArrays, TopKCodec
+from kd_pipeline.core.topk_store.codec import TopKArrays, TopKCodec
+from kd_pipeline.core.topk_store.logquant import LogQuantZstdCodec
 from kd_pipeline.core.topk_store.manifest import (
     COVERAGE_BINS,
     MANIFEST_NAME,
