@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from kd_pipeline.core.atomic import sha256_file
+from kd_pipeline.core.locking import FolderLockedError
 from kd_pipeline.core.topk_store import (
     ArtifactSource,
     LogQuantZstdCodec,
@@ -446,6 +448,47 @@ def test_resume_after_sigkill_of_a_writer_process(tmp_path):
     write(directory, samples, LogQuantZstdCodec())
     write(tmp_path / "full", samples, LogQuantZstdCodec())
     assert shard_digests(directory) == shard_digests(tmp_path / "full")
+
+
+@pytest.mark.slow
+def test_a_second_writer_is_refused_while_the_first_runs_and_leaves_its_files(tmp_path):
+    samples = make_samples(30)
+    arrays = {"count": len(samples)}
+    arrays.update({f"source_{name}": value for name, value in vars(source()).items()})
+    for index, (sample_id, sample) in enumerate(samples):
+        arrays.update({f"positions{index}": sample.positions, f"ids{index}": sample.topk_ids,
+                       f"logprobs{index}": sample.topk_logprobs, f"target{index}": sample.target_logprobs})
+    np.savez(tmp_path / "samples.npz", **arrays)
+    directory = tmp_path / "shared"
+    script = KILLED_WRITER.format(source_fields=list(vars(source())))
+    process = subprocess.Popen([sys.executable, "-c", script, str(directory), str(tmp_path / "samples.npz")],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().strip() == "shard in progress"
+        before = sorted(path.name for path in directory.iterdir())
+        with pytest.raises(FolderLockedError, match=re.escape(
+                f"{directory} is locked by process {process.pid} (teacher top-k writer, rank 0 of 1, since ")):
+            TopKShardWriter(directory, source(), LogQuantZstdCodec(), shard_tokens=100, samples_per_row_group=3)
+        assert sorted(path.name for path in directory.iterdir()) == before  # the live temp shard survives
+        assert any(".tmp-" in name for name in before)
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    write(directory, samples, LogQuantZstdCodec())  # the dead writer's lock is taken over
+    write(tmp_path / "full", samples, LogQuantZstdCodec())
+    assert shard_digests(directory) == shard_digests(tmp_path / "full")
+
+
+def test_writer_locks_its_folder_or_its_rank_share_until_closed(tmp_path):
+    directory = tmp_path / "artifact"
+    writer = TopKShardWriter(directory, source(), RawCodec(), rank=1, world_size=2)
+    assert json.loads((tmp_path / "artifact.r01.lock").read_text())["purpose"] == "teacher top-k writer, rank 1 of 2"
+    writer.close()
+    assert (tmp_path / "artifact.r01.lock").read_text() == ""
+    with TopKShardWriter(directory, source(), RawCodec(), rank=0, world_size=2):
+        assert json.loads((tmp_path / "artifact.lock").read_text())["pid"] == os.getpid()
+    assert (tmp_path / "artifact.lock").read_text() == ""
+    assert not list(directory.glob("*.lock"))
 
 
 def test_resume_with_other_settings_is_refused_naming_the_field(tmp_path):
