@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import re
 import signal
@@ -521,7 +522,9 @@ def test_corrupt_shard_is_named_and_repaired_by_rewriting_it(tmp_path, damage):
         payload = LogQuantZstdCodec().encode(dict(samples)[victim_ids[0]])["payload"]
         data[data.find(payload[-40:]) + 20] ^= 0x40  # inside a payload: the index still reads
         victim.write_bytes(bytes(data))
-        reader = TopKReader(tmp_path)  # sizes match: detected at first read
+        with pytest.raises(ShardCorruptError, match=r"1 of \d+ shards are corrupt .*: shard-r00-00002\.parquet;"):
+            TopKReader(tmp_path)  # default (small artifact): every sha256 checked at open
+        reader = TopKReader(tmp_path, verify="lazy")  # sizes match: detected at first read
         reader.get(reader.sample_ids()[0])  # other shards still read
         with pytest.raises(ShardCorruptError,
                            match=r"shard-r00-00002\.parquet.*sha256.*kedro run --pipelines teacher_logits"):
@@ -531,6 +534,39 @@ def test_corrupt_shard_is_named_and_repaired_by_rewriting_it(tmp_path, damage):
     write(tmp_path, samples, LogQuantZstdCodec())
     assert shard_digests(tmp_path) == good
     assert TopKReader(tmp_path).verify() == []
+
+
+def test_full_verification_finds_a_late_corrupt_shard_at_open_and_says_so(tmp_path, caplog):
+    samples = make_samples(40)
+    write(tmp_path, samples, LogQuantZstdCodec())
+    shards = sorted(tmp_path.glob("shard-*.parquet"))
+    assert len(shards) >= 4
+    last = shards[-1]  # the shard training would reach last
+    data = bytearray(last.read_bytes())
+    data[len(data) // 3] ^= 0x01  # same size: only the sha256 tells
+    last.write_bytes(bytes(data))
+    for options in ({}, {"verify": "full"}):
+        with pytest.raises(ShardCorruptError) as caught:
+            TopKReader(tmp_path, **options)
+        assert str(caught.value) == (
+            f"top-k artifact {tmp_path}: 1 of {len(shards)} shards are corrupt (size or sha256 differs from the "
+            f"manifest): {last.name}; re-run `kedro run --pipelines teacher_logits` to regenerate it")
+    with caplog.at_level(logging.INFO, logger="kd_pipeline.core.topk_store.reader"):
+        lazy = TopKReader(tmp_path, full_verify_max_bytes=1024)  # "huge" artifact: lazy check kept
+        assert lazy.verify_mode == "lazy"
+        assert re.search(r"verify=lazy \(auto: artifact 0\.\d\d GiB > full_verify_max_bytes 0\.00 GiB\): each of the "
+                         rf"{len(shards)} shards' sha256 is checked when it is first read", caplog.text)
+        lazy.get(lazy.sample_ids()[0])
+        caplog.clear()
+        data[len(data) // 3] ^= 0x01  # repaired
+        last.write_bytes(bytes(data))
+        full = TopKReader(tmp_path)
+        assert full.verify_mode == "full"
+        assert re.search(rf"verify=full \(auto: artifact 0\.\d\d GiB <= full_verify_max_bytes 16\.00 GiB\): sha256 of all "
+                         rf"{len(shards)} shards \(0\.\d\d GiB\) checked at open", caplog.text)
+    assert full._verified == set(range(len(shards)))  # nothing is hashed again on read
+    with pytest.raises(ValueError, match=r"verify mode must be one of \['auto', 'full', 'lazy'\], got 'yes'"):
+        TopKReader(tmp_path, verify="yes")
 
 
 def test_unknown_schema_version_or_codec_is_rejected(tmp_path):
