@@ -171,22 +171,26 @@ def evaluate_student(
 
 
 def evaluate_on_artifact(student_dir: str | os.PathLike, corpus, topk_dir: str | os.PathLike,
-                         config: EvalConfig = EvalConfig()) -> dict[str, float]:
+                         config: EvalConfig = EvalConfig(), *, teacher_dir: str | os.PathLike) -> dict[str, float]:
     """`evaluate_student` of the student folder on `config.split` of `corpus` (a `TokenizedCorpus`),
-    against the artifact at `topk_dir`, after the artifact compatibility check training runs too.
+    against the artifact at `topk_dir`, after the artifact compatibility check training runs too
+    (with the prepared teacher folder `teacher_dir`, whose config and weights hashes must be the
+    artifact's: KL against another teacher's targets would be reported as this teacher's).
 
     Raises:
-        ArtifactMismatchError: the artifact was made for another corpus, tokenizer or vocabulary.
+        ArtifactMismatchError: the artifact was made for another corpus, tokenizer, vocabulary or teacher.
     """
-    from kd_pipeline.core.models.identity import tokenizer_hash
+    from kd_pipeline.core.models.identity import model_identity, tokenizer_hash
     from kd_pipeline.core.models.loading import load_causal_lm, load_tokenizer
     from kd_pipeline.core.topk_store import TopKReader, check_artifact_compatibility
 
-    model = load_causal_lm(student_dir, device=resolve_device(config.device))
     reader = TopKReader(topk_dir)
+    teacher_identity = model_identity(teacher_dir)
+    model = load_causal_lm(student_dir, device=resolve_device(config.device))
     check_artifact_compatibility(reader.manifest, corpus_fingerprint=corpus.fingerprint,
                                  tokenizer_hash=tokenizer_hash(load_tokenizer(student_dir)),
-                                 vocab_size=int(model.get_output_embeddings().weight.shape[0]))
+                                 vocab_size=int(model.get_output_embeddings().weight.shape[0]),
+                                 teacher_identity=teacher_identity, teacher_dir=teacher_dir)
     return evaluate_student(model, corpus.split(config.split), reader, config)
 
 

@@ -12,6 +12,7 @@ from kd_pipeline import tracking
 from kd_pipeline.core.corpus import TokenizedCorpus
 from kd_pipeline.core.losses import KDLossConfig
 from kd_pipeline.core.models.student import StudentInit
+from kd_pipeline.core.params import require_int
 from kd_pipeline.core.topk_store import manifest_sha256
 from kd_pipeline.core.training.config import TrainConfig
 from kd_pipeline.core.training.run import LOSS_CURVE_FILE, SUMMARY_FILE
@@ -34,6 +35,8 @@ def train_student(tokenized_corpus: TokenizedCorpus, teacher_topk: Path, teacher
     unknown = sorted(set(params) - set(_PARAM_GROUPS))
     if unknown:
         raise ValueError(f"unknown distill parameter(s) {unknown}; allowed: {list(_PARAM_GROUPS)}")
+    k = params.get("k")
+    require_int("distill", "k", k, minimum=1, allow_none=True)  # before any work
     loss = KDLossConfig.from_dict(params.get("loss") or {})
     student_init = StudentInit.from_params(params.get("student_init"))
     train = TrainConfig.from_dict(params.get("trainer"))
@@ -46,7 +49,7 @@ def train_student(tokenized_corpus: TokenizedCorpus, teacher_topk: Path, teacher
         with tracking.one_mlflow_run("distill") as report_to:
             run_training(teacher_dir=teacher_model, corpus=tokenized_corpus, student_init=student_init, loss=loss,
                          train=train, output_dir=directory, topk_dir=teacher_topk if kd else None,
-                         k=params.get("k"), report_to=report_to)
+                         k=k, report_to=report_to)
 
     return write_student
 
