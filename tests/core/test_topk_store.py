@@ -427,8 +427,9 @@ KILLED_WRITER = textwrap.dedent("""
 """)
 
 
-def test_resume_after_sigkill_of_a_writer_process(tmp_path):
-    samples = make_samples(30)
+def start_writer_process(tmp_path: Path, directory: Path, samples) -> subprocess.Popen:
+    """A process writing `samples` to `directory` that stops (sleeping) with a shard in progress
+    once two shards are finished, after printing "shard in progress"."""
     arrays = {"count": len(samples)}
     arrays.update({f"source_{name}": value for name, value in vars(source()).items()})
     for index, (sample_id, sample) in enumerate(samples):
@@ -436,10 +437,15 @@ def test_resume_after_sigkill_of_a_writer_process(tmp_path):
         arrays.update({f"positions{index}": sample.positions, f"ids{index}": sample.topk_ids,
                        f"logprobs{index}": sample.topk_logprobs, f"target{index}": sample.target_logprobs})
     np.savez(tmp_path / "samples.npz", **arrays)
-    directory = tmp_path / "killed"
     script = KILLED_WRITER.format(source_fields=list(vars(source())))
-    process = subprocess.Popen([sys.executable, "-c", script, str(directory), str(tmp_path / "samples.npz")],
-                               stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-c", script, str(directory), str(tmp_path / "samples.npz")],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def test_resume_after_sigkill_of_a_writer_process(tmp_path):
+    samples = make_samples(30)
+    directory = tmp_path / "killed"
+    process = start_writer_process(tmp_path, directory, samples)
     try:
         assert process.stdout.readline().strip() == "shard in progress"
     finally:
@@ -454,16 +460,8 @@ def test_resume_after_sigkill_of_a_writer_process(tmp_path):
 @pytest.mark.slow
 def test_a_second_writer_is_refused_while_the_first_runs_and_leaves_its_files(tmp_path):
     samples = make_samples(30)
-    arrays = {"count": len(samples)}
-    arrays.update({f"source_{name}": value for name, value in vars(source()).items()})
-    for index, (sample_id, sample) in enumerate(samples):
-        arrays.update({f"positions{index}": sample.positions, f"ids{index}": sample.topk_ids,
-                       f"logprobs{index}": sample.topk_logprobs, f"target{index}": sample.target_logprobs})
-    np.savez(tmp_path / "samples.npz", **arrays)
     directory = tmp_path / "shared"
-    script = KILLED_WRITER.format(source_fields=list(vars(source())))
-    process = subprocess.Popen([sys.executable, "-c", script, str(directory), str(tmp_path / "samples.npz")],
-                               stdout=subprocess.PIPE, text=True)
+    process = start_writer_process(tmp_path, directory, samples)
     try:
         assert process.stdout.readline().strip() == "shard in progress"
         before = sorted(path.name for path in directory.iterdir())
