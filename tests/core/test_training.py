@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -282,6 +283,33 @@ def test_distill_k_is_validated_before_any_work(teacher_dir, fixture, tmp_path, 
     if text in ("true", "yes", "on"):
         assert str(caught.value) == message + " (YAML reads a bare true/false, yes/no or on/off as a boolean)"
     assert not (tmp_path / "student").exists()
+
+
+def test_a_corrupt_late_shard_stops_training_before_the_first_step(teacher_dir, fixture, tmp_path, monkeypatch):
+    """distill opens the artifact with `topk_verify: auto` (full for a small artifact): a shard
+    the run would reach late is found before any step; `lazy` keeps the old check-on-read."""
+    from kd_pipeline.core.topk_store import ShardCorruptError
+
+    corpus, targets, _ = fixture
+    artifact = targets.write_artifact(tmp_path / "topk")
+    last = sorted(artifact.glob("shard-*.parquet"))[-1]
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    last.write_bytes(bytes(data))
+    spy = BatchSpy(monkeypatch)
+    with pytest.raises(ShardCorruptError, match=rf"1 of \d+ shards are corrupt .*: {last.name}; re-run"):
+        train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=LOSS, train=quick_config(),
+                      output_dir=tmp_path / "student", topk_dir=artifact)
+    assert not spy.batches
+    # lazy: opening passes; the shard is found when a batch first reads from it.
+    with pytest.raises(ShardCorruptError, match=rf"top-k shard {re.escape(str(last))} is corrupt \(sha256 "):
+        train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=LOSS,
+                      train=quick_config(max_steps=10), output_dir=tmp_path / "student", topk_dir=artifact,
+                      topk_verify="lazy")
+    with pytest.raises(ValueError, match=r"distill.topk_verify must be one of \['auto', 'full', 'lazy'\], got True "
+                                         r"\(YAML reads a bare true/false, yes/no or on/off as a boolean\)"):
+        train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=LOSS, train=quick_config(),
+                      output_dir=tmp_path / "student", topk_dir=artifact, topk_verify=True)
 
 
 # --------------------------------------------------------------------------------------------

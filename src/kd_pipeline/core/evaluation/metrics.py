@@ -44,7 +44,8 @@ import torch
 from kd_pipeline.core.batching import TargetsProvider, check_rows, fetch_targets, pad_right, sample_targets
 from kd_pipeline.core.devices import is_device_spec, resolve_device
 from kd_pipeline.core.models.head import HeadTransform, decoder_and_head, head_transform
-from kd_pipeline.core.params import dataclass_from_params, require, require_int
+from kd_pipeline.core.params import dataclass_from_params, require, require_choice, require_int
+from kd_pipeline.core.topk_store.reader import VERIFY_MODES
 
 #: Metric names `evaluate_student` returns without a teacher artifact.
 STUDENT_METRICS = ("num_samples", "num_tokens", "student_nll", "student_ppl")
@@ -75,6 +76,8 @@ class EvalConfig:
         overlap_k: k of `topk_overlap`; None uses the artifact's K (must be <= K).
         max_samples: evaluate only the first N samples (by sample_id); None: all.
         device: `auto` (CUDA when available), `cpu` or `cuda[:i]`.
+        topk_verify: when the artifact's shard checksums are checked (`TopKReader(verify=...)`):
+            `full` all at open, `lazy` each on first read, `auto` full up to 16 GiB of shards.
     """
 
     split: str = "validation"
@@ -83,8 +86,10 @@ class EvalConfig:
     overlap_k: int | None = None
     max_samples: int | None = None
     device: str = "auto"
+    topk_verify: str = "auto"
 
     def __post_init__(self) -> None:
+        require_choice("evaluate.metrics", "topk_verify", self.topk_verify, VERIFY_MODES)
         for name in ("batch_size", "token_chunk_size"):
             require_int("evaluate.metrics", name, getattr(self, name), minimum=1)
         for name in ("overlap_k", "max_samples"):
@@ -184,7 +189,7 @@ def evaluate_on_artifact(student_dir: str | os.PathLike, corpus, topk_dir: str |
     from kd_pipeline.core.models.loading import load_causal_lm, load_tokenizer
     from kd_pipeline.core.topk_store import TopKReader, check_artifact_compatibility
 
-    reader = TopKReader(topk_dir)
+    reader = TopKReader(topk_dir, verify=config.topk_verify)
     teacher_identity = model_identity(teacher_dir)
     model = load_causal_lm(student_dir, device=resolve_device(config.device))
     check_artifact_compatibility(reader.manifest, corpus_fingerprint=corpus.fingerprint,

@@ -23,9 +23,14 @@ from kd_pipeline.core.locking import FolderLock
 from kd_pipeline.core.losses import KDLossConfig
 from kd_pipeline.core.models.identity import model_identity, tokenizer_hash
 from kd_pipeline.core.models.student import init_student
-from kd_pipeline.core.params import require_int
+from kd_pipeline.core.params import require_choice, require_int
 from kd_pipeline.core.plots import plot_training_curves
-from kd_pipeline.core.topk_store import ArtifactMismatchError, check_artifact_compatibility, manifest_sha256
+from kd_pipeline.core.topk_store import (
+    VERIFY_MODES,
+    ArtifactMismatchError,
+    check_artifact_compatibility,
+    manifest_sha256,
+)
 from kd_pipeline.core.training.checkpoints import is_finished, load_checkpoint_weights, prepare_checkpoint_dir
 from kd_pipeline.core.training.config import TrainConfig, training_arguments
 from kd_pipeline.core.training.data import DistillCollator, DistillDataset
@@ -51,6 +56,7 @@ def train_student(
     report_to: Sequence[str] = (),
     callbacks: Iterable[TrainerCallback] = (),
     targets=None,
+    topk_verify: str = "auto",
 ) -> dict:
     """Train the student and save it as an HF folder at `output_dir` (atomically replaced).
 
@@ -69,6 +75,8 @@ def train_student(
         callbacks: extra `TrainerCallback`s.
         targets: an already open targets provider with `.manifest` (a `topk_store.Manifest`) and
             `.get_many` (synthetic data in checks and benchmarks); overrides `topk_dir`.
+        topk_verify: when the artifact's shard checksums are checked (`TopKReader(verify=...)`):
+            `full` all at open, `lazy` each on first read, `auto` full up to 16 GiB of shards.
 
     Returns:
         A JSON-able summary: final train/eval losses, steps, tokens/s, the log history, ...
@@ -85,6 +93,7 @@ def train_student(
     from transformers import set_seed
 
     require_int("distill", "k", k, minimum=1, allow_none=True)  # before any work
+    require_choice("distill", "topk_verify", topk_verify, VERIFY_MODES)
     output_dir = Path(output_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else output_dir.with_name(f"{output_dir.name}_checkpoints")
     started = time.perf_counter()
@@ -95,7 +104,7 @@ def train_student(
         _check_corpus_tokenizer(corpus, student_tokenizer_hash)
         vocab_size = model.get_output_embeddings().weight.shape[0]
         targets, used_k, manifest_id = _open_targets(loss, targets, topk_dir, corpus, student_tokenizer_hash,
-                                                     vocab_size, k, teacher_dir)
+                                                     vocab_size, k, teacher_dir, topk_verify)
         train_set = DistillDataset(corpus.split("train"), targets, used_k, split="train")
         validation = corpus.split("validation")
         eval_set = DistillDataset(validation, targets, used_k, split="validation") if validation.num_rows else None
@@ -147,7 +156,7 @@ def _check_corpus_tokenizer(corpus, student_tokenizer_hash: str) -> None:
 
 
 def _open_targets(loss: KDLossConfig, targets, topk_dir, corpus, student_tokenizer_hash: str, vocab_size: int,
-                  k: int | None, teacher_dir):
+                  k: int | None, teacher_dir, topk_verify: str):
     """(targets, k to use, manifest sha256) of the run; all None for SFT only (`kd_loss_weight` 0)."""
     if loss.kd_loss_weight == 0:
         return None, None, None
@@ -157,7 +166,7 @@ def _open_targets(loss: KDLossConfig, targets, topk_dir, corpus, student_tokeniz
                              "set kd_loss_weight: 0 for the SFT-only baseline")
         from kd_pipeline.core.topk_store import TopKReader
 
-        targets = TopKReader(topk_dir)
+        targets = TopKReader(topk_dir, verify=topk_verify)
     used_k = check_artifact_compatibility(targets.manifest, corpus_fingerprint=corpus.fingerprint,
                                           tokenizer_hash=student_tokenizer_hash, vocab_size=vocab_size, k=k,
                                           teacher_identity=model_identity(teacher_dir), teacher_dir=teacher_dir)
