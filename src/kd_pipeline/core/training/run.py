@@ -61,8 +61,7 @@ def train_student(
     """Train the student and save it as an HF folder at `output_dir` (atomically replaced).
 
     Args:
-        teacher_dir: the prepared teacher folder (tokenizer; weights for `prune_teacher`; its
-            config and weights hashes must be the artifact's).
+        teacher_dir: the prepared teacher folder (tokenizer; weights for `prune_teacher`; the artifact's teacher).
         corpus: the `TokenizedCorpus` (train split trained on, validation split evaluated).
         student_init: a `models.student.StudentInit`.
         loss: the loss config; `kd_loss_weight == 0` trains SFT only and needs no artifact.
@@ -75,20 +74,18 @@ def train_student(
         callbacks: extra `TrainerCallback`s.
         targets: an already open targets provider with `.manifest` (a `topk_store.Manifest`) and
             `.get_many` (synthetic data in checks and benchmarks); overrides `topk_dir`.
-        topk_verify: when the artifact's shard checksums are checked (`TopKReader(verify=...)`):
-            `full` all at open, `lazy` each on first read, `auto` full up to 16 GiB of shards.
+        topk_verify: `TopKReader(verify=...)`: shard checksums all at open (`full`), on first read
+            (`lazy`), or `auto` (full up to 16 GiB).
 
     Returns:
         A JSON-able summary: final train/eval losses, steps, tokens/s, the log history, ...
 
     Raises:
-        ValueError: `k` is not None or an integer >= 1 (checked before any work; names `distill.k`).
+        ValueError: `k` or `topk_verify` is not valid (checked before any work, naming the key).
         FolderLockedError: another process is training into `output_dir` (or its checkpoints).
-        ArtifactMismatchError: manifest does not fit the corpus, tokenizer, vocabulary, teacher
-            (config or weights hash) or k.
-        NonFiniteLossError: the loss became NaN/Inf (names the step and the batch's sample ids).
-        NonFiniteGradientError: a step's gradient norm is NaN/Inf (names the step and its sample
-            ids); the student folder is left as it was.
+        ArtifactMismatchError: manifest does not fit the corpus, tokenizer, vocabulary, teacher or k.
+        NonFiniteLossError / NonFiniteGradientError: the loss / a step's gradient norm became NaN or
+            Inf (names the step and its sample ids); nothing is saved.
     """
     from transformers import set_seed
 
