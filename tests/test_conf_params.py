@@ -18,6 +18,8 @@ from kd_pipeline.core.extraction.config import ExtractionConfig
 from kd_pipeline.core.losses import KDLossConfig
 from kd_pipeline.core.models.student import StudentInit, select_layers
 from kd_pipeline.core.models.teacher import TeacherSource
+from kd_pipeline.core.params import require_choice, require_int
+from kd_pipeline.core.topk_store import VERIFY_MODES
 from kd_pipeline.core.training.config import TrainConfig
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -41,6 +43,8 @@ def test_shipped_parameters_build_the_core_configs(env):
     StudentInit.from_params(distill["student_init"])
     KDLossConfig.from_dict(distill["loss"])
     TrainConfig.from_dict(distill["trainer"])
+    require_int("distill", "k", distill["k"], minimum=1, allow_none=True)
+    require_choice("distill", "topk_verify", distill["topk_verify"], VERIFY_MODES)
     EvalConfig.from_params(params["evaluate"]["metrics"])
     GenerationConfig.from_params(params["evaluate"]["generation"])
 

@@ -208,3 +208,66 @@ def test_kjv_chat_rows_are_deterministic_chat_turns():
     roles = [m["role"] for m in first[0].data["messages"]]
     assert roles == ["system", "user", "assistant"]
     assert not re.search(r"\d+:\d+", first[0].data["messages"][2]["content"])  # verse references removed
+
+
+def test_non_parquet_file_with_parquet_suffix_is_named(tmp_path, tiny_tokenizer):
+    path = tmp_path / "export.parquet"
+    path.write_text('{"text": "this is JSONL, not Parquet"}\n')
+    with pytest.raises(ValueError) as caught:
+        build_corpus(read_file_rows([str(path)]), tiny_tokenizer, "tok", CorpusConfig())
+    message = str(caught.value)
+    assert f"corpus_prep.source.paths: {path} is not a readable Parquet file (at open)" in message
+    assert "magic bytes" in message  # pyarrow's own reason is kept
+
+
+def test_torn_parquet_file_is_named(tmp_path, tiny_tokenizer):
+    path = tmp_path / "torn.parquet"
+    pq.write_table(pa.Table.from_pylist([{"text": f"row {i}"} for i in range(50)]), path)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=re.escape(f"{path} is not a readable Parquet file")):
+        build_corpus(read_file_rows([str(path)]), tiny_tokenizer, "tok", CorpusConfig())
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".parquet"])
+def test_empty_source_file_is_named(tmp_path, tiny_tokenizer, suffix):
+    good = write_jsonl(tmp_path / "good.jsonl", [b'{"text": "fine row"}\n'])
+    empty = tmp_path / f"empty{suffix}"
+    if suffix == ".jsonl":
+        empty.write_bytes(b"")
+    else:
+        pq.write_table(pa.table({"text": pa.array([], pa.string())}), empty)
+    for paths in ([empty], [good, empty]):
+        with pytest.raises(ValueError, match=re.escape(f"corpus_prep.source.paths: {empty} is empty (0 rows)")):
+            build_corpus(read_file_rows([str(p) for p in paths]), tiny_tokenizer, "tok", CorpusConfig())
+
+
+def test_no_samples_error_names_the_files_read(tmp_path, tiny_tokenizer):
+    path = write_jsonl(tmp_path / "blank.jsonl", [b"\n", b"  \n"])
+    with pytest.raises(ValueError, match=re.escape(f"no samples from 2 rows of {path} (2 rows)")):
+        build_corpus(read_file_rows([str(path)]), tiny_tokenizer, "tok", CorpusConfig())
+
+
+def test_truncated_rows_are_located_in_the_report(tmp_path, tiny_tokenizer):
+    long_line = json.dumps({"text": " ".join(["And it came to pass"] * 40)}).encode() + b"\n"
+    path = write_jsonl(tmp_path / "long.jsonl", [b'{"text": "Jesus wept"}\n', long_line])
+    corpus = build_corpus(read_file_rows([str(path)]), tiny_tokenizer, "tok", CorpusConfig(max_length=16))
+    report = corpus.meta["report"]
+    full_length = len(encode(tiny_tokenizer, " ".join(["And it came to pass"] * 40))) + 1  # + EOS
+    assert report["truncated"] == 1
+    assert report["truncated_examples"] == [f"{path}:2 ({full_length} -> 16 tokens)"]
+
+
+def test_utf8_bom_is_accepted_and_counted(tmp_path, tiny_tokenizer):
+    with_bom = write_jsonl(tmp_path / "bom.jsonl", [b'\xef\xbb\xbf{"text": "In the beginning"}\n', b'{"text": "God created"}\n'])
+    plain = write_jsonl(tmp_path / "plain.jsonl", [b'{"text": "In the beginning"}\n', b'{"text": "God created"}\n'])
+    corpus = build_corpus(read_file_rows([str(with_bom)]), tiny_tokenizer, "tok", CorpusConfig())
+    reference = build_corpus(read_file_rows([str(plain)]), tiny_tokenizer, "tok", CorpusConfig())
+    assert corpus.samples.num_rows == 2
+    assert corpus.samples["input_ids"].to_pylist() == reference.samples["input_ids"].to_pylist()
+    assert corpus.meta["report"]["utf8_bom_stripped"] == 1
+    assert corpus.meta["report"]["utf8_bom_files"] == [str(with_bom)]
+    assert reference.meta["report"]["utf8_bom_stripped"] == 0
+    # A BOM anywhere but the start of the file is content, still refused by line.
+    later = write_jsonl(tmp_path / "later.jsonl", [b'{"text": "ok"}\n', b'\xef\xbb\xbf{"text": "no"}\n'])
+    with pytest.raises(BadRowError, match=re.escape(f"{later}:2, field '<line>': malformed JSON")):
+        build_corpus(read_file_rows([str(later)]), tiny_tokenizer, "tok", CorpusConfig())

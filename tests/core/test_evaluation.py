@@ -224,6 +224,10 @@ def test_config_validation():
         EvalConfig.from_params({"batch_size": 2, "bogus": 1})
     with pytest.raises(ValueError, match="batch_size"):
         EvalConfig(batch_size=0)
+    with pytest.raises(ValueError, match=r"evaluate.metrics.topk_verify must be one of \['auto', 'full', 'lazy'\], "
+                                         r"got True \(YAML reads a bare true/false, yes/no or on/off as a boolean\)"):
+        EvalConfig.from_params({"topk_verify": True})
+    assert EvalConfig.from_params({"topk_verify": "lazy"}).topk_verify == "lazy"
     with pytest.raises(ValueError, match="prompts"):
         GenerationConfig(prompts=["", "x"])
 

@@ -232,7 +232,9 @@ def test_corrupt_shards_are_detected_by_name_and_a_rerun_repairs_them(tmp_path, 
     with pytest.raises(ShardCorruptError, match=names[1]):
         TopKReader(out)  # wrong size: refused at open, naming the shard
     truncated.write_bytes((reference / names[1]).read_bytes())
-    reader = TopKReader(out)
+    with pytest.raises(ShardCorruptError, match=names[-1]):
+        TopKReader(out)  # same size, other bytes: refused at open too (small artifact: verify=full)
+    reader = TopKReader(out, verify="lazy")
     assert reader.verify() == [names[-1]]
     in_altered = _ids_of(reference / names[-1])
     with pytest.raises(ShardCorruptError, match=names[-1]):
@@ -280,3 +282,30 @@ def test_refuses_a_teacher_that_does_not_match_the_corpus(tmp_path, teacher_dir,
     with pytest.raises(TeacherCorpusMismatchError, match="'tokenizer_hash'"):
         extract_teacher_topk(teacher_dir, wrong_tokenizer, tmp_path / "b", ExtractionConfig.from_params(PARAMS))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+@pytest.mark.slow
+def test_a_second_extraction_into_a_locked_artifact_folder_is_refused_untouched(tmp_path, teacher_dir, corpus_dir,
+                                                                                reference):
+    import shutil
+
+    from kd_pipeline.core.locking import FolderLockedError
+
+    out = tmp_path / "topk"
+    shutil.copytree(reference, out)
+    (out / "shard-r00-00000.parquet.tmp-99999").write_bytes(b"the other run's shard in progress")
+    before = {path.name: sha256_file(path) for path in out.iterdir()}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom kd_pipeline.core.locking import FolderLock\n"
+         "lock = FolderLock(sys.argv[1], purpose='teacher_logits extraction, 1 rank(s)').acquire()\n"
+         "print('locked', flush=True)\ntime.sleep(120)\n", str(out)], stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(FolderLockedError) as caught:
+            _extract_single_thread(teacher_dir, corpus_dir, out)
+        assert str(caught.value).startswith(f"{out} is locked by process {holder.pid} (teacher_logits extraction, "
+                                            "1 rank(s), since ")
+        assert {path.name: sha256_file(path) for path in out.iterdir()} == before  # nothing deleted or rewritten
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)

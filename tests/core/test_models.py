@@ -519,6 +519,33 @@ def test_from_pretrained_student_uses_its_own_matching_tokenizer(tmp_path, tiny_
     assert tokenizer.name_or_path == str(student_dir)
 
 
+def test_auto_map_custom_code_of_a_known_model_type_is_ignored_out_loud(tmp_path, caplog):
+    """A student folder whose config.json points at its own code (`auto_map`) but whose
+    model_type is known loads as the plain class with trust_remote_code off; that is logged."""
+    student_dir = tmp_path / "student"
+    random_tiny_llama(seed=9, num_hidden_layers=2).save_pretrained(student_dir)
+    config = json.loads((student_dir / "config.json").read_text())
+    config["auto_map"] = {"AutoConfig": "configuration_custom.CustomConfig",
+                          "AutoModelForCausalLM": "modeling_custom.CustomForCausalLM"}
+    (student_dir / "config.json").write_text(json.dumps(config))
+    for name in ("configuration_custom.py", "modeling_custom.py"):  # must never run
+        (student_dir / name).write_text("raise RuntimeError('the custom code ran')\n")
+    with caplog.at_level(logging.WARNING, logger="kd_pipeline.core.models.loading"):
+        model = load_causal_lm(student_dir)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert caplog.text.count("custom code ignored") == 1
+    assert (f"{student_dir}: custom code ignored: config.json auto_map names modeling_custom.CustomForCausalLM "
+            "(AutoModelForCausalLM), but trust_remote_code is off, so the built-in LlamaForCausalLM for model_type "
+            "'llama' was loaded instead; set trust_remote_code: true for this folder only if you trust its code"
+            ) in caplog.text
+    caplog.clear()
+    config.pop("auto_map")
+    (student_dir / "config.json").write_text(json.dumps(config))
+    with caplog.at_level(logging.WARNING, logger="kd_pipeline.core.models.loading"):
+        load_causal_lm(student_dir)
+    assert "custom code ignored" not in caplog.text  # a plain folder loads silently
+
+
 def test_from_pretrained_student_with_other_vocab_is_refused(tmp_path, tiny_teacher_dir):
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

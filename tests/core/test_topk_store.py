@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,6 +19,7 @@ import pytest
 import torch
 
 from kd_pipeline.core.atomic import sha256_file
+from kd_pipeline.core.locking import FolderLockedError
 from kd_pipeline.core.topk_store import (
     ArtifactSource,
     LogQuantZstdCodec,
@@ -424,8 +427,9 @@ KILLED_WRITER = textwrap.dedent("""
 """)
 
 
-def test_resume_after_sigkill_of_a_writer_process(tmp_path):
-    samples = make_samples(30)
+def start_writer_process(tmp_path: Path, directory: Path, samples) -> subprocess.Popen:
+    """A process writing `samples` to `directory` that stops (sleeping) with a shard in progress
+    once two shards are finished, after printing "shard in progress"."""
     arrays = {"count": len(samples)}
     arrays.update({f"source_{name}": value for name, value in vars(source()).items()})
     for index, (sample_id, sample) in enumerate(samples):
@@ -433,10 +437,15 @@ def test_resume_after_sigkill_of_a_writer_process(tmp_path):
         arrays.update({f"positions{index}": sample.positions, f"ids{index}": sample.topk_ids,
                        f"logprobs{index}": sample.topk_logprobs, f"target{index}": sample.target_logprobs})
     np.savez(tmp_path / "samples.npz", **arrays)
-    directory = tmp_path / "killed"
     script = KILLED_WRITER.format(source_fields=list(vars(source())))
-    process = subprocess.Popen([sys.executable, "-c", script, str(directory), str(tmp_path / "samples.npz")],
-                               stdout=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-c", script, str(directory), str(tmp_path / "samples.npz")],
+                            stdout=subprocess.PIPE, text=True)
+
+
+def test_resume_after_sigkill_of_a_writer_process(tmp_path):
+    samples = make_samples(30)
+    directory = tmp_path / "killed"
+    process = start_writer_process(tmp_path, directory, samples)
     try:
         assert process.stdout.readline().strip() == "shard in progress"
     finally:
@@ -446,6 +455,39 @@ def test_resume_after_sigkill_of_a_writer_process(tmp_path):
     write(directory, samples, LogQuantZstdCodec())
     write(tmp_path / "full", samples, LogQuantZstdCodec())
     assert shard_digests(directory) == shard_digests(tmp_path / "full")
+
+
+@pytest.mark.slow
+def test_a_second_writer_is_refused_while_the_first_runs_and_leaves_its_files(tmp_path):
+    samples = make_samples(30)
+    directory = tmp_path / "shared"
+    process = start_writer_process(tmp_path, directory, samples)
+    try:
+        assert process.stdout.readline().strip() == "shard in progress"
+        before = sorted(path.name for path in directory.iterdir())
+        with pytest.raises(FolderLockedError, match=re.escape(
+                f"{directory} is locked by process {process.pid} (teacher top-k writer, rank 0 of 1, since ")):
+            TopKShardWriter(directory, source(), LogQuantZstdCodec(), shard_tokens=100, samples_per_row_group=3)
+        assert sorted(path.name for path in directory.iterdir()) == before  # the live temp shard survives
+        assert any(".tmp-" in name for name in before)
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
+    write(directory, samples, LogQuantZstdCodec())  # the dead writer's lock is taken over
+    write(tmp_path / "full", samples, LogQuantZstdCodec())
+    assert shard_digests(directory) == shard_digests(tmp_path / "full")
+
+
+def test_writer_locks_its_folder_or_its_rank_share_until_closed(tmp_path):
+    directory = tmp_path / "artifact"
+    writer = TopKShardWriter(directory, source(), RawCodec(), rank=1, world_size=2)
+    assert json.loads((tmp_path / "artifact.r01.lock").read_text())["purpose"] == "teacher top-k writer, rank 1 of 2"
+    writer.close()
+    assert (tmp_path / "artifact.r01.lock").read_text() == ""
+    with TopKShardWriter(directory, source(), RawCodec(), rank=0, world_size=2):
+        assert json.loads((tmp_path / "artifact.lock").read_text())["pid"] == os.getpid()
+    assert (tmp_path / "artifact.lock").read_text() == ""
+    assert not list(directory.glob("*.lock"))
 
 
 def test_resume_with_other_settings_is_refused_naming_the_field(tmp_path):
@@ -478,7 +520,9 @@ def test_corrupt_shard_is_named_and_repaired_by_rewriting_it(tmp_path, damage):
         payload = LogQuantZstdCodec().encode(dict(samples)[victim_ids[0]])["payload"]
         data[data.find(payload[-40:]) + 20] ^= 0x40  # inside a payload: the index still reads
         victim.write_bytes(bytes(data))
-        reader = TopKReader(tmp_path)  # sizes match: detected at first read
+        with pytest.raises(ShardCorruptError, match=r"1 of \d+ shards are corrupt .*: shard-r00-00002\.parquet;"):
+            TopKReader(tmp_path)  # default (small artifact): every sha256 checked at open
+        reader = TopKReader(tmp_path, verify="lazy")  # sizes match: detected at first read
         reader.get(reader.sample_ids()[0])  # other shards still read
         with pytest.raises(ShardCorruptError,
                            match=r"shard-r00-00002\.parquet.*sha256.*kedro run --pipelines teacher_logits"):
@@ -488,6 +532,39 @@ def test_corrupt_shard_is_named_and_repaired_by_rewriting_it(tmp_path, damage):
     write(tmp_path, samples, LogQuantZstdCodec())
     assert shard_digests(tmp_path) == good
     assert TopKReader(tmp_path).verify() == []
+
+
+def test_full_verification_finds_a_late_corrupt_shard_at_open_and_says_so(tmp_path, caplog):
+    samples = make_samples(40)
+    write(tmp_path, samples, LogQuantZstdCodec())
+    shards = sorted(tmp_path.glob("shard-*.parquet"))
+    assert len(shards) >= 4
+    last = shards[-1]  # the shard training would reach last
+    data = bytearray(last.read_bytes())
+    data[len(data) // 3] ^= 0x01  # same size: only the sha256 tells
+    last.write_bytes(bytes(data))
+    for options in ({}, {"verify": "full"}):
+        with pytest.raises(ShardCorruptError) as caught:
+            TopKReader(tmp_path, **options)
+        assert str(caught.value) == (
+            f"top-k artifact {tmp_path}: 1 of {len(shards)} shards are corrupt (size or sha256 differs from the "
+            f"manifest): {last.name}; re-run `kedro run --pipelines teacher_logits` to regenerate it")
+    with caplog.at_level(logging.INFO, logger="kd_pipeline.core.topk_store.reader"):
+        lazy = TopKReader(tmp_path, full_verify_max_bytes=1024)  # "huge" artifact: lazy check kept
+        assert lazy.verify_mode == "lazy"
+        assert re.search(r"verify=lazy \(auto: artifact 0\.\d\d GiB > full_verify_max_bytes 0\.00 GiB\): each of the "
+                         rf"{len(shards)} shards' sha256 is checked when it is first read", caplog.text)
+        lazy.get(lazy.sample_ids()[0])
+        caplog.clear()
+        data[len(data) // 3] ^= 0x01  # repaired
+        last.write_bytes(bytes(data))
+        full = TopKReader(tmp_path)
+        assert full.verify_mode == "full"
+        assert re.search(rf"verify=full \(auto: artifact 0\.\d\d GiB <= full_verify_max_bytes 16\.00 GiB\): sha256 of all "
+                         rf"{len(shards)} shards \(0\.\d\d GiB\) checked at open", caplog.text)
+    assert full._verified == set(range(len(shards)))  # nothing is hashed again on read
+    with pytest.raises(ValueError, match=r"verify mode must be one of \['auto', 'full', 'lazy'\], got 'yes'"):
+        TopKReader(tmp_path, verify="yes")
 
 
 def test_unknown_schema_version_or_codec_is_rejected(tmp_path):

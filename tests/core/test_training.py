@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ import yaml
 from kd_pipeline.core.batching import trained_positions
 from kd_pipeline.core.corpus import SAMPLES_SCHEMA, TokenizedCorpus, corpus_fingerprint
 from kd_pipeline.core.losses import KDLossConfig, fused_topk_kd_loss
+from kd_pipeline.core.models.identity import model_identity
 from kd_pipeline.core.models.identity import tokenizer_hash as hash_tokenizer
 from kd_pipeline.core.models.loading import load_tokenizer
 from kd_pipeline.core.models.student import StudentInit, init_student
@@ -31,7 +33,7 @@ from kd_pipeline.core.topk_store import ArtifactMismatchError, ArtifactSource, M
 from kd_pipeline.core.training.config import TrainConfig, training_arguments
 from kd_pipeline.core.training.data import DistillCollator, DistillDataset, flat_labels
 from kd_pipeline.core.training.run import SUMMARY_FILE, train_student
-from kd_pipeline.core.training.trainer import DistillationTrainer, NonFiniteLossError
+from kd_pipeline.core.training.trainer import DistillationTrainer, NonFiniteGradientError, NonFiniteLossError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TINY_TOKENIZER_DIR = PROJECT_ROOT / "tests" / "fixtures" / "tiny_tokenizer"
@@ -71,10 +73,12 @@ def make_corpus(tokenizer_hash: str, n: int = 28, seed: int = 0) -> TokenizedCor
     return TokenizedCorpus(samples, meta)
 
 
-def fake_manifest(corpus_fingerprint: str, tokenizer_sha256: str, vocab_size: int, k: int) -> Manifest:
+def fake_manifest(corpus_fingerprint: str, tokenizer_sha256: str, vocab_size: int, k: int,
+                  teacher_config_sha256: str = "0" * 64, teacher_weights_sha256: str = "0" * 64) -> Manifest:
     """The manifest of a synthetic artifact with these contract fields (and no shards)."""
     source = ArtifactSource(
-        teacher_path="synthetic", teacher_config_sha256="0" * 64, teacher_weights_sha256="0" * 64,
+        teacher_path="synthetic", teacher_config_sha256=teacher_config_sha256,
+        teacher_weights_sha256=teacher_weights_sha256,
         tokenizer_sha256=tokenizer_sha256, vocab_size=vocab_size, k=k, capture_dtype="float32",
         capture_temperature=1.0, corpus_fingerprint=corpus_fingerprint)
     return Manifest.create(source, "raw", {}, shard_tokens=200, samples_per_row_group=4, world_size=1)
@@ -84,8 +88,9 @@ class FakeTargets:
     """Dict-backed stand-in for TopKReader: per-sample teacher distributions in which the actual
     next token is the top-1 (so a batch can be checked row by row), full-vocab log-probs."""
 
-    def __init__(self, corpus: TokenizedCorpus, tokenizer_hash: str, k: int = K):
-        self.manifest = fake_manifest(corpus.fingerprint, tokenizer_hash, TINY_VOCAB_SIZE, k)
+    def __init__(self, corpus: TokenizedCorpus, tokenizer_hash: str, teacher_identity: dict, k: int = K):
+        self.manifest = fake_manifest(corpus.fingerprint, tokenizer_hash, TINY_VOCAB_SIZE, k,
+                                      teacher_identity["config_sha256"], teacher_identity["weights_sha256"])
         self.data = {}
         for row in corpus.samples.to_pylist():
             ids, positions = np.asarray(row["input_ids"]), trained_positions(row["loss_mask"])
@@ -100,13 +105,12 @@ class FakeTargets:
     def get_many(self, sample_ids):
         return [self.data[sample_id] for sample_id in sample_ids]
 
-    def write_artifact(self, directory: Path, corpus_fingerprint: str | None = None) -> Path:
-        """The same rows as a real artifact (exact `raw` codec), readable by TopKReader."""
+    def write_artifact(self, directory: Path, **source_changes) -> Path:
+        """The same rows as a real artifact (exact `raw` codec), readable by TopKReader;
+        `source_changes` replace manifest source fields (e.g. `corpus_fingerprint`)."""
         from kd_pipeline.core.topk_store import RawCodec, TopKShardWriter
 
-        source = self.manifest.source
-        if corpus_fingerprint is not None:
-            source = dataclasses.replace(source, corpus_fingerprint=corpus_fingerprint)
+        source = dataclasses.replace(self.manifest.source, **source_changes)
         with TopKShardWriter(directory, source, RawCodec(), shard_tokens=200, samples_per_row_group=4) as writer:
             for sample_id, record in self.data.items():
                 writer.add(sample_id, record["positions"], record["topk_ids"], record["topk_logprobs"],
@@ -118,7 +122,7 @@ def build_fixture(teacher_dir: Path):
     tokenizer = load_tokenizer(teacher_dir)
     tokenizer_hash = hash_tokenizer(tokenizer)
     corpus = make_corpus(tokenizer_hash)
-    return corpus, FakeTargets(corpus, tokenizer_hash), tokenizer_hash
+    return corpus, FakeTargets(corpus, tokenizer_hash, model_identity(teacher_dir)), tokenizer_hash
 
 
 def quick_config(**overrides) -> TrainConfig:
@@ -194,10 +198,13 @@ def test_train_config_refuses_unknown_and_bad_values():
 
 @pytest.mark.parametrize("field,value", [
     ("corpus_fingerprint", "0" * 64), ("tokenizer_sha256", "f" * 64), ("vocab_size", 1024),
+    ("teacher_config_sha256", "9" * 64), ("teacher_weights_sha256", "9" * 64),
 ])
 def test_manifest_mismatch_names_the_field(field, value):
-    good = {"corpus_fingerprint": "c" * 64, "tokenizer_sha256": "t" * 64, "vocab_size": 2048, "k": 8}
-    expected = dict(corpus_fingerprint="c" * 64, tokenizer_hash="t" * 64, vocab_size=2048, k=None)
+    good = {"corpus_fingerprint": "c" * 64, "tokenizer_sha256": "t" * 64, "vocab_size": 2048, "k": 8,
+            "teacher_config_sha256": "a" * 64, "teacher_weights_sha256": "b" * 64}
+    expected = dict(corpus_fingerprint="c" * 64, tokenizer_hash="t" * 64, vocab_size=2048, k=None,
+                    teacher_identity={"config_sha256": "a" * 64, "weights_sha256": "b" * 64})
     assert check_artifact_compatibility(fake_manifest(**good), **expected) == 8
     with pytest.raises(ArtifactMismatchError, match=f"field '{field}'"):
         check_artifact_compatibility(fake_manifest(**{**good, field: value}), **expected)
@@ -219,6 +226,90 @@ def test_mismatched_artifact_stops_before_the_first_step(teacher_dir, fixture, t
                       train=quick_config(), output_dir=tmp_path / "student", topk_dir=artifact)
     assert not spy.batches
     assert not (tmp_path / "student").exists() and not (tmp_path / "student_checkpoints").exists()
+
+
+def test_swapped_teacher_is_refused_by_distill_and_evaluate(teacher_dir, fixture, tmp_path, monkeypatch):
+    """The teacher's weights change (same tokenizer and vocabulary, so the corpus fingerprint is
+    unchanged) after the artifact was made: training and evaluation refuse it by field."""
+    from kd_pipeline.core.evaluation.metrics import EvalConfig, evaluate_on_artifact
+
+    corpus, targets, _ = fixture
+    artifact = targets.write_artifact(tmp_path / "topk")  # made from teacher_dir's identity
+    swapped = tmp_path / "teacher"
+    prepare_teacher(TeacherSource(kind="random_init", tokenizer_path=str(TINY_TOKENIZER_DIR), seed=1), swapped)
+    old, new = model_identity(teacher_dir), model_identity(swapped)
+    assert old["config_sha256"] == new["config_sha256"] and old["weights_sha256"] != new["weights_sha256"]
+    expected = (f"top-k artifact manifest field 'teacher_weights_sha256' is {old['weights_sha256']!r} but the "
+                f"teacher folder {swapped} has {new['weights_sha256']!r}: the artifact was made for another corpus "
+                "or teacher; re-run `kedro run --pipelines teacher_logits`")
+    spy = BatchSpy(monkeypatch)
+    with pytest.raises(ArtifactMismatchError) as caught:
+        train_student(teacher_dir=swapped, corpus=corpus, student_init=STUDENT, loss=LOSS, train=quick_config(),
+                      output_dir=tmp_path / "student", topk_dir=artifact)
+    assert str(caught.value) == expected
+    assert not spy.batches and not (tmp_path / "student").exists()
+    with pytest.raises(ArtifactMismatchError) as caught:  # any HF student folder will do here
+        evaluate_on_artifact(swapped, corpus, artifact, EvalConfig(split="validation"), teacher_dir=swapped)
+    assert str(caught.value) == expected
+    metrics = evaluate_on_artifact(teacher_dir, corpus, artifact, EvalConfig(split="validation"),
+                                   teacher_dir=teacher_dir)
+    assert metrics["num_samples"] == corpus.split("validation").num_rows
+
+
+@pytest.mark.parametrize("text,shown", [
+    ('"eight"', "got 'eight'"), ("2.5", "got 2.5"), ("true", "got True"), ("yes", "got True"), ("on", "got True"),
+    ("0", "got 0"),
+])
+def test_distill_k_is_validated_before_any_work(teacher_dir, fixture, tmp_path, monkeypatch, text, shown):
+    import kd_pipeline.core.training.run as run
+    from kd_pipeline.pipelines.distill import nodes
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before distill.k was checked")
+
+    monkeypatch.setattr(run, "init_student", no_work)
+    monkeypatch.setattr(nodes.tracking, "set_tags", no_work)
+    corpus, targets, _ = fixture
+    k = yaml.safe_load(f"k: {text}")["k"]
+    message = f"distill.k must be a positive integer or null, {shown}"
+    with pytest.raises(ValueError) as caught:
+        train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=LOSS, train=quick_config(),
+                      output_dir=tmp_path / "student", targets=targets, k=k)
+    assert str(caught.value).startswith(message)
+    params = {"student_init": {"method": "prune_teacher", "num_layers": 2}, "loss": {}, "trainer": {}, "k": k}
+    with pytest.raises(ValueError) as caught:
+        nodes.train_student(corpus, tmp_path / "topk", teacher_dir, params)
+    assert str(caught.value).startswith(message)
+    if text in ("true", "yes", "on"):
+        assert str(caught.value) == message + " (YAML reads a bare true/false, yes/no or on/off as a boolean)"
+    assert not (tmp_path / "student").exists()
+
+
+def test_a_corrupt_late_shard_stops_training_before_the_first_step(teacher_dir, fixture, tmp_path, monkeypatch):
+    """distill opens the artifact with `topk_verify: auto` (full for a small artifact): a shard
+    the run would reach late is found before any step; `lazy` keeps the old check-on-read."""
+    from kd_pipeline.core.topk_store import ShardCorruptError
+
+    corpus, targets, _ = fixture
+    artifact = targets.write_artifact(tmp_path / "topk")
+    last = sorted(artifact.glob("shard-*.parquet"))[-1]
+    data = bytearray(last.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    last.write_bytes(bytes(data))
+    spy = BatchSpy(monkeypatch)
+    with pytest.raises(ShardCorruptError, match=rf"1 of \d+ shards are corrupt .*: {last.name}; re-run"):
+        train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=LOSS, train=quick_config(),
+                      output_dir=tmp_path / "student", topk_dir=artifact)
+    assert not spy.batches
+    # lazy: opening passes; the shard is found when a batch first reads from it.
+    with pytest.raises(ShardCorruptError, match=rf"top-k shard {re.escape(str(last))} is corrupt \(sha256 "):
+        train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=LOSS,
+                      train=quick_config(max_steps=10), output_dir=tmp_path / "student", topk_dir=artifact,
+                      topk_verify="lazy")
+    with pytest.raises(ValueError, match=r"distill.topk_verify must be one of \['auto', 'full', 'lazy'\], got True "
+                                         r"\(YAML reads a bare true/false, yes/no or on/off as a boolean\)"):
+        train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=LOSS, train=quick_config(),
+                      output_dir=tmp_path / "student", topk_dir=artifact, topk_verify=True)
 
 
 # --------------------------------------------------------------------------------------------
@@ -358,6 +449,79 @@ def test_sft_only_runs_without_an_artifact(teacher_dir, fixture, tmp_path, monke
     with pytest.raises(ValueError, match="needs the teacher top-k artifact"):
         train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=LOSS,
                       train=quick_config(), output_dir=tmp_path / "other")
+
+
+def _folder_digest(folder: Path) -> dict[str, str]:
+    return {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in sorted(folder.iterdir())}
+
+
+def test_infinite_gradient_norm_stops_at_step_1_and_keeps_the_good_student(teacher_dir, fixture, tmp_path,
+                                                                           monkeypatch):
+    """`logits_scale: 1.0e30`: the loss stays finite but every step's gradient norm is inf, so
+    clipping zeroes the update; the run must stop at the first step, not replace the student."""
+    corpus, targets, _ = fixture
+    student = tmp_path / "student"
+    train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=LOSS,
+                  train=quick_config(max_steps=2), output_dir=student, targets=targets)
+    good = _folder_digest(student)
+    spy = BatchSpy(monkeypatch)
+    with pytest.raises(NonFiniteGradientError) as caught:
+        train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT,
+                      loss=dataclasses.replace(LOSS, logits_scale=1.0e30), train=quick_config(max_steps=2),
+                      output_dir=student, targets=targets)
+    assert len(spy.batches) == 1  # one micro-batch per step here: stopped in step 1
+    assert str(caught.value) == (
+        "non-finite gradient norm (inf) at global step 1: the step was not applied and training stopped (no "
+        "student is saved); sample ids of the step: " + ", ".join(spy.batches[0]["sample_ids"]))
+    assert _folder_digest(student) == good
+
+
+def test_nan_gradient_at_step_2_stops_at_step_2(teacher_dir, fixture, tmp_path, monkeypatch):
+    """A NaN gradient with a finite loss (here: injected by a gradient hook in step 2) is found
+    in that step, before the optimizer applies it, with the step's sample ids (both micro-batches)."""
+    from transformers import TrainerCallback
+
+    class NanGradientInStep2(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step == 1:
+                model.get_output_embeddings().weight.register_hook(lambda grad: grad * float("nan"))
+
+    corpus, targets, _ = fixture
+    spy = BatchSpy(monkeypatch)
+    with pytest.raises(NonFiniteGradientError) as caught:
+        train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=LOSS,
+                      train=quick_config(max_steps=4, gradient_accumulation_steps=2, per_device_train_batch_size=2,
+                                         eval_steps=2),
+                      output_dir=tmp_path / "student", targets=targets, callbacks=[NanGradientInStep2()])
+    assert len(spy.batches) == 4
+    step_ids = spy.batches[2]["sample_ids"] + spy.batches[3]["sample_ids"]
+    assert str(caught.value).startswith("non-finite gradient norm (nan) at global step 2: the step was not applied")
+    assert str(caught.value).endswith("sample ids of the step: " + ", ".join(step_ids))
+    assert not (tmp_path / "student").exists()
+
+
+@pytest.mark.slow
+def test_a_second_training_into_the_same_student_folder_is_refused(teacher_dir, fixture, tmp_path, monkeypatch):
+    from kd_pipeline.core.locking import FolderLockedError
+
+    student = tmp_path / "student"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom kd_pipeline.core.locking import FolderLock\n"
+         "lock = FolderLock(sys.argv[1], purpose='distill: training the student').acquire()\nprint('locked', flush=True)\n"
+         "time.sleep(120)\n", str(student)], stdout=subprocess.PIPE, text=True, env=_env())
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        corpus, targets, _ = fixture
+        spy = BatchSpy(monkeypatch)
+        with pytest.raises(FolderLockedError) as caught:
+            train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=LOSS,
+                          train=quick_config(), output_dir=student, targets=targets)
+        assert str(caught.value).startswith(f"{student} is locked by process {holder.pid} (distill: training the "
+                                            "student, since ")
+        assert not spy.batches and not student.exists() and not (tmp_path / "student_checkpoints").exists()
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
 
 
 def test_nan_loss_stops_with_step_and_sample_ids(teacher_dir, fixture, tmp_path, monkeypatch):

@@ -281,7 +281,9 @@ def build_corpus(rows: Iterable[SourceRow], tokenizer, tokenizer_hash: str, conf
     kept: dict[str, dict] = {}
     skipped: Counter = Counter()
     examples: dict[str, list[str]] = {}
-    truncated = 0
+    truncated: list[str] = []
+    bom_files: list[str] = []
+    rows_per_file: Counter = Counter()
     rows_read = 0
 
     def skip(reason: str, where: str) -> None:
@@ -292,6 +294,9 @@ def build_corpus(rows: Iterable[SourceRow], tokenizer, tokenizer_hash: str, conf
 
     for row in rows:
         rows_read += 1
+        rows_per_file[row.file] += 1
+        if row.utf8_bom:
+            bom_files.append(row.file)
         if row.decode_error == "blank line":
             skip("blank_line", row.where)
             continue
@@ -312,8 +317,8 @@ def build_corpus(rows: Iterable[SourceRow], tokenizer, tokenizer_hash: str, conf
             if config.length_policy == "drop":
                 skip("over_length_dropped", f"{row.where} ({len(input_ids)} > {config.max_length} tokens)")
                 continue
+            truncated.append(f"{row.where} ({len(input_ids)} -> {config.max_length} tokens)")
             input_ids, loss_mask = input_ids[: config.max_length], loss_mask[: config.max_length]
-            truncated += 1
             was_truncated = True
         if sum(loss_mask) == 0:
             skip("no_trained_tokens", f"{row.where} (nothing to train on after {'truncation' if was_truncated else 'masking'})")
@@ -328,7 +333,9 @@ def build_corpus(rows: Iterable[SourceRow], tokenizer, tokenizer_hash: str, conf
             "source": row.where,
         }
     if not kept:
-        raise ValueError(f"corpus_prep produced no samples from {rows_read} rows (skipped: {dict(skipped)})")
+        read = ", ".join(f"{name} ({count} rows)" for name, count in rows_per_file.items()) or "no file"
+        raise ValueError(f"corpus_prep produced no samples from {rows_read} rows of {read} "
+                         f"(skipped: {dict(skipped)}; first examples: {examples})")
     records = [kept[key] for key in sorted(kept)]
     samples = pa.Table.from_pylist(records, schema=SAMPLES_SCHEMA)
     meta = {
@@ -341,13 +348,17 @@ def build_corpus(rows: Iterable[SourceRow], tokenizer, tokenizer_hash: str, conf
         "report": {
             "rows_read": rows_read,
             "samples_kept": len(records),
-            "truncated": truncated,
+            "truncated": len(truncated),
+            "truncated_examples": truncated[:5],
+            "utf8_bom_stripped": len(bom_files),
+            "utf8_bom_files": bom_files,
             "skipped": dict(sorted(skipped.items())),
             "skipped_examples": examples,
         },
     }
-    logger.info("corpus_prep: %d rows -> %d samples (%s); truncated %d; skipped %s",
-                rows_read, len(records), meta["stats"], truncated, dict(skipped) or "none")
+    logger.info("corpus_prep: %d rows -> %d samples (%s); truncated %d%s; skipped %s; UTF-8 BOM removed in %d file(s)",
+                rows_read, len(records), meta["stats"], len(truncated),
+                f" (first: {', '.join(truncated[:5])})" if truncated else "", dict(skipped) or "none", len(bom_files))
     return TokenizedCorpus(samples, meta)
 
 

@@ -6,6 +6,7 @@ reported precisely. Validation of the row's fields happens in `corpus.normalize_
 
 from __future__ import annotations
 
+import codecs
 import importlib.util
 import json
 import random
@@ -21,12 +22,14 @@ from kd_pipeline.core.params import dataclass_from_params
 @dataclass(frozen=True)
 class SourceRow:
     """One raw row: its origin (file, 1-based line or row) and its decoded content or the
-    reason it could not be decoded."""
+    reason it could not be decoded. `utf8_bom` marks a first line whose UTF-8 byte-order
+    mark was removed (editors on Windows write one), so the corpus report can count it."""
 
     file: str
     line: int
     data: Any = None
     decode_error: str | None = None
+    utf8_bom: bool = False
 
     @property
     def where(self) -> str:
@@ -34,32 +37,52 @@ class SourceRow:
 
 
 def read_jsonl_rows(path: Path) -> Iterator[SourceRow]:
-    """Rows of a JSONL file; undecodable lines come back with `decode_error` set."""
+    """Rows of a JSONL file; undecodable lines come back with `decode_error` set.
+
+    A UTF-8 byte-order mark at the start of the file is accepted (as `utf-8-sig` would) and
+    flagged on the first row; anywhere else it is content and fails as malformed JSON.
+    """
     with open(path, "rb") as handle:
         for line_number, raw in enumerate(handle, start=1):
+            bom = line_number == 1 and raw.startswith(codecs.BOM_UTF8)
+            if bom:
+                raw = raw[len(codecs.BOM_UTF8):]
             if not raw.strip():
-                yield SourceRow(str(path), line_number, decode_error="blank line")
+                yield SourceRow(str(path), line_number, decode_error="blank line", utf8_bom=bom)
                 continue
             try:
                 text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                yield SourceRow(str(path), line_number, decode_error=f"invalid UTF-8 ({exc.reason} at byte {exc.start})")
+                yield SourceRow(str(path), line_number, decode_error=f"invalid UTF-8 ({exc.reason} at byte {exc.start})",
+                                utf8_bom=bom)
                 continue
             try:
-                yield SourceRow(str(path), line_number, data=json.loads(text))
+                yield SourceRow(str(path), line_number, data=json.loads(text), utf8_bom=bom)
             except json.JSONDecodeError as exc:
-                yield SourceRow(str(path), line_number, decode_error=f"malformed JSON ({exc.msg} at column {exc.colno})")
+                yield SourceRow(str(path), line_number, decode_error=f"malformed JSON ({exc.msg} at column {exc.colno})",
+                                utf8_bom=bom)
 
 
 def read_parquet_rows(path: Path) -> Iterator[SourceRow]:
-    """Rows of a Parquet file (1-based row numbers), one record batch at a time."""
+    """Rows of a Parquet file (1-based row numbers), one record batch at a time.
+
+    pyarrow's errors for a file that is not Parquet (or is torn) do not name the file; they
+    are re-raised naming it and the last row read.
+    """
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     row_number = 0
-    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
-        for record in batch.to_pylist():
-            row_number += 1
-            yield SourceRow(str(path), row_number, data=record)
+    try:
+        batches = pq.ParquetFile(path).iter_batches(batch_size=4096)
+        for batch in batches:
+            for record in batch.to_pylist():
+                row_number += 1
+                yield SourceRow(str(path), row_number, data=record)
+    except (pa.ArrowException, OSError) as exc:
+        where = f"after row {row_number}" if row_number else "at open"
+        raise ValueError(f"corpus_prep.source.paths: {path} is not a readable Parquet file ({where}): "
+                         f"{type(exc).__name__}: {exc}") from exc
 
 
 def read_file_rows(paths: list[str]) -> Iterator[SourceRow]:
@@ -72,11 +95,18 @@ def read_file_rows(paths: list[str]) -> Iterator[SourceRow]:
             raise FileNotFoundError(f"corpus_prep.source.paths: file not found: {path}")
         suffix = path.suffix.lower()
         if suffix in (".jsonl", ".json"):
-            yield from read_jsonl_rows(path)
+            rows = read_jsonl_rows(path)
         elif suffix == ".parquet":
-            yield from read_parquet_rows(path)
+            rows = read_parquet_rows(path)
         else:
             raise ValueError(f"corpus_prep.source.paths: {path} has unsupported suffix {suffix!r} (use .jsonl or .parquet)")
+        count = 0
+        for row in rows:
+            count += 1
+            yield row
+        if count == 0:
+            # A listed file without a single row is an export gone wrong, not data to skip.
+            raise ValueError(f"corpus_prep.source.paths: {path} is empty (0 rows): fill it or remove it from the list")
 
 
 # ---------------------------------------------------------------------------------------

@@ -14,6 +14,9 @@ KEY_MESSAGE = "{what}: unknown key(s) {unknown}; allowed keys are {known}"
 #: Appended to the message of a number given as a string: YAML 1.1 (kedro, PyYAML) reads `1e-3`
 #: without a dot as the string "1e-3".
 YAML_NUMBER_HINT = " (write 1.0e-3, not 1e-3: YAML 1.1 reads the latter as a string)"
+#: Appended to the message of a boolean given where a number or a name is expected: YAML 1.1
+#: reads a bare true/false, yes/no and on/off as booleans (and True == 1 in Python).
+YAML_BOOL_HINT = " (YAML reads a bare true/false, yes/no or on/off as a boolean)"
 
 
 def dataclass_from_params(cls, params: Mapping[str, Any] | None, what: str, message: str = KEY_MESSAGE):
@@ -59,9 +62,14 @@ def require(ok: bool, what: str, name: str, rule: str, value: Any, hint: str = "
         raise ValueError(f"{what}.{name} must be {rule}, got {value!r}{hint}")
 
 
+def _bool_hint(value: Any) -> str:
+    return YAML_BOOL_HINT if isinstance(value, bool) else ""
+
+
 def require_choice(what: str, name: str, value: Any, choices: Iterable[Any]) -> None:
     choices = list(choices)
-    require(value in choices, what, name, f"one of {choices}", value)
+    ok = value in choices and not (isinstance(value, bool) and not any(c is value for c in choices))
+    require(ok, what, name, f"one of {choices}", value, _bool_hint(value))
 
 
 def require_bool(what: str, name: str, value: Any) -> None:
@@ -74,7 +82,7 @@ def require_int(what: str, name: str, value: Any, minimum: int | None = None, al
         return
     rule = "an integer" if minimum is None else "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
     require(is_int(value) and (minimum is None or value >= minimum), what, name,
-            rule + (" or null" if allow_none else ""), value)
+            rule + (" or null" if allow_none else ""), value, _bool_hint(value))
 
 
 def require_number(what: str, name: str, value: Any, minimum: float | None = None,

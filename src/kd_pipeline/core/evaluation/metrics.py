@@ -44,7 +44,8 @@ import torch
 from kd_pipeline.core.batching import TargetsProvider, check_rows, fetch_targets, pad_right, sample_targets
 from kd_pipeline.core.devices import is_device_spec, resolve_device
 from kd_pipeline.core.models.head import HeadTransform, decoder_and_head, head_transform
-from kd_pipeline.core.params import dataclass_from_params, require, require_int
+from kd_pipeline.core.params import dataclass_from_params, require, require_choice, require_int
+from kd_pipeline.core.topk_store.reader import VERIFY_MODES
 
 #: Metric names `evaluate_student` returns without a teacher artifact.
 STUDENT_METRICS = ("num_samples", "num_tokens", "student_nll", "student_ppl")
@@ -75,6 +76,8 @@ class EvalConfig:
         overlap_k: k of `topk_overlap`; None uses the artifact's K (must be <= K).
         max_samples: evaluate only the first N samples (by sample_id); None: all.
         device: `auto` (CUDA when available), `cpu` or `cuda[:i]`.
+        topk_verify: when the artifact's shard checksums are checked (`TopKReader(verify=...)`):
+            `full` all at open, `lazy` each on first read, `auto` full up to 16 GiB of shards.
     """
 
     split: str = "validation"
@@ -83,8 +86,10 @@ class EvalConfig:
     overlap_k: int | None = None
     max_samples: int | None = None
     device: str = "auto"
+    topk_verify: str = "auto"
 
     def __post_init__(self) -> None:
+        require_choice("evaluate.metrics", "topk_verify", self.topk_verify, VERIFY_MODES)
         for name in ("batch_size", "token_chunk_size"):
             require_int("evaluate.metrics", name, getattr(self, name), minimum=1)
         for name in ("overlap_k", "max_samples"):
@@ -171,22 +176,26 @@ def evaluate_student(
 
 
 def evaluate_on_artifact(student_dir: str | os.PathLike, corpus, topk_dir: str | os.PathLike,
-                         config: EvalConfig = EvalConfig()) -> dict[str, float]:
+                         config: EvalConfig = EvalConfig(), *, teacher_dir: str | os.PathLike) -> dict[str, float]:
     """`evaluate_student` of the student folder on `config.split` of `corpus` (a `TokenizedCorpus`),
-    against the artifact at `topk_dir`, after the artifact compatibility check training runs too.
+    against the artifact at `topk_dir`, after the artifact compatibility check training runs too
+    (with the prepared teacher folder `teacher_dir`, whose config and weights hashes must be the
+    artifact's: KL against another teacher's targets would be reported as this teacher's).
 
     Raises:
-        ArtifactMismatchError: the artifact was made for another corpus, tokenizer or vocabulary.
+        ArtifactMismatchError: the artifact was made for another corpus, tokenizer, vocabulary or teacher.
     """
-    from kd_pipeline.core.models.identity import tokenizer_hash
+    from kd_pipeline.core.models.identity import model_identity, tokenizer_hash
     from kd_pipeline.core.models.loading import load_causal_lm, load_tokenizer
     from kd_pipeline.core.topk_store import TopKReader, check_artifact_compatibility
 
+    reader = TopKReader(topk_dir, verify=config.topk_verify)
+    teacher_identity = model_identity(teacher_dir)
     model = load_causal_lm(student_dir, device=resolve_device(config.device))
-    reader = TopKReader(topk_dir)
     check_artifact_compatibility(reader.manifest, corpus_fingerprint=corpus.fingerprint,
                                  tokenizer_hash=tokenizer_hash(load_tokenizer(student_dir)),
-                                 vocab_size=int(model.get_output_embeddings().weight.shape[0]))
+                                 vocab_size=int(model.get_output_embeddings().weight.shape[0]),
+                                 teacher_identity=teacher_identity, teacher_dir=teacher_dir)
     return evaluate_student(model, corpus.split(config.split), reader, config)
 
 

@@ -9,6 +9,7 @@ single-process run computes every sample identically and the writer gets the sam
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -27,6 +28,7 @@ from kd_pipeline.core.extraction.encode import PrecomputedCodec
 from kd_pipeline.core.extraction.head import TopKHead, check_head_path, teacher_rows
 from kd_pipeline.core.extraction.plan import BatchInputs, CorpusArrays, PlannedBatch, rank_share
 from kd_pipeline.core.extraction.report import new_stats, record_run, summarize_runs
+from kd_pipeline.core.locking import FolderLock
 from kd_pipeline.core.models.identity import model_identity
 from kd_pipeline.core.models.loading import load_causal_lm
 
@@ -136,12 +138,22 @@ def extract_teacher_topk(teacher_dir: str | os.PathLike, corpus, out_dir: str | 
 
     Raises:
         TeacherCorpusMismatchError: the teacher's vocabulary or tokenizer is not the corpus's.
+        FolderLockedError: another process is writing `out_dir` (rank 0 holds its lock for the
+            whole run, from before the shard check to the merged manifest; each rank's writer
+            locks its own share too).
     """
+    config = config or ExtractionConfig()
+    out_dir = Path(out_dir)
+    with contextlib.ExitStack() as lock:
+        if rank == 0:
+            lock.enter_context(FolderLock(out_dir, purpose=f"teacher_logits extraction, {world_size} rank(s)"))
+        return _extract(Path(teacher_dir), corpus, out_dir, config, rank, world_size)
+
+
+def _extract(teacher_dir: Path, corpus, out_dir: Path, config: ExtractionConfig, rank: int, world_size: int) -> dict:
     from kd_pipeline.core.corpus import TokenizedCorpus
 
     started = time.perf_counter()
-    config = config or ExtractionConfig()
-    teacher_dir, out_dir = Path(teacher_dir), Path(out_dir)
     corpus_where = "the corpus"
     if not isinstance(corpus, TokenizedCorpus):
         corpus_where = f"the corpus at {corpus}"
@@ -252,7 +264,7 @@ def _drop_bad_shards(out_dir: Path) -> list[str]:
     if not manifest_path.is_file():
         return []
     try:
-        bad = TopKReader(out_dir).verify()
+        bad = TopKReader(out_dir, verify="lazy").verify()
     except TopKStoreError as error:  # missing or wrong-size shard: found at open; check each
         logger.warning("teacher_logits: %s", error)
         try:

@@ -6,6 +6,8 @@ into a download attempt; weights are safetensors only.
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
@@ -13,6 +15,8 @@ from typing import Any, Mapping
 import torch
 
 from kd_pipeline.core.devices import resolve_dtype
+
+logger = logging.getLogger(__name__)
 
 #: Files of an HF folder that make up a tokenizer.
 TOKENIZER_FILES = (
@@ -36,6 +40,31 @@ def require_local_dir(path: str | os.PathLike, what: str) -> Path:
     if not folder.is_dir():
         raise FileNotFoundError(f"{what} folder {folder} does not exist (only local folders are used, never a hub)")
     return folder
+
+
+def log_ignored_custom_code(folder: Path, config_name: str, auto_class: str, loaded: Any,
+                            trust_remote_code: bool) -> None:
+    """Warn when a folder's `auto_map` names its own code that was not run.
+
+    With trust_remote_code off, transformers loads the built-in class of a known `model_type`
+    and silently ignores `auto_map`: the folder's author may have meant different code (other
+    layers, another forward), so the substitution is said out loud.
+    """
+    if trust_remote_code:
+        return
+    try:
+        config = json.loads((folder / config_name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    if not auto_map:
+        return
+    custom = auto_map.get(auto_class, auto_map) if isinstance(auto_map, dict) else auto_map
+    model_type = config.get("model_type")
+    logger.warning("%s: custom code ignored: %s auto_map names %s (%s), but trust_remote_code is off, so the "
+                   "built-in %s%s was loaded instead; set trust_remote_code: true for this folder only if you "
+                   "trust its code", folder, config_name, custom, auto_class, type(loaded).__name__,
+                   f" for model_type {model_type!r}" if model_type else "")
 
 
 
@@ -64,6 +93,7 @@ def load_causal_lm(
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=resolve_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
     )
+    log_ignored_custom_code(folder, "config.json", "AutoModelForCausalLM", model, trust_remote_code)
     return model.to(device).eval()
 
 
@@ -74,7 +104,9 @@ def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):
     folder = require_local_dir(path, "tokenizer")
     if not has_tokenizer_files(folder):
         raise FileNotFoundError(f"tokenizer folder {folder} holds no tokenizer files (e.g. tokenizer.json)")
-    return AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    log_ignored_custom_code(folder, "tokenizer_config.json", "AutoTokenizer", tokenizer, trust_remote_code)
+    return tokenizer
 
 
 def has_tokenizer_files(folder: Path) -> bool:

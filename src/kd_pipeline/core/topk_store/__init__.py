@@ -28,6 +28,8 @@ from kd_pipeline.core.topk_store.manifest import (
     manifest_sha256,
 )
 from kd_pipeline.core.topk_store.reader import (
+    DEFAULT_FULL_VERIFY_MAX_BYTES,
+    VERIFY_MODES,
     MissingSampleError,
     ShardCorruptError,
     TopKBatch,
@@ -41,6 +43,7 @@ DEFAULT_CODEC = LogQuantZstdCodec.name
 __all__ = [
     "CODECS",
     "DEFAULT_CODEC",
+    "DEFAULT_FULL_VERIFY_MAX_BYTES",
     "MANIFEST_NAME",
     "SCHEMA_VERSION",
     "ArtifactMismatchError",
@@ -59,6 +62,7 @@ __all__ = [
     "TopKSample",
     "TopKShardWriter",
     "TopKStoreError",
+    "VERIFY_MODES",
     "check_artifact_compatibility",
     "get_codec",
     "manifest_sha256",

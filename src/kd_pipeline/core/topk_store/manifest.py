@@ -319,9 +319,12 @@ def manifest_sha256(directory: str | os.PathLike) -> str | None:
 
 
 def check_artifact_compatibility(manifest: Manifest, *, corpus_fingerprint: str, vocab_size: int,
-                                 tokenizer_hash: str | None = None, k: int | None = None) -> int:
-    """Refuse a top-k artifact made for another corpus, tokenizer, vocabulary or a smaller k: the
-    check every consumer of an artifact (training, evaluation) runs, through `check_compatible`.
+                                 tokenizer_hash: str | None = None, k: int | None = None,
+                                 teacher_identity: Mapping[str, Any] | None = None,
+                                 teacher_dir: str | os.PathLike | None = None) -> int:
+    """Refuse a top-k artifact made for another corpus, tokenizer, vocabulary, teacher or a
+    smaller k: the check every consumer of an artifact (training, evaluation) runs, through
+    `check_compatible`.
 
     Args:
         manifest: the artifact's manifest (`TopKReader.manifest`).
@@ -329,6 +332,11 @@ def check_artifact_compatibility(manifest: Manifest, *, corpus_fingerprint: str,
         vocab_size: rows of the student's lm_head.
         tokenizer_hash: `models.identity.tokenizer_hash` of the student's tokenizer (None: not checked).
         k: top-k columns the consumer uses (None: all of the artifact's).
+        teacher_identity: `models.identity.model_identity` of the prepared teacher folder
+            (`config_sha256`, `weights_sha256`); a teacher swapped since the extraction (same
+            tokenizer, other weights) keeps the corpus fingerprint, so only this tells. None: not
+            checked.
+        teacher_dir: that folder, for the message.
 
     Returns:
         The k to use.
@@ -336,10 +344,14 @@ def check_artifact_compatibility(manifest: Manifest, *, corpus_fingerprint: str,
     Raises:
         ArtifactMismatchError: naming the first mismatching manifest field.
     """
+    teacher = dict(teacher_identity or {})
+    teacher_holder = f"the teacher folder {teacher_dir}" if teacher_dir is not None else "the teacher"
     checks = (
         ("corpus_fingerprint", corpus_fingerprint, "the tokenized corpus"),
         ("tokenizer_sha256", tokenizer_hash, "the student tokenizer"),
         ("vocab_size", vocab_size, "the student lm_head"),
+        ("teacher_config_sha256", teacher.get("config_sha256"), teacher_holder),
+        ("teacher_weights_sha256", teacher.get("weights_sha256"), teacher_holder),
     )
     for name, expected, holder in checks:
         if expected is None:

@@ -3,7 +3,9 @@ straight into torch tensors, with every shard checked against its manifest sha25
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,9 +23,21 @@ from kd_pipeline.core.atomic import sha256_file
 from kd_pipeline.core.topk_store.codec import TopKCodec, get_codec
 from kd_pipeline.core.topk_store.manifest import MANIFEST_NAME, Manifest, TopKStoreError
 
-__all__ = ["MissingSampleError", "ShardCorruptError", "TopKBatch", "TopKReader", "TopKSample"]
+__all__ = ["DEFAULT_FULL_VERIFY_MAX_BYTES", "VERIFY_MODES", "MissingSampleError", "ShardCorruptError", "TopKBatch",
+           "TopKReader", "TopKSample"]
+
+log = logging.getLogger(__name__)
 
 _REPAIR_HINT = "re-run `kedro run --pipelines teacher_logits` to regenerate it"
+VERIFY_MODES = ("auto", "full", "lazy")
+# `verify="auto"` hashes the whole artifact at open up to this size: sha256 runs at roughly
+# 0.5-1 GB/s per core, so up to ~30 s at open against hours of training that a corrupt shard
+# found late would waste. Larger artifacts are checked shard by shard on first read.
+DEFAULT_FULL_VERIFY_MAX_BYTES = 16 << 30
+
+
+def _gibibytes(num_bytes: int) -> str:
+    return f"{num_bytes / 2**30:.2f} GiB"
 
 
 class ShardCorruptError(TopKStoreError):
@@ -102,23 +116,37 @@ class TopKReader:
     """Random access by sample id to an artifact directory (`manifest.json` + Parquet shards).
 
     Opening reads the manifest (refusing an unknown schema version or codec) and the
-    `sample_id` / `num_positions` columns of every shard to build the index; a shard's payload
-    bytes are checked against its sha256 the first time this process reads from it.
+    `sample_id` / `num_positions` columns of every shard to build the index, and checks every
+    shard's size. Each shard's bytes are checked against its sha256 either all at open
+    (`verify="full"`: a corrupt shard stops the run before any work) or the first time a shard
+    is read (`verify="lazy"`: for artifacts too large to hash up front). `verify="auto"` (the
+    default) is "full" up to `full_verify_max_bytes` of shards and "lazy" above; the mode used
+    is logged and kept in `verify_mode`.
 
     Not thread-safe (one reader per thread); pickling it (DataLoader workers) is supported:
-    each process opens its own files and verifies the shards it reads.
+    each process opens its own files; shards already verified are not hashed again.
 
     Args:
         directory: the artifact directory.
         cached_row_groups: Parquet row groups kept in memory (least recently used dropped).
+        verify: "auto", "full" or "lazy" (see above).
+        full_verify_max_bytes: the largest artifact "auto" verifies in full at open.
 
     Raises:
+        ValueError: an unknown `verify` mode or a negative `full_verify_max_bytes`.
         TopKStoreError: no or unreadable manifest, unknown schema version or codec.
         ShardCorruptError: a shard is missing or has the wrong size (detected at open), or
-            fails its sha256 (detected at first read); the message names the shard file.
+            fails its sha256 (at open with "full", at first read with "lazy"); the message
+            names the shard files.
     """
 
-    def __init__(self, directory: str | os.PathLike, cached_row_groups: int = 8):
+    def __init__(self, directory: str | os.PathLike, cached_row_groups: int = 8, verify: str = "auto",
+                 full_verify_max_bytes: int = DEFAULT_FULL_VERIFY_MAX_BYTES):
+        if verify not in VERIFY_MODES:
+            raise ValueError(f"top-k artifact verify mode must be one of {list(VERIFY_MODES)}, got {verify!r}")
+        if isinstance(full_verify_max_bytes, bool) or not isinstance(full_verify_max_bytes, int) \
+                or full_verify_max_bytes < 0:
+            raise ValueError(f"full_verify_max_bytes must be an int >= 0, got {full_verify_max_bytes!r}")
         self.directory = Path(directory)
         manifest_path = self.directory / MANIFEST_NAME
         try:
@@ -132,8 +160,10 @@ class TopKReader:
             raise TopKStoreError(f"{manifest_path}: {error}") from error
         self._cached_row_groups = max(1, int(cached_row_groups))
         self._paths = [self.directory / shard.file for shard in self._manifest.shards]
+        self._verified: set[int] = set()  # shard numbers whose sha256 matched (valid in any process)
         self._build_index()
         self._reset_process_state()
+        self.verify_mode = self._open_verification(verify, full_verify_max_bytes)
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -232,7 +262,8 @@ class TopKReader:
         self.close()
 
     def verify(self) -> list[str]:
-        """Check every shard's size and sha256; returns the names of the bad ones (empty: all good)."""
+        """Check every shard's size and sha256 (those not checked yet); returns the names of the
+        bad ones (empty: all good)."""
         bad = []
         for shard_number in range(len(self._paths)):
             try:
@@ -240,6 +271,29 @@ class TopKReader:
             except ShardCorruptError:
                 bad.append(self._manifest.shards[shard_number].file)
         return bad
+
+    def _open_verification(self, verify: str, full_verify_max_bytes: int) -> str:
+        """Resolve "auto", hash every shard now for "full", and log which check is used."""
+        size, count = self._manifest.num_bytes, len(self._paths)
+        if verify == "auto":
+            mode = "full" if size <= full_verify_max_bytes else "lazy"
+            why = (f"auto: artifact {_gibibytes(size)} {'<=' if mode == 'full' else '>'} "
+                   f"full_verify_max_bytes {_gibibytes(full_verify_max_bytes)}")
+        else:
+            mode, why = verify, "as configured"
+        if mode == "lazy":
+            log.info("top-k artifact %s: verify=lazy (%s): each of the %d shards' sha256 is checked when it is "
+                     "first read", self.directory, why, count)
+            return mode
+        started = time.perf_counter()
+        bad = self.verify()
+        if bad:
+            listed = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+            raise ShardCorruptError(f"top-k artifact {self.directory}: {len(bad)} of {count} shards are corrupt "
+                                    f"(size or sha256 differs from the manifest): {listed}; {_REPAIR_HINT}")
+        log.info("top-k artifact %s: verify=full (%s): sha256 of all %d shards (%s) checked at open in %.1f s",
+                 self.directory, why, count, _gibibytes(size), time.perf_counter() - started)
+        return mode
 
     # -- index -----------------------------------------------------------------------------------
 
@@ -286,7 +340,6 @@ class TopKReader:
     def _reset_process_state(self) -> None:
         """Open files and caches belong to one process (DataLoader workers get fresh ones)."""
         self._pid = os.getpid()
-        self._verified: set[int] = set()
         self._files: dict[int, pq.ParquetFile] = {}
         self._groups: OrderedDict[tuple[int, int], dict[str, tuple[np.ndarray, memoryview]]] = OrderedDict()
 

@@ -13,6 +13,11 @@ Layout of the directory:
 - `manifest.json`: written last, atomically, only when every rank has finished
   (`merge_manifests`, which a single-process writer calls itself in `close`).
 
+Only one run writes a directory at a time: from opening to `close`/`abort`, rank 0's writer holds
+the directory's `FolderLock` (`<directory>.lock` beside it) and rank r > 0 the lock of its own
+files (`<directory>.rNN.lock`); a second writer fails at open, naming the holder's PID, before it
+touches a file (it would otherwise delete the first one's shard in progress as torn).
+
 Resume protocol. Shard bytes depend only on the samples they hold (in order), the codec and the
 layout settings, and shard cuts depend only on the samples fed. So, given the same sample order:
 
@@ -41,6 +46,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from kd_pipeline.core.atomic import sha256_file, temp_path_for, write_json_atomic
+from kd_pipeline.core.locking import FolderLock
 from kd_pipeline.core.topk_store.codec import TopKArrays, TopKCodec
 from kd_pipeline.core.topk_store.logquant import LogQuantZstdCodec
 from kd_pipeline.core.topk_store.manifest import (
@@ -114,6 +120,7 @@ class TopKShardWriter:
 
     Raises:
         ManifestMismatchError: resuming over shards written with other settings.
+        FolderLockedError: another live process is writing this directory (or this rank's share).
     """
 
     def __init__(self, directory: str | os.PathLike, source: ArtifactSource, codec: TopKCodec | None = None, *,
@@ -145,14 +152,20 @@ class TopKShardWriter:
         self._shard_coverage_sum = 0.0
         self._closed = False
 
-        self.directory.mkdir(parents=True, exist_ok=True)
-        self._remove_torn_files()
-        with contextlib.suppress(FileNotFoundError):
-            (self.directory / MANIFEST_NAME).unlink()  # the artifact is being modified
-        if resume:
-            self._resume()
-        else:
-            self._delete_rank_files()
+        self._lock = FolderLock(self.directory, purpose=f"teacher top-k writer, rank {rank} of {world_size}",
+                                part=None if rank == 0 else f"r{rank:02d}").acquire()
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            self._remove_torn_files()
+            with contextlib.suppress(FileNotFoundError):
+                (self.directory / MANIFEST_NAME).unlink()  # the artifact is being modified
+            if resume:
+                self._resume()
+            else:
+                self._delete_rank_files()
+        except BaseException:
+            self._lock.release()
+            raise
 
     # -- public API ------------------------------------------------------------------------------
 
@@ -218,13 +231,17 @@ class TopKShardWriter:
         """
         if self._closed:
             raise RuntimeError("TopKShardWriter closed twice")
-        if self._shard_rows:
-            self._finish_shard()
-        self._write_partial(complete=True)
-        self._closed = True
-        if self._shardless_manifest.world_size == 1:
-            return merge_manifests(self.directory, 1)
-        return None
+        try:
+            if self._shard_rows:
+                self._finish_shard()
+            self._write_partial(complete=True)
+            self._closed = True
+            if self._shardless_manifest.world_size == 1:
+                return merge_manifests(self.directory, 1)
+            return None
+        finally:
+            if self._closed:
+                self._lock.release()
 
     def abort(self) -> None:
         """Drop the shard in progress (its temp file); finished shards stay for a resume."""
@@ -237,6 +254,7 @@ class TopKShardWriter:
         self._parquet = None
         with contextlib.suppress(FileNotFoundError):
             temp_path_for(self.directory / shard_name(self.rank, self._current_index())).unlink()
+        self._lock.release()
 
     def __enter__(self) -> "TopKShardWriter":
         return self

@@ -5,6 +5,7 @@ tokenizer) that `AutoModelForCausalLM.from_pretrained` loads, plus `training_sum
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -12,17 +13,24 @@ import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from kd_pipeline.core.atomic import atomic_dir, canonical_json, write_json_atomic
+from kd_pipeline.core.locking import FolderLock
 from kd_pipeline.core.losses import KDLossConfig
-from kd_pipeline.core.models.identity import tokenizer_hash
+from kd_pipeline.core.models.identity import model_identity, tokenizer_hash
 from kd_pipeline.core.models.student import init_student
+from kd_pipeline.core.params import require_choice, require_int
 from kd_pipeline.core.plots import plot_training_curves
-from kd_pipeline.core.topk_store import ArtifactMismatchError, check_artifact_compatibility, manifest_sha256
+from kd_pipeline.core.topk_store import (
+    VERIFY_MODES,
+    ArtifactMismatchError,
+    check_artifact_compatibility,
+    manifest_sha256,
+)
 from kd_pipeline.core.training.checkpoints import is_finished, load_checkpoint_weights, prepare_checkpoint_dir
 from kd_pipeline.core.training.config import TrainConfig, training_arguments
 from kd_pipeline.core.training.data import DistillCollator, DistillDataset
@@ -48,11 +56,12 @@ def train_student(
     report_to: Sequence[str] = (),
     callbacks: Iterable[TrainerCallback] = (),
     targets=None,
+    topk_verify: str = "auto",
 ) -> dict:
     """Train the student and save it as an HF folder at `output_dir` (atomically replaced).
 
     Args:
-        teacher_dir: the prepared teacher folder (tokenizer; weights for `prune_teacher`).
+        teacher_dir: the prepared teacher folder (tokenizer; weights for `prune_teacher`; the artifact's teacher).
         corpus: the `TokenizedCorpus` (train split trained on, validation split evaluated).
         student_init: a `models.student.StudentInit`.
         loss: the loss config; `kd_loss_weight == 0` trains SFT only and needs no artifact.
@@ -65,54 +74,74 @@ def train_student(
         callbacks: extra `TrainerCallback`s.
         targets: an already open targets provider with `.manifest` (a `topk_store.Manifest`) and
             `.get_many` (synthetic data in checks and benchmarks); overrides `topk_dir`.
+        topk_verify: `TopKReader(verify=...)`: shard checksums all at open (`full`), on first read
+            (`lazy`), or `auto` (full up to 16 GiB).
 
     Returns:
         A JSON-able summary: final train/eval losses, steps, tokens/s, the log history, ...
 
     Raises:
-        ArtifactMismatchError: manifest does not fit the corpus, tokenizer, vocabulary or k.
-        NonFiniteLossError: the loss became NaN/Inf (names the step and the batch's sample ids).
+        ValueError: `k` or `topk_verify` is not valid (checked before any work, naming the key).
+        FolderLockedError: another process is training into `output_dir` (or its checkpoints).
+        ArtifactMismatchError: manifest does not fit the corpus, tokenizer, vocabulary, teacher or k.
+        NonFiniteLossError / NonFiniteGradientError: the loss / a step's gradient norm became NaN or
+            Inf (names the step and its sample ids); nothing is saved.
     """
     from transformers import set_seed
 
+    require_int("distill", "k", k, minimum=1, allow_none=True)  # before any work
+    require_choice("distill", "topk_verify", topk_verify, VERIFY_MODES)
     output_dir = Path(output_dir)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else output_dir.with_name(f"{output_dir.name}_checkpoints")
     started = time.perf_counter()
-    set_seed(train.seed)
-    model, tokenizer = init_student(student_init, teacher_dir)
-    student_tokenizer_hash = tokenizer_hash(tokenizer)
-    _check_corpus_tokenizer(corpus, student_tokenizer_hash)
-    vocab_size = model.get_output_embeddings().weight.shape[0]
-    targets, used_k, manifest_id = _open_targets(loss, targets, topk_dir, corpus, student_tokenizer_hash,
-                                                 vocab_size, k)
-    train_set = DistillDataset(corpus.split("train"), targets, used_k, split="train")
-    validation = corpus.split("validation")
-    eval_set = DistillDataset(validation, targets, used_k, split="validation") if validation.num_rows else None
+    with _locked(output_dir, checkpoint_dir):
+        set_seed(train.seed)
+        model, tokenizer = init_student(student_init, teacher_dir)
+        student_tokenizer_hash = tokenizer_hash(tokenizer)
+        _check_corpus_tokenizer(corpus, student_tokenizer_hash)
+        vocab_size = model.get_output_embeddings().weight.shape[0]
+        targets, used_k, manifest_id = _open_targets(loss, targets, topk_dir, corpus, student_tokenizer_hash,
+                                                     vocab_size, k, teacher_dir, topk_verify)
+        train_set = DistillDataset(corpus.split("train"), targets, used_k, split="train")
+        validation = corpus.split("validation")
+        eval_set = DistillDataset(validation, targets, used_k, split="validation") if validation.num_rows else None
 
-    args = training_arguments(train, checkpoint_dir, eval_set is not None, report_to, model.config.model_type)
-    identity = {"train": train.identity(), "loss": asdict(loss), "student_init": asdict(student_init),
-                "corpus_fingerprint": corpus.fingerprint, "artifact": manifest_id, "k": used_k,
-                "world_size": args.world_size}
-    resume_from = prepare_checkpoint_dir(checkpoint_dir, identity, train.resume, args.process_index == 0)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    trainer = DistillationTrainer(
-        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-        data_collator=DistillCollator(pad_id, train.pad_to_multiple_of), processing_class=tokenizer,
-        loss_config=loss, reduction=train.reduction, callbacks=list(callbacks),
-    )
-    if not args.disable_tqdm:
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(DistillProgressCallback())
-    train_metrics = _train(trainer, resume_from)
-    evaluated_last_step = args.eval_strategy == "steps" and trainer.state.global_step % args.eval_steps == 0
-    if eval_set is not None and train.eval_at_end and not evaluated_last_step:
-        trainer.evaluate()
+        args = training_arguments(train, checkpoint_dir, eval_set is not None, report_to, model.config.model_type)
+        identity = {"train": train.identity(), "loss": asdict(loss), "student_init": asdict(student_init),
+                    "corpus_fingerprint": corpus.fingerprint, "artifact": manifest_id, "k": used_k,
+                    "world_size": args.world_size}
+        resume_from = prepare_checkpoint_dir(checkpoint_dir, identity, train.resume, args.process_index == 0)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        trainer = DistillationTrainer(
+            model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+            data_collator=DistillCollator(pad_id, train.pad_to_multiple_of), processing_class=tokenizer,
+            loss_config=loss, reduction=train.reduction, callbacks=list(callbacks),
+        )
+        if not args.disable_tqdm:
+            trainer.remove_callback(ProgressCallback)
+            trainer.add_callback(DistillProgressCallback())
+        train_metrics = _train(trainer, resume_from)
+        evaluated_last_step = args.eval_strategy == "steps" and trainer.state.global_step % args.eval_steps == 0
+        if eval_set is not None and train.eval_at_end and not evaluated_last_step:
+            trainer.evaluate()
 
-    summary = _summary(trainer, train_metrics, args.use_liger_kernel, args, resume_from, manifest_id, used_k,
-                       time.perf_counter() - started)
-    _save_student(trainer, summary, output_dir, checkpoint_dir, train.keep_checkpoints)
-    trainer.close()
-    return summary
+        summary = _summary(trainer, train_metrics, args.use_liger_kernel, args, resume_from, manifest_id, used_k,
+                           time.perf_counter() - started)
+        _save_student(trainer, summary, output_dir, checkpoint_dir, train.keep_checkpoints)
+        trainer.close()
+        return summary
+
+
+@contextlib.contextmanager
+def _locked(output_dir: Path, checkpoint_dir: Path) -> Iterator[None]:
+    """The student folder and its checkpoints, locked against a second run (`core.locking`);
+    under torchrun the main process holds the locks for every rank (RANK is set before
+    torch.distributed is initialized)."""
+    with contextlib.ExitStack() as locks:
+        if int(os.environ.get("RANK", "0")) == 0:
+            for folder in (output_dir, checkpoint_dir):
+                locks.enter_context(FolderLock(folder, purpose="distill: training the student"))
+        yield
 
 
 def _check_corpus_tokenizer(corpus, student_tokenizer_hash: str) -> None:
@@ -124,7 +153,7 @@ def _check_corpus_tokenizer(corpus, student_tokenizer_hash: str) -> None:
 
 
 def _open_targets(loss: KDLossConfig, targets, topk_dir, corpus, student_tokenizer_hash: str, vocab_size: int,
-                  k: int | None):
+                  k: int | None, teacher_dir, topk_verify: str):
     """(targets, k to use, manifest sha256) of the run; all None for SFT only (`kd_loss_weight` 0)."""
     if loss.kd_loss_weight == 0:
         return None, None, None
@@ -134,9 +163,10 @@ def _open_targets(loss: KDLossConfig, targets, topk_dir, corpus, student_tokeniz
                              "set kd_loss_weight: 0 for the SFT-only baseline")
         from kd_pipeline.core.topk_store import TopKReader
 
-        targets = TopKReader(topk_dir)
+        targets = TopKReader(topk_dir, verify=topk_verify)
     used_k = check_artifact_compatibility(targets.manifest, corpus_fingerprint=corpus.fingerprint,
-                                          tokenizer_hash=student_tokenizer_hash, vocab_size=vocab_size, k=k)
+                                          tokenizer_hash=student_tokenizer_hash, vocab_size=vocab_size, k=k,
+                                          teacher_identity=model_identity(teacher_dir), teacher_dir=teacher_dir)
     directory = getattr(targets, "directory", None)
     manifest_id = manifest_sha256(directory) if directory is not None else None
     if manifest_id is None:  # an in-memory provider: the hash of its manifest's content

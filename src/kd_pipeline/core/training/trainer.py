@@ -30,6 +30,13 @@ class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or Inf; names the global step and the batch's sample ids."""
 
 
+class NonFiniteGradientError(FloatingPointError):
+    """An optimizer step's gradient norm is NaN or Inf; names the step and its sample ids.
+
+    Raised before the optimizer applies the step, so the weights keep their last finite update
+    and the run stops before it can save (or replace) a student.
+    """
+
 
 class DistillationTrainer(Trainer):
     """`Trainer` whose loss is `fused_topk_kd_loss` on the student's final hidden states.
@@ -67,6 +74,10 @@ class DistillationTrainer(Trainer):
             raise ValueError(f"{type(self.model).__name__} has no separate base model (decoder) to take the final "
                              "hidden states from; the student must be a *ForCausalLM with a base model")
         self._hook = base.register_forward_hook(self._capture_hidden)
+        if not hasattr(Trainer, "_get_grad_norm"):  # the hook of the gradient check below
+            raise RuntimeError("this transformers version has no Trainer._get_grad_norm: the non-finite gradient "
+                               "check of DistillationTrainer needs updating for it")
+        self._step_sample_ids: list[str] = []
         self._step_sequences: int | None = None
         self._metrics = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._train_seconds = 0.0
@@ -96,7 +107,29 @@ class DistillationTrainer(Trainer):
         if self.accelerator.num_processes > 1:
             counts = self.accelerator.reduce(counts, reduction="sum")
         self._step_sequences = int(counts[1])
+        self._step_sample_ids = [sample_id for batch in batch_samples for sample_id in batch.get("sample_ids", [])]
         return batch_samples, counts[0]
+
+    # ---- gradients: the norm HF computes for clipping, checked before the optimizer step ----
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        """HF's pre-clipping gradient norm of the step (Trainer calls this right after clipping
+        and before `optimizer.step()`), refused when NaN or Inf.
+
+        Clipping an infinite norm scales every gradient to 0 (a NaN norm makes them NaN), so
+        without this check such steps train nothing, or poison the weights, with a finite loss.
+        After DDP's all-reduce every rank sees the same norm, so every rank stops here together.
+        """
+        grad_norm = super()._get_grad_norm(model, grad_norm=grad_norm)
+        value = float(grad_norm) if grad_norm is not None else None
+        if value is not None and not math.isfinite(value):
+            ranks = " on this rank" if self.accelerator.num_processes > 1 else ""
+            raise NonFiniteGradientError(
+                f"non-finite gradient norm ({value}) at global step {self.state.global_step + 1}: the step was not "
+                f"applied and training stopped (no student is saved); sample ids of the step{ranks}: "
+                f"{', '.join(self._step_sample_ids)}"
+            )
+        return grad_norm
 
     # ---- the loss ---------------------------------------------------------------------------
 

@@ -12,12 +12,13 @@ from kd_pipeline import tracking
 from kd_pipeline.core.corpus import TokenizedCorpus
 from kd_pipeline.core.losses import KDLossConfig
 from kd_pipeline.core.models.student import StudentInit
-from kd_pipeline.core.topk_store import manifest_sha256
+from kd_pipeline.core.params import require_choice, require_int
+from kd_pipeline.core.topk_store import VERIFY_MODES, manifest_sha256
 from kd_pipeline.core.training.config import TrainConfig
 from kd_pipeline.core.training.run import LOSS_CURVE_FILE, SUMMARY_FILE
 from kd_pipeline.core.training.run import train_student as run_training
 
-_PARAM_GROUPS = ("student_init", "loss", "trainer", "k", "tracking")
+_PARAM_GROUPS = ("student_init", "loss", "trainer", "k", "topk_verify", "tracking")
 
 
 def train_student(tokenized_corpus: TokenizedCorpus, teacher_topk: Path, teacher_model: Path,
@@ -29,11 +30,15 @@ def train_student(tokenized_corpus: TokenizedCorpus, teacher_topk: Path, teacher
         tokenized_corpus: the corpus (train split trained on, validation split evaluated).
         teacher_topk: the top-k artifact folder (not read when `loss.kd_loss_weight` is 0).
         teacher_model: the teacher HF folder (tokenizer; layers for `prune_teacher`).
-        params: `distill` parameters: student_init, loss, trainer, k, tracking.
+        params: `distill` parameters: student_init, loss, trainer, k, topk_verify, tracking.
     """
     unknown = sorted(set(params) - set(_PARAM_GROUPS))
     if unknown:
         raise ValueError(f"unknown distill parameter(s) {unknown}; allowed: {list(_PARAM_GROUPS)}")
+    k = params.get("k")
+    require_int("distill", "k", k, minimum=1, allow_none=True)  # before any work
+    topk_verify = params.get("topk_verify", "auto")
+    require_choice("distill", "topk_verify", topk_verify, VERIFY_MODES)
     loss = KDLossConfig.from_dict(params.get("loss") or {})
     student_init = StudentInit.from_params(params.get("student_init"))
     train = TrainConfig.from_dict(params.get("trainer"))
@@ -46,7 +51,7 @@ def train_student(tokenized_corpus: TokenizedCorpus, teacher_topk: Path, teacher
         with tracking.one_mlflow_run("distill") as report_to:
             run_training(teacher_dir=teacher_model, corpus=tokenized_corpus, student_init=student_init, loss=loss,
                          train=train, output_dir=directory, topk_dir=teacher_topk if kd else None,
-                         k=params.get("k"), report_to=report_to)
+                         k=k, topk_verify=topk_verify, report_to=report_to)
 
     return write_student
 

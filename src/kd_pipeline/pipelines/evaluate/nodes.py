@@ -19,9 +19,11 @@ logger = logging.getLogger(__name__)
 
 
 def evaluate_student(student_model: Path, tokenized_corpus: TokenizedCorpus, teacher_topk: Path,
-                     params: dict) -> dict[str, float]:
-    """Validation metrics of the student: NLL/perplexity, KL to the teacher, agreement, overlap."""
-    metrics = evaluate_on_artifact(student_model, tokenized_corpus, teacher_topk, EvalConfig.from_params(params))
+                     teacher_model: Path, params: dict) -> dict[str, float]:
+    """Validation metrics of the student: NLL/perplexity, KL to the teacher, agreement, overlap
+    (after checking that the artifact was made from this corpus and this teacher)."""
+    metrics = evaluate_on_artifact(student_model, tokenized_corpus, teacher_topk, EvalConfig.from_params(params),
+                                   teacher_dir=teacher_model)
     logger.info("evaluate: %s", ", ".join(f"{key}={value:.4g}" for key, value in metrics.items()))
     return metrics
 
