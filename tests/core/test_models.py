@@ -119,12 +119,12 @@ def test_teacher_source_defaults_to_embedded_gguf():
     "params, message",
     [
         ({"kind": "hf_folder", "path": "x", "revision": "main"}, r"corpus_prep.teacher: unknown key\(s\) \['revision'\]"),
-        ({"kind": "pytorch_bin"}, "teacher kind 'pytorch_bin' is not one of"),
+        ({"kind": "pytorch_bin"}, r"corpus_prep.teacher.kind must be one of \[.*\], got 'pytorch_bin'"),
         ({"kind": "gguf_file"}, "needs `path`"),
         ({"kind": "random_init"}, "needs `tokenizer_path`"),
         ({"kind": "embedded_gguf", "path": "/x.gguf"}, r"does not use parameter\(s\) \['path'\]"),
         ({"kind": "gguf_file", "path": "a.gguf", "trust_remote_code": True}, r"\['trust_remote_code'\]"),
-        ({"kind": "random_init", "tokenizer_path": "t", "seed": "0"}, "seed` must be an integer"),
+        ({"kind": "random_init", "tokenizer_path": "t", "seed": "0"}, "corpus_prep.teacher.seed must be an int"),
     ],
 )
 def test_teacher_source_errors_name_the_problem(params, message):
@@ -136,7 +136,7 @@ def test_teacher_source_errors_name_the_problem(params, message):
     "params, message",
     [
         ({"method": "prune_teacher", "keep_layer": [0]}, r"distill.student_init: unknown key\(s\) \['keep_layer'\]"),
-        ({"method": "distil"}, "student method 'distil' is not one of"),
+        ({"method": "distil"}, r"distill.student_init.method must be one of \[.*\], got 'distil'"),
         ({"method": "from_pretrained"}, "needs `path`"),
         ({"method": "from_config"}, "needs `config`"),
         ({"keep_layers": [0], "num_layers": 2}, "one of keep_layers, keep_every, num_layers"),

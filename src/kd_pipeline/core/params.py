@@ -73,14 +73,14 @@ def require_choice(what: str, name: str, value: Any, choices: Iterable[Any]) -> 
 
 
 def require_bool(what: str, name: str, value: Any) -> None:
-    require(isinstance(value, bool), what, name, "true or false", value)
+    require(isinstance(value, bool), what, name, "a bool (true or false)", value)
 
 
 def require_int(what: str, name: str, value: Any, minimum: int | None = None, allow_none: bool = False) -> None:
     """An int (not a bool), at least `minimum` when given; None too when `allow_none`."""
     if allow_none and value is None:
         return
-    rule = "an integer" if minimum is None else "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+    rule = "an int" if minimum is None else "a positive int" if minimum == 1 else f"an int >= {minimum}"
     require(is_int(value) and (minimum is None or value >= minimum), what, name,
             rule + (" or null" if allow_none else ""), value, _bool_hint(value))
 

@@ -41,7 +41,14 @@ from typing import Any, Mapping, NamedTuple
 import torch
 
 from kd_pipeline.core.batching import IGNORE_INDEX  # noqa: F401 (re-exported: the loss takes HF labels)
-from kd_pipeline.core.params import dataclass_from_params
+from kd_pipeline.core.params import (
+    dataclass_from_params,
+    is_number,
+    require,
+    require_bool,
+    require_choice,
+    require_int,
+)
 
 KD_LOSSES = ("fwd_kl", "bwd_kl", "jsd")
 TOPK_NORMALIZATIONS = ("renormalize", "tail_bucket")
@@ -91,37 +98,23 @@ class KDLossConfig:
     compiled: bool = False
 
     def __post_init__(self) -> None:
-        _check_choice("kd_loss", self.kd_loss, KD_LOSSES)
-        _check_choice("topk_normalization", self.topk_normalization, TOPK_NORMALIZATIONS)
+        what = "distill.loss"
+        require_choice(what, "kd_loss", self.kd_loss, KD_LOSSES)
+        require_choice(what, "topk_normalization", self.topk_normalization, TOPK_NORMALIZATIONS)
         for name in ("temperature_squared", "scale_sft_logits", "compiled"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"KDLossConfig.{name} must be a bool, got {getattr(self, name)!r}")
-        beta = _check_real("beta", self.beta)
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"KDLossConfig.beta must be in [0, 1], got {beta!r}")
+            require_bool(what, name, getattr(self, name))
+        for name in ("beta", "kd_loss_weight", "sft_loss_weight", "logits_scale", "target_logits_scale"):
+            value = getattr(self, name)
+            require(is_number(value) and math.isfinite(value), what, name, "a finite number", value)
+        require(0.0 <= self.beta <= 1.0, what, "beta", "in [0, 1]", self.beta)
         for name in ("kd_loss_weight", "sft_loss_weight"):
-            if _check_real(name, getattr(self, name)) < 0:
-                raise ValueError(f"KDLossConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+            require(getattr(self, name) >= 0, what, name, ">= 0", getattr(self, name))
         if self.kd_loss_weight == 0 and self.sft_loss_weight == 0:
-            raise ValueError(
-                "KDLossConfig.kd_loss_weight and KDLossConfig.sft_loss_weight are both 0: "
-                "the loss would be identically 0"
-            )
+            raise ValueError(f"{what}.kd_loss_weight and {what}.sft_loss_weight are both 0: the loss would be "
+                             "identically 0")
         for name in ("logits_scale", "target_logits_scale"):
-            if _check_real(name, getattr(self, name)) <= 0:
-                raise ValueError(
-                    f"KDLossConfig.{name} must be > 0 (it is an inverse temperature), "
-                    f"got {getattr(self, name)!r}"
-                )
-        if self.chunk_size is not None and (
-            isinstance(self.chunk_size, bool)
-            or not isinstance(self.chunk_size, int)
-            or self.chunk_size < 1
-        ):
-            raise ValueError(
-                f"KDLossConfig.chunk_size must be a positive int or None (auto), "
-                f"got {self.chunk_size!r}"
-            )
+            require(getattr(self, name) > 0, what, name, "> 0 (it is an inverse temperature)", getattr(self, name))
+        require_int(what, "chunk_size", self.chunk_size, minimum=1, allow_none=True)
 
     @classmethod
     def from_dict(cls, params: Mapping[str, Any]) -> KDLossConfig:
@@ -243,16 +236,3 @@ def check_loss_inputs(
         )
     if vocab_size < 1:
         raise ValueError(f"vocabulary size must be >= 1, got {vocab_size}")
-
-
-def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(
-            f"KDLossConfig.{name} must be one of {list(allowed)}, got {value!r}"
-        )
-
-
-def _check_real(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"KDLossConfig.{name} must be a finite number, got {value!r}")
-    return float(value)

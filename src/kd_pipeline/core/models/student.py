@@ -23,7 +23,13 @@ from kd_pipeline.core.models.loading import (
     seeded_model_from_config,
 )
 from kd_pipeline.core.models.teacher import read_teacher_record
-from kd_pipeline.core.params import check_unused_fields, dataclass_from_params
+from kd_pipeline.core.params import (
+    check_unused_fields,
+    dataclass_from_params,
+    require_bool,
+    require_choice,
+    require_int,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,15 +84,15 @@ class StudentInit:
     }
 
     def __post_init__(self):
-        if self.method not in STUDENT_METHODS:
-            raise ValueError(f"student method {self.method!r} is not one of {list(STUDENT_METHODS)}")
+        what = "distill.student_init"
+        require_choice(what, "method", self.method, STUDENT_METHODS)
         check_unused_fields(self, self._USED_FIELDS[self.method], "method", "student")
         if self.method == "from_pretrained" and not self.path:
             raise ValueError("student method 'from_pretrained' needs `path` (a local HF folder)")
         if self.method == "from_config" and not isinstance(self.config, Mapping):
             raise ValueError("student method 'from_config' needs `config` (an HF config dict with model_type)")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"student `seed` must be an integer, got {self.seed!r}")
+        require_int(what, "seed", self.seed, allow_none=True)
+        require_bool(what, "trust_remote_code", self.trust_remote_code)
         chosen = [name for name in LAYER_CHOICES if getattr(self, name) is not None]
         if len(chosen) > 1:
             raise ValueError(f"prune_teacher takes one of {', '.join(LAYER_CHOICES)}; got {chosen}")

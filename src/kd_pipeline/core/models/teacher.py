@@ -32,7 +32,14 @@ from kd_pipeline.core.models.loading import (
     require_local_dir,
     seeded_model_from_config,
 )
-from kd_pipeline.core.params import check_unused_fields, dataclass_from_params
+from kd_pipeline.core.params import (
+    check_unused_fields,
+    dataclass_from_params,
+    require,
+    require_bool,
+    require_choice,
+    require_int,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -85,19 +92,16 @@ class TeacherSource:
     }
 
     def __post_init__(self):
-        if self.kind not in TEACHER_KINDS:
-            raise ValueError(f"teacher kind {self.kind!r} is not one of {list(TEACHER_KINDS)}")
+        what = "corpus_prep.teacher"
+        require_choice(what, "kind", self.kind, TEACHER_KINDS)
         check_unused_fields(self, self._USED_FIELDS[self.kind], "kind", "teacher")
         if self.kind in ("gguf_file", "hf_folder") and not self.path:
             raise ValueError(f"teacher kind {self.kind!r} needs `path`")
         if self.kind == "random_init" and not self.tokenizer_path:
             raise ValueError("teacher kind 'random_init' needs `tokenizer_path` (a local tokenizer folder)")
-        if self.config is not None and not isinstance(self.config, Mapping):
-            raise ValueError(f"teacher `config` must be a mapping, got {type(self.config).__name__}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"teacher `seed` must be an integer, got {self.seed!r}")
-        if not isinstance(self.trust_remote_code, bool):
-            raise ValueError(f"teacher `trust_remote_code` must be true or false, got {self.trust_remote_code!r}")
+        require(self.config is None or isinstance(self.config, Mapping), what, "config", "a mapping", self.config)
+        require_int(what, "seed", self.seed, allow_none=True)
+        require_bool(what, "trust_remote_code", self.trust_remote_code)
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any] | None) -> "TeacherSource":
