@@ -88,7 +88,8 @@ def worker(args) -> dict:
     import torch.distributed as dist
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from kd_pipeline.core.fsdp import StudentWithLoss, shard_student
+    from kd_pipeline.core.training.fsdp import shard_student
+    from kd_pipeline.core.training.loss_module import StudentWithLoss
     from kd_pipeline.core.losses import KDLossConfig
 
     sharded = "WORLD_SIZE" in os.environ

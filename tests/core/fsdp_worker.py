@@ -21,9 +21,10 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from kd_pipeline.core.fsdp import StudentWithLoss, shard_student
 from kd_pipeline.core.losses import KDLossConfig
 from kd_pipeline.core.tiny import TINY_VOCAB_SIZE, tiny_llama_config
+from kd_pipeline.core.training.fsdp import shard_student
+from kd_pipeline.core.training.loss_module import StudentWithLoss
 
 SEQUENCES, LENGTH, K, MICRO_BATCHES = 4, 16, 4, 2
 LOSS = KDLossConfig(kd_loss="fwd_kl", kd_loss_weight=1.0, sft_loss_weight=0.5, chunk_size=None)

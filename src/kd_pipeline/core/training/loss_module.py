@@ -5,7 +5,8 @@ all-gathers a module's parameters in that module's forward pre-hook. The fused t
 the `lm_head` weight directly (it never calls `lm_head(...)`, so that [N, V] logits are never
 held), so it must run inside the forward of the module that owns the weight's FSDP group; run
 after `model(...)` returns, it would see a resharded `DTensor`. `StudentWithLoss` is that module:
-the root that the Trainer (through accelerate's `fsdp2_prepare_model`) or `shard_student` shards.
+the root that the Trainer (through accelerate's `fsdp2_prepare_model`) or `training.fsdp.shard_student`
+shards.
 
 Public practice followed (TRL's chunked SFT loss under FSDP2, huggingface/trl#6077):
 
@@ -28,8 +29,8 @@ from typing import Any
 
 import torch
 
-from kd_pipeline.core.distill_data import flat_labels
 from kd_pipeline.core.losses import KDLossConfig, LossOutput, fused_topk_kd_loss
+from kd_pipeline.core.training.data import flat_labels
 
 #: Prefix of the student's parameters in `StudentWithLoss.state_dict()`.
 STUDENT_PREFIX = "student."
@@ -43,7 +44,8 @@ class StudentWithLoss(torch.nn.Module):
         loss_config: the loss hyperparameters.
 
     Attributes that HF `Trainer` / accelerate read are forwarded to the student: `config`,
-    `_no_split_modules` (FSDP2 auto wrap: one group per decoder layer), gradient checkpointing.
+    `_no_split_modules` (FSDP2 auto wrap: one group per decoder layer), gradient checkpointing,
+    `tie_weights` and `_keys_to_ignore_on_save` (checkpoint loading).
     `get_output_embeddings` is deliberately not forwarded: accelerate then leaves the head in
     the root group (gathered at the root's forward, kept until backward) instead of carving it
     into a unit of its own.
@@ -68,6 +70,13 @@ class StudentWithLoss(torch.nn.Module):
     @property
     def _no_split_modules(self):
         return getattr(self.student, "_no_split_modules", None)
+
+    @property
+    def _keys_to_ignore_on_save(self):
+        return getattr(self.student, "_keys_to_ignore_on_save", None)
+
+    def tie_weights(self, *args, **kwargs):
+        return self.student.tie_weights(*args, **kwargs)
 
     @property
     def supports_gradient_checkpointing(self) -> bool:
@@ -150,30 +159,3 @@ def gathered_head_parameters(head: torch.nn.Module) -> tuple[torch.Tensor, torch
     if isinstance(head.weight, DTensor):
         raise RuntimeError("the lm_head weight is still sharded after FSDP unshard()")
     return head.weight, head.bias
-
-
-def shard_student(model: StudentWithLoss, *, mesh=None, reshard_after_forward: bool = True,
-                  head_unit: bool = False, mp_policy=None) -> StudentWithLoss:
-    """Apply FSDP2 `fully_shard` as accelerate's `fsdp2_prepare_model` does, without a Trainer.
-
-    One FSDP group per decoder layer (`_no_split_modules`), then the root (embeddings, final norm
-    and head; FSDP keeps the root gathered between forward and backward). `head_unit` shards an
-    untied head as a unit of its own instead (the path where `gathered_head_parameters` gathers).
-    For code that runs FSDP2 without the HF Trainer: tests, benchmarks.
-    """
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    kwargs = {"mesh": mesh, "mp_policy": mp_policy or MixedPrecisionPolicy()}
-    layer_names = set(model._no_split_modules or ())
-    if not layer_names:
-        raise ValueError(f"{type(model.student).__name__} names no decoder layer class (_no_split_modules)")
-    for module in list(model.modules()):
-        if type(module).__name__ in layer_names:
-            fully_shard(module, reshard_after_forward=reshard_after_forward, **kwargs)
-    head = model.student.get_output_embeddings()
-    if head_unit:
-        if head.weight is model.student.get_input_embeddings().weight:
-            raise ValueError("a tied lm_head shares its weight with the embeddings: it stays in the root group")
-        fully_shard(head, reshard_after_forward=reshard_after_forward, **kwargs)
-    fully_shard(model, **kwargs)  # the root: reshard_after_forward=None resolves to False
-    return model
