@@ -280,3 +280,49 @@ def test_refuses_a_teacher_that_does_not_match_the_corpus(tmp_path, teacher_dir,
     with pytest.raises(TeacherCorpusMismatchError, match="'tokenizer_hash'"):
         extract_teacher_topk(teacher_dir, wrong_tokenizer, tmp_path / "b", ExtractionConfig.from_params(PARAMS))
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# A teacher split across devices (accelerate big-model inference): cpu + disk offload on CPU
+
+
+@pytest.mark.parametrize("split", [
+    # An explicit map: layers 1-2 and the final norm offloaded to disk (read from the safetensors
+    # file as they run), the rest, tied embeddings and head included, on the CPU.
+    {"device_map": {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                    "model.layers.2": "disk", "model.layers.3": "cpu", "model.norm": "disk",
+                    "model.rotary_emb": "cpu", "lm_head": "cpu"}},
+    # `auto` with a CPU budget of a few layers' bytes: accelerate puts the rest, head included, on disk.
+    {"device_map": "auto", "max_memory": {"cpu": "60KB"}},
+], ids=["explicit", "auto_max_memory"])
+def test_teacher_split_across_cpu_and_disk_stores_byte_identical_rows(tmp_path, teacher_dir, corpus_dir,
+                                                                      reference, split):
+    from kd_pipeline.core.extraction.run import load_teacher_for_extraction
+
+    config = ExtractionConfig.from_params({**PARAMS, **split, "offload_folder": str(tmp_path / "offload")})
+    model, _, _, _ = load_teacher_for_extraction(teacher_dir, config)
+    placed = set(model.hf_device_map.values())
+    assert "disk" in placed, model.hf_device_map  # really split, not loaded whole
+    del model
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        extract_teacher_topk(teacher_dir, corpus_dir, tmp_path / "topk", config)
+    finally:
+        torch.set_num_threads(threads)
+    expected, got = _all_samples(TopKReader(reference)), _all_samples(TopKReader(tmp_path / "topk"))
+    assert got.keys() == expected.keys()
+    for sample_id, arrays in expected.items():
+        for name, value in arrays.items():
+            assert got[sample_id][name].tobytes() == value.tobytes(), (sample_id, name)
+
+
+def test_device_map_settings_are_checked_by_name():
+    with pytest.raises(ValueError, match=r"teacher_logits.device_map must be one of"):
+        ExtractionConfig.from_params({**PARAMS, "device_map": "everywhere"})
+    with pytest.raises(ValueError, match=r"teacher_logits.device_map\['lm_head'\] must be a GPU index"):
+        ExtractionConfig.from_params({**PARAMS, "device_map": {"lm_head": "tpu"}})
+    with pytest.raises(ValueError, match="teacher_logits.max_memory needs device_map"):
+        ExtractionConfig.from_params({**PARAMS, "max_memory": {"cpu": "1GiB"}})
+    with pytest.raises(ValueError, match="teacher_logits.max_memory key 'disk'"):
+        ExtractionConfig.from_params({**PARAMS, "device_map": "auto", "max_memory": {"disk": "1GiB"}})

@@ -1,5 +1,6 @@
-"""A teacher larger than one device: loaded split across devices with accelerate's big-model
-inference (`from_pretrained(device_map=..., max_memory=...)`), for the extraction pass.
+"""A teacher larger than one device: split across devices with accelerate's big-model inference
+(`from_pretrained(device_map=..., max_memory=...)`, see `loading.load_causal_lm`), for the
+extraction pass.
 
 `device_map` is `auto` (or `balanced`, `balanced_low_0`, `sequential`: accelerate fills the
 devices in `max_memory` in order) or an explicit `{module name: device}` map whose devices are
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
@@ -110,20 +110,6 @@ def split_loading_kwargs(device_map, max_memory=None, offload_folder=None) -> di
     if offload_folder is not None:
         kwargs["offload_folder"] = str(offload_folder)
     return kwargs
-
-
-def load_split_causal_lm(path: str | os.PathLike, dtype: torch.dtype, device_map, max_memory=None,
-                         offload_folder=None, trust_remote_code: bool = False):
-    """A local HF causal LM (safetensors only) split across devices by accelerate, in eval mode."""
-    from transformers import AutoModelForCausalLM
-
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise FileNotFoundError(f"model folder {folder} has no config.json")
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True,
-                                                 trust_remote_code=trust_remote_code,
-                                                 **split_loading_kwargs(device_map, max_memory, offload_folder))
-    return model.eval()
 
 
 def execution_device(module: torch.nn.Module) -> torch.device:
