@@ -3,9 +3,7 @@ FSDP2-sharded (`torchrun --nproc-per-node 2`, gloo), and writes what the tests c
 
 Usage: fsdp_worker.py OUT_DIR JSON_SETTINGS
 
-Settings: tied (bool), head_unit (shard an untied head as its own unit), steps, resume
-("save": write a torch.distributed.checkpoint after `save_at` steps and stop; "load": start from
-it), save_at. The global batch of each step is 2 micro-batches x 4 sequences; with 2 ranks, rank
+Settings: tied (bool), head_unit (shard an untied head as its own unit), steps. The global batch of each step is 2 micro-batches x 4 sequences; with 2 ranks, rank
 r trains sequences 2r and 2r+1 of each micro-batch. In step 1's first micro-batch, sequences 2
 and 3 (all of rank 1's share) have no trained token.
 """
@@ -101,21 +99,8 @@ def main() -> None:
     # gradient does. (AdamW divides near-zero gradients by their own scale and turns float32
     # reduction-order noise of ~1e-9 into ~1e-6 updates on a few elements.)
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9)
-    first_step = 0
-    checkpoint_dir = out_dir.parent / "dcp"
-    if settings.get("resume") == "load":
-        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
-
-        import torch.distributed.checkpoint as dcp
-
-        model_state, optim_state = get_state_dict(model, optimizer)
-        state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=str(checkpoint_dir))
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        first_step = settings["save_at"]
-
     losses = {}
-    for step in range(first_step, settings["steps"]):
+    for step in range(settings["steps"]):
         batches = [global_micro_batch(step, micro) for micro in range(MICRO_BATCHES)]
         # Global trained tokens of the step (all ranks, all micro-batches); the rank-local count
         # all-reduced, as DistillationTrainer.get_batch_samples does.
@@ -138,13 +123,6 @@ def main() -> None:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses[step + 1] = step_loss.item()
-        if settings.get("resume") == "save" and step + 1 == settings["save_at"]:
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict
-
-            model_state, optim_state = get_state_dict(model, optimizer)
-            dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(checkpoint_dir))
-            break
 
     record = {"losses": losses, "world": world}
     if sharded:
