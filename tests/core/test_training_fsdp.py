@@ -118,6 +118,11 @@ def test_fsdp_resume_from_sharded_checkpoint_matches_uninterrupted(teacher_dir, 
     for step in (3, 4):
         assert resumed_losses[step] == pytest.approx(losses[step], rel=RTOL, abs=0)
     _assert_same_weights(run / "student", out_dir / "student")
+    # Killed while saving the student: the finished run's sharded checkpoint-4 is loaded as is.
+    shutil.rmtree(run / "student")
+    _, resumed_from = _torchrun(teacher_dir, run, {**SETTINGS, "per_device_train_batch_size": 2})
+    assert resumed_from.endswith("checkpoint-4")
+    _assert_same_weights(run / "student", out_dir / "student")
 
 
 def test_fsdp_settings_and_cpu_refusal(teacher_dir, tmp_path):

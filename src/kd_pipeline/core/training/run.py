@@ -23,7 +23,12 @@ from kd_pipeline.core.models.identity import tokenizer_hash
 from kd_pipeline.core.models.student import init_student
 from kd_pipeline.core.plots import plot_training_curves
 from kd_pipeline.core.topk_store import ArtifactMismatchError, check_artifact_compatibility, manifest_sha256
-from kd_pipeline.core.training.checkpoints import is_finished, load_checkpoint_weights, prepare_checkpoint_dir
+from kd_pipeline.core.training.checkpoints import (
+    is_finished,
+    load_checkpoint_weights,
+    load_sharded_checkpoint_weights,
+    prepare_checkpoint_dir,
+)
 from kd_pipeline.core.training.config import TrainConfig, training_arguments
 from kd_pipeline.core.training.data import DistillCollator, DistillDataset
 from kd_pipeline.core.training.trainer import DistillationTrainer, DistillProgressCallback
@@ -152,12 +157,7 @@ def _train(trainer: DistillationTrainer, resume_from: Path | None) -> dict:
 
         logger.info("distill: %s is the end of an identical finished run; saving it", resume_from)
         if trainer.is_fsdp_enabled:
-            # A sharded checkpoint: shard the model as training does, then load each rank's part.
-            from accelerate.utils import load_fsdp_model
-
-            trainer.model = trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model)
-            load_fsdp_model(trainer.accelerator.state.fsdp_plugin, trainer.accelerator, trainer.model,
-                            str(resume_from))
+            load_sharded_checkpoint_weights(trainer.model, resume_from)  # into the unsharded wrapper
         else:
             load_checkpoint_weights(trainer.model.student, resume_from)
         trainer.state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
