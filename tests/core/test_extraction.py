@@ -326,3 +326,20 @@ def test_device_map_settings_are_checked_by_name():
         ExtractionConfig.from_params({**PARAMS, "max_memory": {"cpu": "1GiB"}})
     with pytest.raises(ValueError, match="teacher_logits.max_memory key 'disk'"):
         ExtractionConfig.from_params({**PARAMS, "device_map": "auto", "max_memory": {"disk": "1GiB"}})
+
+
+def test_each_rank_of_a_node_gets_its_group_of_gpus():
+    from kd_pipeline.core.models.device_map import rank_max_memory, split_loading_kwargs
+
+    eighty = 80 * 2**30
+    # 2 ranks per node, 8 GPUs: rank 1 loads its copy on GPUs 4-7 only.
+    assert rank_max_memory(1, 2, [eighty] * 8) == {0: 0, 1: 0, 2: 0, 3: 0, 4: eighty, 5: eighty, 6: eighty, 7: eighty}
+    assert rank_max_memory(0, 1, [eighty] * 8) is None  # one rank per node: all of them
+    with pytest.raises(ValueError, match="8 GPUs cannot be split evenly over 3 ranks"):
+        rank_max_memory(0, 3, [eighty] * 8)
+    # YAML spellings become accelerate's: GPU indices as ints, cpu / disk as they are.
+    assert split_loading_kwargs({"model.layers.0": "cuda:1", "lm_head": "0", "model.norm": "disk"},
+                                {"0": "70GiB", "cpu": "200GiB"}) == {
+        "device_map": {"model.layers.0": 1, "lm_head": 0, "model.norm": "disk"},
+        "max_memory": {0: "70GiB", "cpu": "200GiB"}}
+

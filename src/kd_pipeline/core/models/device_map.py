@@ -77,22 +77,22 @@ def _normalized_device(device):
     return device
 
 
-def rank_max_memory(local_rank: int, local_world_size: int, gpu_count: int,
-                    cpu_memory: int | str | None = None) -> dict | None:
-    """`max_memory` restricting a rank to its group of consecutive GPUs (None: all GPUs, one rank
-    per node, or no GPU)."""
+def rank_max_memory(local_rank: int, local_world_size: int, gpu_bytes: list[int]) -> dict | None:
+    """`max_memory` restricting a rank to its group of consecutive GPUs: the rank's GPUs keep
+    their size (`gpu_bytes[i]`), the others get 0. None: one rank per node (all its GPUs) or no GPU.
+
+    Raises:
+        ValueError: the GPUs do not split evenly over the node's ranks.
+    """
+    gpu_count = len(gpu_bytes)
     if gpu_count == 0 or local_world_size <= 1:
         return None
     if gpu_count % local_world_size:
         raise ValueError(f"{gpu_count} GPUs cannot be split evenly over {local_world_size} ranks per node; set "
                          "teacher_logits.max_memory per rank or use a rank count that divides the GPUs")
     group = gpu_count // local_world_size
-    first = local_rank * group
-    memory: dict = {index: torch.cuda.get_device_properties(index).total_memory if index in range(first, first + group)
-                    else 0 for index in range(gpu_count)}
-    if cpu_memory is not None:
-        memory["cpu"] = cpu_memory
-    return memory
+    mine = range(local_rank * group, (local_rank + 1) * group)
+    return {index: size if index in mine else 0 for index, size in enumerate(gpu_bytes)}
 
 
 def split_loading_kwargs(device_map, max_memory=None, offload_folder=None) -> dict:
@@ -103,8 +103,9 @@ def split_loading_kwargs(device_map, max_memory=None, offload_folder=None) -> di
     if max_memory is not None:
         kwargs["max_memory"] = {_normalized_device(device): size for device, size in max_memory.items()}
     elif torch.cuda.is_available():
+        sizes = [torch.cuda.get_device_properties(index).total_memory for index in range(torch.cuda.device_count())]
         memory = rank_max_memory(int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
-                                 torch.cuda.device_count())
+                                 sizes)
         if memory is not None:
             kwargs["max_memory"] = memory
     if offload_folder is not None:
