@@ -35,3 +35,4 @@ bench: install
 	$(BIN)/python benchmarks/bench_artifact.py --quick --out data/08_reporting/bench_artifact.json
 	$(BIN)/python benchmarks/bench_extraction.py --quick --out data/08_reporting/bench_extraction.json
 	$(BIN)/python benchmarks/bench_train_step.py --quick --out data/08_reporting/bench_train_step.json
+	$(BIN)/python benchmarks/bench_fsdp.py --quick --out data/08_reporting/bench_fsdp.json

@@ -7,7 +7,7 @@ tokens (default 8 x 256, the default params' per-device batch) with a 1/4 prompt
 3/4 response (trained), and for KD `--k` (64) teacher top-k rows per trained token.
 
 Each step is the real trainer path: `DistillationTrainer.get_batch_samples` (global token
-count), `training_step` (student forward with `logits_to_keep` = nothing, hidden states of the
+count), `training_step` (`StudentWithLoss.forward`: the base model, hidden states of the
 trained positions, `fused_topk_kd_loss`, backward) and `optimizer.step()` (AdamW). Modes:
 
 * `kd_sft`: kd_loss_weight 1, sft_loss_weight 0.5 (the default params);
@@ -128,7 +128,7 @@ def worker(args) -> dict:
                 trainer.loss_config = losses[mode]
                 batch = batch_kd if mode == "kd_sft" else batch_sft
                 samples, num_items = trainer.get_batch_samples(iter([batch]), 1, device)
-                loss = float(trainer.training_step(model, samples[0], num_items))
+                loss = float(trainer.training_step(trainer.model, samples[0], num_items))
             trainer.optimizer.step()
             model.zero_grad(set_to_none=True)
             return loss

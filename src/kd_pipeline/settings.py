@@ -2,6 +2,7 @@
 
 from kedro.config import OmegaConfigLoader
 
+from kd_pipeline.hooks import MainProcessTracking
 from kd_pipeline.paths import mlflow_artifact_location, mlflow_tracking_uri, project_root
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
@@ -15,3 +16,6 @@ CONFIG_LOADER_ARGS = {
         "mlflow_artifact_location": mlflow_artifact_location,
     },
 }
+
+# Under torchrun only rank 0 opens the kedro-mlflow run.
+HOOKS = (MainProcessTracking(),)

@@ -309,3 +309,65 @@ def test_a_second_extraction_into_a_locked_artifact_folder_is_refused_untouched(
     finally:
         holder.kill()
         holder.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------------------------
+# A teacher split across devices (accelerate big-model inference): cpu + disk offload on CPU
+
+
+@pytest.mark.parametrize("split", [
+    # An explicit map: layers 1-2 and the final norm offloaded to disk (read from the safetensors
+    # file as they run), the rest, tied embeddings and head included, on the CPU.
+    {"device_map": {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
+                    "model.layers.2": "disk", "model.layers.3": "cpu", "model.norm": "disk",
+                    "model.rotary_emb": "cpu", "lm_head": "cpu"}},
+    # `auto` with a CPU budget of a few layers' bytes: accelerate puts the rest, head included, on disk.
+    {"device_map": "auto", "max_memory": {"cpu": "60KB"}},
+], ids=["explicit", "auto_max_memory"])
+def test_teacher_split_across_cpu_and_disk_stores_byte_identical_rows(tmp_path, teacher_dir, corpus_dir,
+                                                                      reference, split):
+    from kd_pipeline.core.extraction.run import load_teacher_for_extraction
+
+    config = ExtractionConfig.from_params({**PARAMS, **split, "offload_folder": str(tmp_path / "offload")})
+    model, _, _, _ = load_teacher_for_extraction(teacher_dir, config)
+    placed = set(model.hf_device_map.values())
+    assert "disk" in placed, model.hf_device_map  # really split, not loaded whole
+    del model
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        extract_teacher_topk(teacher_dir, corpus_dir, tmp_path / "topk", config)
+    finally:
+        torch.set_num_threads(threads)
+    expected, got = _all_samples(TopKReader(reference)), _all_samples(TopKReader(tmp_path / "topk"))
+    assert got.keys() == expected.keys()
+    for sample_id, arrays in expected.items():
+        for name, value in arrays.items():
+            assert got[sample_id][name].tobytes() == value.tobytes(), (sample_id, name)
+
+
+def test_device_map_settings_are_checked_by_name():
+    with pytest.raises(ValueError, match=r"teacher_logits.device_map must be one of"):
+        ExtractionConfig.from_params({**PARAMS, "device_map": "everywhere"})
+    with pytest.raises(ValueError, match=r"teacher_logits.device_map\['lm_head'\] must be a GPU index"):
+        ExtractionConfig.from_params({**PARAMS, "device_map": {"lm_head": "tpu"}})
+    with pytest.raises(ValueError, match="teacher_logits.max_memory needs device_map"):
+        ExtractionConfig.from_params({**PARAMS, "max_memory": {"cpu": "1GiB"}})
+    with pytest.raises(ValueError, match="teacher_logits.max_memory key 'disk'"):
+        ExtractionConfig.from_params({**PARAMS, "device_map": "auto", "max_memory": {"disk": "1GiB"}})
+
+
+def test_each_rank_of_a_node_gets_its_group_of_gpus():
+    from kd_pipeline.core.models.device_map import rank_max_memory, split_loading_kwargs
+
+    eighty = 80 * 2**30
+    # 2 ranks per node, 8 GPUs: rank 1 loads its copy on GPUs 4-7 only.
+    assert rank_max_memory(1, 2, [eighty] * 8) == {0: 0, 1: 0, 2: 0, 3: 0, 4: eighty, 5: eighty, 6: eighty, 7: eighty}
+    assert rank_max_memory(0, 1, [eighty] * 8) is None  # one rank per node: all of them
+    with pytest.raises(ValueError, match="8 GPUs cannot be split evenly over 3 ranks"):
+        rank_max_memory(0, 3, [eighty] * 8)
+    # YAML spellings become accelerate's: GPU indices as ints, cpu / disk as they are.
+    assert split_loading_kwargs({"model.layers.0": "cuda:1", "lm_head": "0", "model.norm": "disk"},
+                                {"0": "70GiB", "cpu": "200GiB"}) == {
+        "device_map": {"model.layers.0": 1, "lm_head": 0, "model.norm": "disk"},
+        "max_memory": {0: "70GiB", "cpu": "200GiB"}}

@@ -320,9 +320,9 @@ def test_compute_loss_equals_a_direct_loss_call(teacher_dir, fixture, tmp_path):
     corpus, targets, _ = fixture
     trainer = make_trainer(teacher_dir, corpus, targets, tmp_path)
     batch = collate(corpus, targets, [0, 1, 2])
-    model = trainer.model
-    loss = trainer.compute_loss(model, batch)
+    loss = trainer.compute_loss(trainer.model, batch)
 
+    model = trainer.model.student
     hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     mask = batch["kd_positions_mask"]
     n = int(mask.sum())
@@ -531,7 +531,7 @@ def test_nan_loss_stops_with_step_and_sample_ids(teacher_dir, fixture, tmp_path,
         def on_step_end(self, args, state, control, model=None, **kwargs):
             if state.global_step == 2:
                 with torch.no_grad():
-                    model.get_output_embeddings().weight[5, 0] = float("nan")
+                    model.student.get_output_embeddings().weight[5, 0] = float("nan")
 
     corpus, targets, _ = fixture
     spy = BatchSpy(monkeypatch)

@@ -10,6 +10,7 @@ from typing import Any, Mapping
 import torch
 
 from kd_pipeline.core.devices import DTYPES, is_device_spec, resolve_device, resolve_dtype
+from kd_pipeline.core.models.device_map import check_device_map
 from kd_pipeline.core.params import dataclass_from_params, is_number, require, require_bool, require_int
 
 
@@ -36,6 +37,14 @@ class ExtractionConfig:
         resume: Keep verified shards of an earlier run with the same settings and skip their
             samples (False: start over).
         progress: Show a tqdm progress bar (rank 0 only).
+        device_map: Split the teacher across devices (accelerate big-model inference): `auto`,
+            `balanced`, `balanced_low_0`, `sequential` or an explicit `{module: device}` map
+            (GPU index, `cpu`, `disk`); None loads it whole on `device`. Under torchrun each rank
+            holds its own split copy (see `models.device_map`).
+        max_memory: With `device_map`: bytes or sizes per device (`{0: 70GiB, cpu: 200GiB}`);
+            None: each rank gets its share of the node's GPUs.
+        offload_folder: With `device_map`: where `disk` modules' weights go when the checkpoint
+            cannot be read in place (safetensors are read in place).
     """
 
     k: int = 64
@@ -52,6 +61,9 @@ class ExtractionConfig:
     encode_workers: int = -1
     resume: bool = True
     progress: bool = True
+    device_map: str | Mapping[str, Any] | None = None
+    max_memory: Mapping[Any, Any] | None = None
+    offload_folder: str | None = None
 
     def __post_init__(self):
         what = "teacher_logits"
@@ -68,6 +80,10 @@ class ExtractionConfig:
         require_int(what, "encode_workers", self.encode_workers, minimum=-1)
         for name in ("check_head", "resume", "progress"):
             require_bool(what, name, getattr(self, name))
+        check_device_map(self.device_map, self.max_memory, self.offload_folder, what)
+        for name in ("device_map", "max_memory"):
+            if isinstance(getattr(self, name), Mapping):
+                object.__setattr__(self, name, dict(getattr(self, name)))
         # Frozen dataclass: normalize once (alias, plain dict, float).
         from kd_pipeline.core.topk_store import DEFAULT_CODEC, get_codec
 

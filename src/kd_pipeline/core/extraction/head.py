@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from kd_pipeline.core.extraction.plan import BatchInputs, make_batch
+from kd_pipeline.core.models.device_map import materialized
 from kd_pipeline.core.models.head import decoder_and_head, head_transform
 
 
@@ -32,6 +33,9 @@ class TopKHead:
     Works chunk by chunk: logits of `chunk_rows` rows go into one reused buffer; top-k (whose
     first value is the row max) and the target logit are read first, then the buffer is
     turned in place into `exp(logit - max)` and summed. Nothing else of size [rows, V] exists.
+
+    A head offloaded by a `device_map` (`cpu`/`disk`) has its weights brought to its execution
+    device for each call (accelerate's `align_module_device`), as its own forward would.
     """
 
     def __init__(self, model, k: int, temperature: float = 1.0, chunk_rows: int = 1024):
@@ -66,6 +70,14 @@ class TopKHead:
     @torch.no_grad()
     def __call__(self, hidden: torch.Tensor, labels: torch.Tensor) -> HeadRows:
         """`hidden [N, H]` rows at trained positions, `labels [N]` the actual next tokens."""
+        with materialized(self.head):
+            self.weight, self.bias = self.head.weight, getattr(self.head, "bias", None)
+            try:
+                return self._rows(hidden.to(self.weight.device), labels.to(self.weight.device))
+            finally:
+                self.weight, self.bias = self.head.weight, getattr(self.head, "bias", None)
+
+    def _rows(self, hidden: torch.Tensor, labels: torch.Tensor) -> HeadRows:
         n = hidden.shape[0]
         device = hidden.device
         out_ids = torch.empty(n, self.k, dtype=torch.int32, device=device)

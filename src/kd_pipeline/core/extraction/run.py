@@ -29,6 +29,7 @@ from kd_pipeline.core.extraction.head import TopKHead, check_head_path, teacher_
 from kd_pipeline.core.extraction.plan import BatchInputs, CorpusArrays, PlannedBatch, rank_share
 from kd_pipeline.core.extraction.report import new_stats, record_run, summarize_runs
 from kd_pipeline.core.locking import FolderLock
+from kd_pipeline.core.models.device_map import execution_device
 from kd_pipeline.core.models.identity import model_identity
 from kd_pipeline.core.models.loading import load_causal_lm
 
@@ -110,10 +111,14 @@ def run_batches(model, head: TopKHead, corpus: CorpusArrays, batches: Sequence[P
 
 
 def load_teacher_for_extraction(teacher_dir: str | os.PathLike, config: ExtractionConfig):
-    """(model, head, device, dtype) for a teacher folder with the config's device/dtype."""
+    """(model, head, device, dtype) for a teacher folder with the config's device/dtype; with
+    `device_map`, split across devices, `device` being where its inputs go (the embeddings')."""
     device = config.resolved_device()
     dtype = config.resolved_dtype(device)
-    model = load_causal_lm(teacher_dir, dtype=dtype, device=device)
+    model = load_causal_lm(teacher_dir, dtype=dtype, device=device, device_map=config.device_map,
+                           max_memory=config.max_memory, offload_folder=config.offload_folder)
+    if config.device_map is not None:
+        device = execution_device(model.get_input_embeddings())
     head = TopKHead(model, config.k, config.temperature, config.resolved_head_chunk_rows(device))
     return model, head, device, dtype
 

@@ -73,28 +73,36 @@ def load_causal_lm(
     dtype: torch.dtype | str = torch.float32,
     device: str | torch.device = "cpu",
     trust_remote_code: bool = False,
+    device_map: str | Mapping[str, Any] | None = None,
+    max_memory: Mapping[Any, Any] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ):
     """Load a causal LM from a local HF folder (safetensors weights only), in eval mode.
 
     Args:
         path: The model folder.
         dtype: Parameter dtype (a torch dtype or its name).
-        device: Where to put the model.
+        device: Where to put the model (ignored with `device_map`).
         trust_remote_code: Allow the folder's own modeling code.
+        device_map, max_memory, offload_folder: split the model across devices with
+            accelerate's big-model inference instead (see `models.device_map`).
 
     Returns:
         The `PreTrainedModel`.
     """
     from transformers import AutoModelForCausalLM
 
+    from kd_pipeline.core.models.device_map import split_loading_kwargs
+
     folder = require_local_dir(path, "model")
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"model folder {folder} has no config.json")
+    split = split_loading_kwargs(device_map, max_memory, offload_folder) if device_map is not None else {}
     model = AutoModelForCausalLM.from_pretrained(
-        folder, dtype=resolve_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code
+        folder, dtype=resolve_dtype(dtype), use_safetensors=True, trust_remote_code=trust_remote_code, **split
     )
     log_ignored_custom_code(folder, "config.json", "AutoModelForCausalLM", model, trust_remote_code)
-    return model.to(device).eval()
+    return (model if split else model.to(device)).eval()
 
 
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False):

@@ -88,3 +88,19 @@ def load_checkpoint_weights(model: torch.nn.Module, checkpoint: Path) -> None:
     if untied or unexpected:
         raise RuntimeError(f"checkpoint {checkpoint} does not fit the student: missing {untied[:5]}, "
                            f"unexpected {list(unexpected)[:5]}")
+
+
+#: Where accelerate writes a sharded (FSDP2 `SHARDED_STATE_DICT`) checkpoint's model state.
+SHARDED_MODEL_DIR = "pytorch_model_fsdp_0"
+
+
+def load_sharded_checkpoint_weights(model: torch.nn.Module, checkpoint: Path) -> None:
+    """Load the model state of a sharded checkpoint (accelerate's `torch.distributed.checkpoint`
+    folder, `{"model": state_dict}`) into the unsharded `model`, whatever the number of ranks
+    that wrote it (DCP reshards on load). Every rank must call it."""
+    import torch.distributed.checkpoint as dcp
+
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=str(Path(checkpoint) / SHARDED_MODEL_DIR))
+    model.load_state_dict(state["model"])
+

@@ -25,6 +25,7 @@ from kd_pipeline.core.params import (
     require_int,
     require_number,
 )
+from kd_pipeline.core.training.fsdp import fsdp_training_arguments
 
 PRECISIONS = ("auto", "bf16", "fp32")
 REDUCTIONS = ("token", "sequence")
@@ -67,9 +68,12 @@ class TrainConfig:
 
     `arguments`: every other key, a `TrainingArguments` field name (`optim`, `learning_rate`,
     `lr_scheduler_type`, `warmup_steps`, `per_device_train_batch_size`, `max_steps`, `seed`,
-    ...) with its Hugging Face meaning and default. One convention is ours: `eval_steps: 0` and
-    `save_steps: 0` mean no evaluation / no checkpoints during training. The arguments in
-    `SET_BY_TRAINER` cannot be given.
+    ...) with its Hugging Face meaning and default. Two conventions are ours: `eval_steps: 0` and
+    `save_steps: 0` mean no evaluation / no checkpoints during training; `fsdp: true` (FSDP2:
+    parameters, gradients and optimizer state sharded over the processes; CUDA only) takes
+    `fsdp_config` over `fsdp.FSDP_CONFIG_DEFAULTS` (`version: 2`, `reshard_after_forward:
+    true`, `state_dict_type: SHARDED_STATE_DICT`). The arguments in `SET_BY_TRAINER` cannot be
+    given.
     """
 
     precision: str = "auto"
@@ -169,6 +173,7 @@ def _check_arguments(arguments: Mapping[str, Any]) -> None:
     warmup = arguments.get("warmup_steps", 0)
     require((is_int(warmup) and warmup >= 0) or (is_number(warmup) and 0 <= warmup < 1), WHAT, "warmup_steps",
             "a step count (int >= 0) or a fraction in [0, 1)", warmup)
+    fsdp_training_arguments(arguments.get("fsdp"), arguments.get("fsdp_config"))  # its errors, before the run
 
 
 def training_arguments(train: TrainConfig, output_dir: Path, has_eval: bool, report_to: Sequence[str],
@@ -181,6 +186,7 @@ def training_arguments(train: TrainConfig, output_dir: Path, has_eval: bool, rep
         raise ValueError(f"{WHAT}.precision bf16 needs a CUDA device; use auto or fp32 on CPU")
     arguments = dict(train.arguments)
     eval_steps = arguments.pop("eval_steps", None)
+    arguments.update(fsdp_training_arguments(arguments.pop("fsdp", None), arguments.pop("fsdp_config", None)))
     placeholder = HF_ARGUMENTS["save_steps"].default  # HF wants a value even when nothing is saved
     save_steps = arguments.pop("save_steps", placeholder)
     return TrainingArguments(

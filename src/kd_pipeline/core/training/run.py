@@ -31,7 +31,12 @@ from kd_pipeline.core.topk_store import (
     check_artifact_compatibility,
     manifest_sha256,
 )
-from kd_pipeline.core.training.checkpoints import is_finished, load_checkpoint_weights, prepare_checkpoint_dir
+from kd_pipeline.core.training.checkpoints import (
+    is_finished,
+    load_checkpoint_weights,
+    load_sharded_checkpoint_weights,
+    prepare_checkpoint_dir,
+)
 from kd_pipeline.core.training.config import TrainConfig, training_arguments
 from kd_pipeline.core.training.data import DistillCollator, DistillDataset
 from kd_pipeline.core.training.trainer import DistillationTrainer, DistillProgressCallback
@@ -128,7 +133,6 @@ def train_student(
         summary = _summary(trainer, train_metrics, args.use_liger_kernel, args, resume_from, manifest_id, used_k,
                            time.perf_counter() - started)
         _save_student(trainer, summary, output_dir, checkpoint_dir, train.keep_checkpoints)
-        trainer.close()
         return summary
 
 
@@ -182,7 +186,10 @@ def _train(trainer: DistillationTrainer, resume_from: Path | None) -> dict:
         from transformers import TrainerState
 
         logger.info("distill: %s is the end of an identical finished run; saving it", resume_from)
-        load_checkpoint_weights(trainer.model, resume_from)
+        if trainer.is_fsdp_enabled:
+            load_sharded_checkpoint_weights(trainer.model, resume_from)  # into the unsharded wrapper
+        else:
+            load_checkpoint_weights(trainer.model.student, resume_from)
         trainer.state = TrainerState.load_from_json(str(resume_from / "trainer_state.json"))
         return {}
     if resume_from is not None:
@@ -193,11 +200,13 @@ def _train(trainer: DistillationTrainer, resume_from: Path | None) -> dict:
 def _save_student(trainer: DistillationTrainer, summary: dict, output_dir: Path, checkpoint_dir: Path,
                   keep_checkpoints: bool) -> None:
     """On the main process: the student folder (weights, config, tokenizer, loss curve, summary),
-    built beside `output_dir` and swapped into place."""
+    built beside `output_dir` and swapped into place. Every process takes part in gathering a
+    sharded (FSDP2) student's weights first."""
     trainer.accelerator.wait_for_everyone()
+    state_dict = trainer.gather_student_state()
     if trainer.is_world_process_zero():
         with atomic_dir(output_dir) as tmp_dir:
-            trainer.save_model(str(tmp_dir))  # safetensors weights, config, tokenizer
+            trainer.save_student(tmp_dir, state_dict)  # safetensors weights, config, tokenizer
             plot_training_curves(trainer.state.log_history, tmp_dir / LOSS_CURVE_FILE, title="distillation loss")
             write_json_atomic(tmp_dir / SUMMARY_FILE, summary)
         if not keep_checkpoints:

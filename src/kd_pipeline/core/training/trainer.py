@@ -7,12 +7,14 @@ Normalization (docs/architecture.md, issue 4): the loss of an optimizer step is
 together, with `w_i = 1 / global_trained_tokens` (`reduction: token`) or
 `w_i = 1 / (trained_tokens_of_its_sequence * global_sequences)` (`reduction: sequence`). The
 trainer counts the step's tokens and sequences before its first micro-batch (all-reduced across
-ranks), and multiplies each rank's weights by the world size because DDP averages gradients.
+ranks), and multiplies each rank's weights by the world size because DDP and FSDP2 average
+gradients over the processes.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections import defaultdict
 
@@ -20,10 +22,11 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from kd_pipeline.core.losses import KDLossConfig, fused_topk_kd_loss
+from kd_pipeline.core.losses import KDLossConfig
 from kd_pipeline.core.models.head import require_plain_head
 from kd_pipeline.core.training.config import REDUCTIONS
-from kd_pipeline.core.training.data import flat_labels
+from kd_pipeline.core.training.fsdp import unsharded_copy
+from kd_pipeline.core.training.loss_module import StudentWithLoss
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -41,13 +44,18 @@ class NonFiniteGradientError(FloatingPointError):
 class DistillationTrainer(Trainer):
     """`Trainer` whose loss is `fused_topk_kd_loss` on the student's final hidden states.
 
-    `compute_loss` runs the model with `logits_to_keep` set to no position (so the lm_head
-    projects nothing), takes the final hidden states from a forward hook on the base model,
-    gathers the trained positions, and hands them with the lm_head weight to the fused loss,
-    which never holds [N, V] logits. Going through the (possibly DDP-wrapped) model's own
-    forward keeps DDP's gradient synchronization intact.
+    The model is wrapped in `loss_module.StudentWithLoss`, whose `forward` runs the base model,
+    gathers the trained positions' hidden states and hands them with the lm_head weight to the
+    fused loss (which never holds [N, V] logits). The loss thus runs inside the (DDP- or
+    FSDP2-wrapped) module's forward, where DDP's gradient synchronization and FSDP's all-gather /
+    reduce-scatter hooks see it; `compute_loss` supplies the reduction weights of the global step.
+
+    Checkpoints and the saved student hold the student's own keys: DDP checkpoints as
+    `save_pretrained` writes them, FSDP2 checkpoints as accelerate's sharded
+    `torch.distributed.checkpoint` folders (the Trainer's own FSDP path).
 
     Args (beyond `Trainer`'s):
+        model: the `*ForCausalLM` student (wrapped here) or a `StudentWithLoss`.
         loss_config: the loss hyperparameters (`kd_loss_weight: 0` = SFT only, no targets needed).
         reduction: `token` or `sequence` (see the module docstring).
     """
@@ -55,25 +63,27 @@ class DistillationTrainer(Trainer):
     # compute_loss normalizes over the whole optimizer step itself (see get_batch_samples).
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *args, loss_config: KDLossConfig, reduction: str = "token", **kwargs):
+    def __init__(self, model, *args, loss_config: KDLossConfig, reduction: str = "token", **kwargs):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
-        super().__init__(*args, **kwargs)
+        student = model.student if isinstance(model, StudentWithLoss) else model
+        # The fused loss runs the bare lm_head: a model whose forward transforms its output cannot train here.
+        require_plain_head(student, "the fused KD + SFT loss")
+        if not isinstance(model, StudentWithLoss):
+            model = StudentWithLoss(model, loss_config)
+        model.loss_config = loss_config
+        super().__init__(model, *args, **kwargs)
         if self.args.n_gpu > 1:
             raise ValueError(
                 f"{self.args.n_gpu} GPUs visible to one process (torch DataParallel) are not supported: "
                 "launch one process per GPU with torchrun or accelerate launch"
             )
-        # The fused loss runs the bare lm_head: a model whose forward transforms its output cannot train here.
-        require_plain_head(self.model, "the fused KD + SFT loss")
-        self.loss_config = loss_config
+        if self.args.fsdp and not self.is_fsdp_enabled:
+            raise ValueError(
+                "distill.trainer.fsdp needs CUDA devices: accelerate runs FSDP only on accelerators (CPU processes "
+                "would silently train with DDP, unsharded); leave fsdp off on CPU"
+            )
         self.reduction = reduction
-        self._captured: list[torch.Tensor] = []
-        base = self.model.base_model
-        if base is self.model:
-            raise ValueError(f"{type(self.model).__name__} has no separate base model (decoder) to take the final "
-                             "hidden states from; the student must be a *ForCausalLM with a base model")
-        self._hook = base.register_forward_hook(self._capture_hidden)
         if not hasattr(Trainer, "_get_grad_norm"):  # the hook of the gradient check below
             raise RuntimeError("this transformers version has no Trainer._get_grad_norm: the non-finite gradient "
                                "check of DistillationTrainer needs updating for it")
@@ -84,9 +94,13 @@ class DistillationTrainer(Trainer):
         self._step_started: float | None = None
         self.add_callback(_StepTimer(self))
 
-    def close(self) -> None:
-        """Remove the hidden-state hook from the student (the model outlives the trainer)."""
-        self._hook.remove()
+    @property
+    def loss_config(self) -> KDLossConfig:
+        return self.model.loss_config
+
+    @loss_config.setter
+    def loss_config(self, config: KDLossConfig) -> None:
+        self.model.loss_config = config
 
     # ---- data: count the step's tokens and sequences before its first micro-batch ----------
 
@@ -133,42 +147,63 @@ class DistillationTrainer(Trainer):
 
     # ---- the loss ---------------------------------------------------------------------------
 
-    def _capture_hidden(self, module, args, output) -> None:
-        hidden = getattr(output, "last_hidden_state", None)
-        self._captured.append(output[0] if hidden is None else hidden)
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Fused KD + SFT loss of one micro-batch, weighted for the global step mean.
 
         Args:
-            model: the (possibly wrapped) student.
+            model: the (possibly DDP- or FSDP-wrapped) `StudentWithLoss`.
             inputs: a `DistillCollator` batch (on the device).
-            return_outputs: also return the model outputs (their logits are empty).
+            return_outputs: also return `{"loss": loss}` (there are no logits).
             num_items_in_batch: trained tokens of the whole optimizer step on all ranks (set by
                 `get_batch_samples`); None normalizes over this micro-batch alone.
         """
         mask = inputs["kd_positions_mask"]  # (B, T) bool
-        self._captured.clear()
-        no_positions = torch.empty(0, dtype=torch.long, device=mask.device)
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                        logits_to_keep=no_positions, use_cache=False)
-        if len(self._captured) != 1:
-            raise RuntimeError(f"expected one base-model forward per batch, saw {len(self._captured)}")
-        hidden_states = self._captured.pop()  # (B, T, H)
-        head = self.accelerator.unwrap_model(model).get_output_embeddings()
-        # Boolean indexing is row-major: the rows line up with kd_topk_* and flat_labels.
-        hidden = hidden_states[mask].to(head.weight.dtype)  # (N, H)
         training = model.training
         scale = self.accelerator.num_processes if training and self.accelerator.num_processes > 1 else 1
         weights = self._token_weights(mask, num_items_in_batch if training else None, scale)
-        with self.accelerator.autocast():
-            out = fused_topk_kd_loss(
-                hidden, head.weight, head.bias, inputs.get("kd_topk_ids"), inputs.get("kd_topk_logprobs"),
-                flat_labels(inputs), weights, self.loss_config,
-            )
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], kd_positions_mask=mask,
+                    token_weights=weights, labels=inputs["labels"], kd_topk_ids=inputs.get("kd_topk_ids"),
+                    kd_topk_logprobs=inputs.get("kd_topk_logprobs"))
         self._check_finite(out.loss, inputs, training)
         self._record(out, inputs, scale, training)
-        return (out.loss, outputs) if return_outputs else out.loss
+        return (out.loss, {"loss": out.loss}) if return_outputs else out.loss
+
+    # ---- saving: the student's own keys -------------------------------------------------------
+
+    def gather_student_state(self) -> dict | None:
+        """The full state dict of a sharded (FSDP2) model on the main process ({} elsewhere);
+        None when the model is not sharded. Every process must call it (a collective)."""
+        return self.accelerator.get_state_dict(self.model) if self.is_fsdp_enabled else None
+
+    def save_student(self, output_dir: str | os.PathLike, state_dict: dict | None = None) -> None:
+        """Write the student as an HF folder (`save_pretrained`: safetensors, config) with the
+        tokenizer; `state_dict` from `gather_student_state` when sharded."""
+        wrapper = self.accelerator.unwrap_model(self.model)
+        student = wrapper.student
+        if state_dict is None:
+            state_dict = wrapper.student_state_dict()
+        else:
+            # A sharded student is saved through a plain copy holding the gathered weights (tied
+            # again, so the file holds them once, as a DDP run's does).
+            student = unsharded_copy(student, wrapper.student_state_dict(state_dict))
+            state_dict = student.state_dict()
+        os.makedirs(output_dir, exist_ok=True)
+        student.save_pretrained(output_dir, state_dict=state_dict, is_main_process=True)
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """The Trainer's model saving (DDP checkpoints, `save_model`): the student's HF folder."""
+        if self.args.should_save:
+            self.save_student(output_dir if output_dir is not None else self.args.output_dir, state_dict)
+            torch.save(self.args, os.path.join(output_dir or self.args.output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """A DDP checkpoint is the student's HF folder: loaded into the student. An FSDP2 one is
+        accelerate's sharded state of the wrapper, loaded by the Trainer's own FSDP path."""
+        if model is None and not self.is_fsdp_enabled:
+            model = self.accelerator.unwrap_model(self.model).student
+        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
 
     def _token_weights(self, mask: torch.Tensor, num_items_in_batch, scale: int) -> torch.Tensor:
         """(N,) float32 reduction weights (see the module docstring)."""
