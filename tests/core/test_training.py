@@ -271,7 +271,7 @@ def test_distill_k_is_validated_before_any_work(teacher_dir, fixture, tmp_path, 
     monkeypatch.setattr(nodes.tracking, "set_tags", no_work)
     corpus, targets, _ = fixture
     k = yaml.safe_load(f"k: {text}")["k"]
-    message = f"distill.k must be a positive integer or null, {shown}"
+    message = f"distill.k must be a positive int or null, {shown}"
     with pytest.raises(ValueError) as caught:
         train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=LOSS, train=quick_config(),
                       output_dir=tmp_path / "student", targets=targets, k=k)
@@ -484,7 +484,7 @@ def test_nan_gradient_at_step_2_stops_at_step_2(teacher_dir, fixture, tmp_path, 
     class NanGradientInStep2(TrainerCallback):
         def on_step_begin(self, args, state, control, model=None, **kwargs):
             if state.global_step == 1:
-                model.get_output_embeddings().weight.register_hook(lambda grad: grad * float("nan"))
+                model.student.get_output_embeddings().weight.register_hook(lambda grad: grad * float("nan"))
 
     corpus, targets, _ = fixture
     spy = BatchSpy(monkeypatch)
