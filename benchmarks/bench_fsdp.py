@@ -88,9 +88,9 @@ def worker(args) -> dict:
     import torch.distributed as dist
     from transformers import AutoConfig, AutoModelForCausalLM
 
+    from kd_pipeline.core.losses import KDLossConfig
     from kd_pipeline.core.training.fsdp import shard_student
     from kd_pipeline.core.training.loss_module import StudentWithLoss
-    from kd_pipeline.core.losses import KDLossConfig
 
     sharded = "WORLD_SIZE" in os.environ
     if sharded:
