@@ -12,6 +12,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("KEDRO_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# `auto` precisions follow the machine (bf16 on a CPU with AVX512-BF16): tests compare against
+# float32 references, so they run float32 everywhere unless a test turns bf16 on itself.
+os.environ.setdefault("KD_PIPELINE_NATIVE_BF16", "0")
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TINY_TOKENIZER_DIR = PROJECT_ROOT / "tests" / "fixtures" / "tiny_tokenizer"

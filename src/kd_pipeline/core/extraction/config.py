@@ -26,7 +26,9 @@ class ExtractionConfig:
         batch_tokens: Budget of padded tokens per batch (batch size x longest sample).
         max_batch_size: Upper bound on samples per batch.
         shard_trained_tokens: Target trained tokens per shard file.
-        dtype: `auto` (bfloat16 on CUDA, float32 on CPU), `float32`, `bfloat16` or `float16`.
+        dtype: `auto` (bfloat16 where the device has native bf16, `devices.has_native_bf16`; else
+            float32), `float32`, `bfloat16` or `float16`. The LM head, log-softmax and top-k run
+            in float32 either way.
         temperature: Capture temperature: logits are divided by it before normalization.
         device: `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
         head_chunk_rows: Trained rows per LM-head chunk; 0 = auto (CPU 1024, CUDA 8192).

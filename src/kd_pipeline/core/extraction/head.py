@@ -38,10 +38,16 @@ class TopKHead:
     device for each call (accelerate's `align_module_device`), as its own forward would.
     """
 
-    def __init__(self, model, k: int, temperature: float = 1.0, chunk_rows: int = 1024):
+    def __init__(self, model, k: int, temperature: float = 1.0, chunk_rows: int = 1024, fp32_logits: bool = True):
         _, self.head = decoder_and_head(model)
         self.weight = self.head.weight
         self.bias = getattr(self.head, "bias", None)
+        if fp32_logits and self.weight.dtype != torch.float32:
+            # A bf16 teacher's logits rounded to bf16 are 0.06-0.125 apart at |z| of 16-32 (they
+            # reorder near-ties and shift log-probs by as much); a float32 copy of the head keeps
+            # that error to the weights' own rounding. The decoder still runs in bf16.
+            self.weight = self.weight.float()
+            self.bias = None if self.bias is None else self.bias.float()
         self.vocab_size = int(self.weight.shape[0])
         if k > self.vocab_size:
             raise ValueError(f"teacher_logits.k = {k} exceeds the teacher vocabulary size {self.vocab_size}")
@@ -53,6 +59,7 @@ class TopKHead:
 
     def _logits_into_buffer(self, hidden: torch.Tensor) -> torch.Tensor:
         rows = hidden.shape[0]
+        hidden = hidden.to(self.weight.dtype)
         if self.weight.dtype == torch.float32 and hidden.device.type == "cpu":
             # CPU fp32: matmul straight into a reused buffer (no fresh [rows, V] allocation,
             # whose page faults cost as much as the exp pass).

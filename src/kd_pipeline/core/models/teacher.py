@@ -166,8 +166,21 @@ def teacher_source_identity(source: TeacherSource) -> dict:
     return identity
 
 
+def is_bf16_exact(state: dict[str, torch.Tensor]) -> bool:
+    """Whether every floating tensor of `state` survives a round trip through bfloat16 unchanged.
+
+    GGUF Q4_1 blocks dequantize to `d * q + m` (fp16 scale and offset, 4-bit q), which needs up
+    to ~15 significant bits: the embedded SmolLM2 teacher is not bf16-exact (21% of its values
+    are), so its folder stays float32; a BF16 GGUF is."""
+    return all(
+        not tensor.is_floating_point() or bool((tensor.to(torch.bfloat16).to(tensor.dtype) == tensor).all())
+        for tensor in state.values()
+    )
+
+
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Dequantize a GGUF checkpoint to float32 and save it, with its tokenizer, as an HF folder."""
+    """Dequantize a GGUF checkpoint and save it, with its tokenizer, as an HF folder: in bf16
+    when every dequantized value is bf16-exact (`is_bf16_exact`), else in float32."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
@@ -185,6 +198,10 @@ def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     # Built on the meta device and given the loaded tensors, which skips a random init that
     # would be overwritten anyway (seconds for 135M parameters). Non-persistent buffers
     # (rotary inv_freq) stay on meta: this model is only saved, never run.
+    if is_bf16_exact(state):
+        # Half the folder and the same numbers: the dequantized values fit bf16 exactly.
+        state = {name: tensor.to(torch.bfloat16) for name, tensor in state.items()}
+        config.dtype = torch.bfloat16
     with torch.device("meta"):
         plain_model = type(gguf_model)(config)
     plain_model.load_state_dict(state, strict=True, assign=True)
@@ -288,7 +305,7 @@ def prepare_teacher(source: TeacherSource, out_dir: str | os.PathLike) -> dict:
     with atomic_dir(out_dir) as tmp_dir:
         if source.kind in ("embedded_gguf", "gguf_file"):
             gguf_path = embedded_gguf_path() if source.kind == "embedded_gguf" else Path(source.path)
-            logger.info("teacher: converting %s to an HF folder (dequantized to float32)", gguf_path)
+            logger.info("teacher: converting %s to an HF folder (dequantized; bf16 if exact, else float32)", gguf_path)
             _convert_gguf(gguf_path, tmp_dir)
         elif source.kind == "hf_folder":
             _copy_hf_folder(Path(source.path), tmp_dir, source.trust_remote_code)

@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from transformers import TrainingArguments
 
+from kd_pipeline.core.devices import has_native_bf16
 from kd_pipeline.core.models.liger import LIGER_MODES, liger_kernel_arguments
 from kd_pipeline.core.params import (
     KEY_MESSAGE,
@@ -54,17 +55,23 @@ class TrainConfig:
     """The `distill.trainer` parameters.
 
     Our own fields (their defaults are the shipped conf/base values):
-        precision: `auto` (bf16 mixed precision on CUDA when supported, fp32 otherwise), `bf16`
-            or `fp32`. Master weights and the saved student stay float32.
+        precision: `auto` (bf16 mixed precision where the device computes bf16 natively: CUDA
+            with bf16, a CPU with AVX512-BF16 or AMX; fp32 otherwise), `bf16` or `fp32`. bf16 is
+            autocast: master weights, optimizer state and the saved student stay float32; the
+            fused loss runs its three lm_head GEMMs in bf16 and accumulates in float32.
         liger: `auto` (Liger kernels on CUDA), `on` (error without CUDA) or `off`; becomes HF's
             `use_liger_kernel` / `liger_kernel_config` (RMSNorm, RoPE, SwiGLU, never the
             cross-entropy: the KD loss projects the hidden states itself).
         reduction: `token` (mean over the step's trained tokens) or `sequence` (mean over the
             step's sequences of each sequence's token mean).
         pad_to_multiple_of: round each batch's length up to a multiple (e.g. 8 on GPU).
+        length_group_batches: less padding: each epoch's shuffled samples are cut into groups of
+            this many batches, sorted by length inside a group, and the batches shuffled again
+            (0: plain shuffled batches). 8 cuts the default corpus's padding from ~31% to ~6%.
         eval_at_end: evaluate once after training (when there is a validation split).
         resume: continue from the last complete checkpoint of an identical run, if any.
-        keep_checkpoints: keep the checkpoint folder after the final student is saved.
+        keep_checkpoints: keep the checkpoint folder after the final student is saved (an
+            interrupted run keeps its checkpoints either way, and resumes from them).
 
     `arguments`: every other key, a `TrainingArguments` field name (`optim`, `learning_rate`,
     `lr_scheduler_type`, `warmup_steps`, `per_device_train_batch_size`, `max_steps`, `seed`,
@@ -80,9 +87,10 @@ class TrainConfig:
     liger: str = "auto"
     reduction: str = "token"
     pad_to_multiple_of: int | None = None
+    length_group_batches: int = 0
     eval_at_end: bool = True
     resume: bool = True
-    keep_checkpoints: bool = True
+    keep_checkpoints: bool = False
     arguments: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -93,6 +101,7 @@ class TrainConfig:
         require_choice(WHAT, "liger", self.liger, LIGER_MODES)
         require_choice(WHAT, "reduction", self.reduction, REDUCTIONS)
         require_int(WHAT, "pad_to_multiple_of", self.pad_to_multiple_of, minimum=1, allow_none=True)
+        require_int(WHAT, "length_group_batches", self.length_group_batches, minimum=0)
         for name in ("eval_at_end", "resume", "keep_checkpoints"):
             require_bool(WHAT, name, getattr(self, name))
         object.__setattr__(self, "arguments", dict(self.arguments))
@@ -123,10 +132,11 @@ class TrainConfig:
         return self.argument("seed")
 
     def resolved_precision(self) -> str:
-        """`bf16` or `fp32`: `auto` is bf16 on a CUDA device that supports it."""
+        """`bf16` or `fp32`: `auto` is bf16 where the training device has native bf16
+        (`devices.has_native_bf16`: CUDA with bf16, or a CPU with AVX512-BF16 / AMX)."""
         if self.precision != "auto":
             return self.precision
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if has_native_bf16() else "fp32"
 
     def identity(self) -> dict:
         """What a resumed run must share with the checkpoints' run (operational settings left out)."""
@@ -182,8 +192,7 @@ def training_arguments(train: TrainConfig, output_dir: Path, has_eval: bool, rep
     sets itself (checkpoints under `output_dir`, precision, Liger for `model_type`, ...)."""
     precision = train.resolved_precision()
     cuda = torch.cuda.is_available()
-    if precision == "bf16" and not cuda:
-        raise ValueError(f"{WHAT}.precision bf16 needs a CUDA device; use auto or fp32 on CPU")
+    # On CPU, bf16=True with use_cpu=True is accelerate's CPU autocast (mixed_precision="bf16").
     arguments = dict(train.arguments)
     eval_steps = arguments.pop("eval_steps", None)
     arguments.update(fsdp_training_arguments(arguments.pop("fsdp", None), arguments.pop("fsdp_config", None)))

@@ -65,6 +65,11 @@ class DistillDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.sample_ids)
 
+    @property
+    def lengths(self) -> np.ndarray:
+        """Tokens per sample."""
+        return np.diff(self._ids[1])
+
     def _tokens(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         (ids_values, ids_offsets), (mask_values, mask_offsets) = self._ids, self._mask
         start, stop = ids_offsets[index], ids_offsets[index + 1]
@@ -88,6 +93,51 @@ class DistillDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.__getitems__([index])[0]
+
+
+class LengthGroupedSampler(torch.utils.data.Sampler):
+    """Sample order with little padding that stays shuffled: each epoch, a seeded permutation is
+    cut into groups of `group_batches * batch_size` samples, each group sorted by length and cut
+    into batches, and the batches shuffled again. Fed to a DataLoader with `batch_size`, every
+    batch holds samples of similar length (HF's `LengthGroupedSampler` sorts groups of 50
+    batches, which on a corpus of a few hundred samples is one length-sorted epoch).
+
+    Deterministic in (seed, epoch), so a resumed run skips the same batches it had trained on.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, group_batches: int, seed: int = 0):
+        if batch_size < 1 or group_batches < 1:
+            raise ValueError(f"batch_size and group_batches must be >= 1, got {batch_size}, {group_batches}")
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.batch_size = batch_size
+        self.group_batches = group_batches
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def batches(self) -> list[np.ndarray]:
+        """This epoch's batches (index arrays), in training order."""
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self.lengths))
+        group = self.group_batches * self.batch_size
+        batches = []
+        for start in range(0, len(order), group):
+            members = order[start:start + group]
+            members = members[np.argsort(self.lengths[members], kind="stable")]
+            batches.extend(members[i:i + self.batch_size] for i in range(0, len(members), self.batch_size))
+        # A short last batch stays last, so drop_last drops the same samples as without grouping.
+        full = [b for b in batches if len(b) == self.batch_size]
+        short = [b for b in batches if len(b) < self.batch_size]
+        return [full[i] for i in rng.permutation(len(full))] + short
+
+    def __iter__(self):
+        for batch in self.batches():
+            yield from (int(index) for index in batch)
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,14 @@ class StudentWithLoss(torch.nn.Module):
         decoded = self.student.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden_states = decoded.last_hidden_state if hasattr(decoded, "last_hidden_state") else decoded[0]
         weight, bias = gathered_head_parameters(self.student.get_output_embeddings())
+        # Under bf16 autocast (precision bf16) the loss's three lm_head GEMMs run in bf16 too: the
+        # fused loss turns autocast off and computes in the dtypes it is given, accumulating in
+        # float32; the casts' backward hands the gradients to the float32 weights.
+        device_type = hidden_states.device.type
+        if torch.is_autocast_enabled(device_type):
+            gemm_dtype = torch.get_autocast_dtype(device_type)
+            weight = weight.to(gemm_dtype)
+            bias = None if bias is None else bias.to(gemm_dtype)
         # Boolean indexing is row-major: the rows line up with kd_topk_* and the flat labels.
         hidden = hidden_states[kd_positions_mask].to(weight.dtype)  # (N, H)
         sft_labels = None if labels is None else flat_labels(

@@ -120,7 +120,8 @@ def train_student(
         trainer = DistillationTrainer(
             model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
             data_collator=DistillCollator(pad_id, train.pad_to_multiple_of), processing_class=tokenizer,
-            loss_config=loss, reduction=train.reduction, callbacks=list(callbacks),
+            loss_config=loss, reduction=train.reduction, length_group_batches=train.length_group_batches,
+            callbacks=list(callbacks),
         )
         if not args.disable_tqdm:
             trainer.remove_callback(ProgressCallback)

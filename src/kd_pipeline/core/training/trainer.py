@@ -25,6 +25,7 @@ from transformers.trainer_callback import ProgressCallback
 from kd_pipeline.core.losses import KDLossConfig
 from kd_pipeline.core.models.head import require_plain_head
 from kd_pipeline.core.training.config import REDUCTIONS
+from kd_pipeline.core.training.data import LengthGroupedSampler
 from kd_pipeline.core.training.fsdp import unsharded_copy
 from kd_pipeline.core.training.loss_module import StudentWithLoss
 
@@ -63,7 +64,8 @@ class DistillationTrainer(Trainer):
     # compute_loss normalizes over the whole optimizer step itself (see get_batch_samples).
     loss_is_scaled_for_ga = True
 
-    def __init__(self, model, *args, loss_config: KDLossConfig, reduction: str = "token", **kwargs):
+    def __init__(self, model, *args, loss_config: KDLossConfig, reduction: str = "token", length_group_batches: int = 0,
+                 **kwargs):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
         student = model.student if isinstance(model, StudentWithLoss) else model
@@ -84,6 +86,7 @@ class DistillationTrainer(Trainer):
                 "would silently train with DDP, unsharded); leave fsdp off on CPU"
             )
         self.reduction = reduction
+        self.length_group_batches = length_group_batches
         if not hasattr(Trainer, "_get_grad_norm"):  # the hook of the gradient check below
             raise RuntimeError("this transformers version has no Trainer._get_grad_norm: the non-finite gradient "
                                "check of DistillationTrainer needs updating for it")
@@ -144,6 +147,15 @@ class DistillationTrainer(Trainer):
                 f"{', '.join(self._step_sample_ids)}"
             )
         return grad_norm
+
+    def _get_train_sampler(self, train_dataset=None):
+        """`LengthGroupedSampler` when `length_group_batches` > 0 (per-process batches, before any
+        sharding across processes), else the Trainer's own sampler."""
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if not self.length_group_batches or not hasattr(dataset, "lengths"):
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return LengthGroupedSampler(dataset.lengths, self.args.train_batch_size, self.length_group_batches, seed=seed)
 
     # ---- the loss ---------------------------------------------------------------------------
 
