@@ -371,3 +371,30 @@ def test_each_rank_of_a_node_gets_its_group_of_gpus():
                                 {"0": "70GiB", "cpu": "200GiB"}) == {
         "device_map": {"model.layers.0": 1, "lm_head": 0, "model.norm": "disk"},
         "max_memory": {0: "70GiB", "cpu": "200GiB"}}
+
+
+def test_bf16_teacher_head_runs_in_float32(teacher_dir):
+    """A bf16 teacher's decoder runs in bf16, its LM head on a float32 copy: the rows equal a
+    float64 log-softmax of the same hidden rows and (bf16) weights, to float32 precision; logits
+    rounded to bf16 would be off by up to ~0.06 at the logit sizes used here."""
+    from kd_pipeline.core.extraction.head import TopKHead
+
+    model = load_causal_lm(teacher_dir, dtype=torch.bfloat16)
+    head = TopKHead(model, K)
+    assert head._head_parameters()[0].dtype == torch.float32 and model.lm_head.weight.dtype == torch.bfloat16
+    generator = torch.Generator().manual_seed(0)
+    hidden = (torch.randn(40, head.weight.shape[1], generator=generator) * 30).bfloat16()  # logits of ~10-30
+    labels = torch.randint(0, head.vocab_size, (40,), generator=generator)
+    rows = head(hidden, labels)
+    reference = torch.log_softmax(hidden.double() @ model.lm_head.weight.double().t(), dim=-1)
+    assert float(reference.max(dim=-1).values.sub(reference.min(dim=-1).values).min()) > 5
+    torch.testing.assert_close(rows.topk_logprobs.double(), reference.gather(1, rows.topk_ids.long()), rtol=0, atol=1e-4)
+    torch.testing.assert_close(rows.topk_logprobs[:, 0].double(), reference.max(dim=-1).values, rtol=0, atol=1e-4)
+    torch.testing.assert_close(rows.target_logprobs.double(), reference.gather(1, labels[:, None]).squeeze(1),
+                               rtol=0, atol=1e-4)
+    # The once-per-run check compares with the model's own (bf16) logits at the bf16 tolerance.
+    from kd_pipeline.core.extraction.head import check_head_path
+
+    assert check_head_path(model, head, np.arange(3, 27), torch.device("cpu")) <= 0.25
+    rounded = TopKHead(model, K, fp32_logits=False)(hidden, labels)
+    assert float((rounded.topk_logprobs.double() - reference.gather(1, rounded.topk_ids.long())).abs().max()) > 1e-3

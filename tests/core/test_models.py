@@ -415,6 +415,46 @@ def test_gguf_conversion_reproduces_the_model_and_tokenizer(tmp_path, tied):
     assert prepare_teacher(TeacherSource.from_params({"kind": "gguf_file", "path": str(gguf_path)}), out_dir)["reused"]
 
 
+@pytest.mark.parametrize("bf16_exact", [True, False], ids=["bf16-exact", "not-exact"])
+def test_gguf_conversion_saves_bf16_only_when_every_value_is_bf16_exact(tmp_path, bf16_exact):
+    from safetensors import safe_open
+
+    from kd_pipeline.core.models.teacher import is_bf16_exact
+
+    tokenizer = load_tokenizer(TINY_TOKENIZER_DIR)
+    original = random_tiny_llama(seed=5)
+    if bf16_exact:
+        for parameter in original.parameters():
+            parameter.data = parameter.data.bfloat16().float()
+    assert is_bf16_exact(original.state_dict()) == bf16_exact
+    gguf_path = tmp_path / "tiny.gguf"
+    write_tiny_gguf(original, tokenizer, gguf_path)
+    out_dir = tmp_path / "teacher"
+    prepare_teacher(TeacherSource.from_params({"kind": "gguf_file", "path": str(gguf_path)}), out_dir)
+    with safe_open(str(out_dir / "model.safetensors"), "pt") as weights:
+        dtypes = {weights.get_slice(name).get_dtype() for name in weights.keys()}
+    assert dtypes == ({"BF16"} if bf16_exact else {"F32"})
+    # Either way the folder holds the dequantized values exactly.
+    ids = sample_ids(TINY_VOCAB_SIZE)
+    torch.testing.assert_close(logits_of(load_causal_lm(out_dir, dtype=torch.float32), ids), logits_of(original, ids),
+                               rtol=0, atol=0)
+
+
+def test_has_native_bf16_follows_the_override_and_drives_auto_dtypes(monkeypatch):
+    from kd_pipeline.core.devices import has_native_bf16, resolve_dtype
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("KD_PIPELINE_NATIVE_BF16", "1")
+    assert has_native_bf16(cpu) and resolve_dtype("auto", cpu) == torch.bfloat16
+    monkeypatch.setenv("KD_PIPELINE_NATIVE_BF16", "0")
+    assert not has_native_bf16(cpu) and resolve_dtype("auto", cpu) == torch.float32
+    monkeypatch.delenv("KD_PIPELINE_NATIVE_BF16")
+    detected = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert has_native_bf16(cpu) == detected
+    assert resolve_dtype("auto") == torch.float32  # no device: float32
+    assert resolve_dtype("bfloat16", cpu) == torch.bfloat16
+
+
 # --------------------------------------------------------------------------------------------
 # Student initialization
 # --------------------------------------------------------------------------------------------

@@ -693,3 +693,79 @@ def test_liger_accepts_yaml_booleans_and_rejects_unknown_modes():
     assert TrainConfig(liger=True).liger == "on"
     with pytest.raises(ValueError, match="liger"):
         TrainConfig(liger="sometimes")
+
+
+# --------------------------------------------------------------------------------------------
+# bf16 precision on CPU, length-grouped batches
+
+
+def test_bf16_precision_on_cpu_autocasts_with_float32_master_weights(teacher_dir, fixture, tmp_path, monkeypatch):
+    corpus, targets, _ = fixture
+    monkeypatch.setenv("KD_PIPELINE_NATIVE_BF16", "1")
+    assert quick_config().resolved_precision() == "bf16"  # auto follows devices.has_native_bf16
+    monkeypatch.setenv("KD_PIPELINE_NATIVE_BF16", "0")
+    assert quick_config().resolved_precision() == "fp32"
+    reference = make_trainer(teacher_dir, corpus, targets, tmp_path / "fp32", precision="fp32")
+    bf16 = make_trainer(teacher_dir, corpus, targets, tmp_path / "bf16", precision="bf16")
+    assert bf16.args.bf16 and bf16.args.use_cpu and not reference.args.bf16
+    batch = collate(corpus, targets, [0, 1, 2])
+    _, grads32 = _step_gradients(reference, [batch])
+    assert bf16.accelerator.mixed_precision == "bf16"  # accelerate's CPU autocast
+    bf16.model.zero_grad()
+    with bf16.accelerator.autocast():
+        loss16 = bf16.compute_loss(bf16.model, batch)
+    loss16.backward()
+    loss32 = reference.compute_loss(reference.model, batch)
+    assert loss16.dtype == torch.float32  # the loss is accumulated in float32
+    # bf16 matmuls carry ~3 significant digits: the loss agrees to that level, not to float32's.
+    assert float(loss16) == pytest.approx(float(loss32), rel=2e-2)
+    assert float(loss16) != float(loss32)
+    for name, param in bf16.model.named_parameters():
+        if param.grad is None:
+            continue
+        assert param.dtype == torch.float32 and param.grad.dtype == torch.float32, name
+        cosine = torch.nn.functional.cosine_similarity(param.grad.flatten(), grads32[name].flatten(), dim=0)
+        assert float(cosine) > 0.98, (name, float(cosine))
+
+
+def test_length_grouped_sampler_is_a_seeded_shuffle_with_little_padding():
+    from kd_pipeline.core.training.data import LengthGroupedSampler
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(20, 500, size=101)
+    sampler = LengthGroupedSampler(lengths, batch_size=8, group_batches=4, seed=3)
+    batches = sampler.batches()
+    order = [int(i) for batch in batches for i in batch]
+    assert sorted(order) == list(range(101)) and list(sampler) == order and len(sampler) == 101
+    assert [len(b) for b in batches] == [8] * 12 + [5]  # the short batch stays last (drop_last drops it)
+    assert order == list(LengthGroupedSampler(lengths, 8, 4, seed=3))  # deterministic: resume skips the same
+    sampler.set_epoch(1)
+    assert list(sampler) != order  # a new shuffle each epoch
+    assert list(LengthGroupedSampler(lengths, 8, 4, seed=4)) != order
+
+    def padded(batches):
+        return sum(int(lengths[b].max()) * len(b) for b in batches)
+
+    plain = [np.asarray(order_[i:i + 8]) for order_ in [rng.permutation(101)] for i in range(0, 101, 8)]
+    assert padded(batches) < 0.85 * padded(plain)
+    # Group members are consecutive batches of one sorted group before the batch shuffle: every
+    # batch is a length-contiguous run of its group.
+    first_group = set(np.random.default_rng([3, 0]).permutation(101)[:32].tolist())
+    grouped = sorted((b for b in batches if set(b.tolist()) <= first_group), key=lambda b: lengths[b].min())
+    assert len(grouped) == 4
+    assert all(lengths[a].max() <= lengths[b].min() for a, b in zip(grouped, grouped[1:]))
+    with pytest.raises(ValueError, match="group_batches must be >= 1"):
+        LengthGroupedSampler(lengths, 8, 0)
+
+
+def test_trainer_uses_the_length_grouped_sampler(teacher_dir, fixture, tmp_path):
+    from kd_pipeline.core.training.data import LengthGroupedSampler
+
+    corpus, targets, _ = fixture
+    trainer = make_trainer(teacher_dir, corpus, targets, tmp_path, length_group_batches=2)
+    trainer.length_group_batches = 2
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedSampler) and sampler.batch_size == 4
+    assert sampler.lengths.tolist() == [len(ids) for ids in corpus.split("train")["input_ids"].to_pylist()]
+    trainer.length_group_batches = 0
+    assert not isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
