@@ -180,8 +180,43 @@ def check_loss_shape(shape, device: torch.device, repeats: int, compile_ok: bool
                 ("fused", KDLossConfig(kd_loss_weight=1.0, sft_loss_weight=1.0, chunk_size=1024))]
     if compile_ok:
         variants.append(("fused", KDLossConfig(kd_loss_weight=1.0, sft_loss_weight=1.0, compiled=True)))
+    # The GEMM floor: the three lm_head GEMMs alone (logits, d hidden, d weight) at full size.
+    floor_time = None
+    row = dict(base, check="bf16 time: GEMM floor (3 head GEMMs)")
+    try:
+        def gemms():
+            with torch.no_grad():
+                logits = h_bf16 @ w_bf16.t()
+                return logits @ w_bf16, logits.t() @ h_bf16
+
+        floor_time, _ = timed(gemms, device, repeats)
+        row["seconds"] = floor_time
+    except Exception as error:
+        row["error"] = _short(error)
+    rows.append(row)
+    _free(device)
+    liger_jsd = _liger_jsd_step(n, h, v, device, targets[2])
+    if liger_jsd is not None:
+        variants.append(("liger_jsd", liger_jsd))
     naive_time = naive_peak = None
     for impl, config in variants:
+        if impl == "liger_jsd":
+            row = dict(base, check="bf16 memory/time: Liger chunked fused-linear JSD (dense online teacher)",
+                       floor_bytes=floor)
+            try:
+                seconds, _ = timed(config, device, repeats)
+                _free(device)
+                peak = peak_growth_bytes(config, device)
+                row.update(seconds=seconds, peak_growth_bytes=peak)
+                if peak is not None:
+                    row["growth_over_floor"] = peak / floor
+                if floor_time:
+                    row["time_over_gemm_floor"] = seconds / floor_time
+            except Exception as error:
+                row["error"] = _short(error)
+            rows.append(row)
+            _free(device)
+            continue
         chunk = config.chunk_size or auto_chunk_size(n, v, h)
         label = "naive" if impl == "naive" else f"fused chunk={chunk}" + (" compiled" if config.compiled else "")
         row = dict(base, check=f"bf16 memory/time: {label}", floor_bytes=floor)
@@ -195,6 +230,8 @@ def check_loss_shape(shape, device: torch.device, repeats: int, compile_ok: bool
             row.update(seconds=seconds, peak_growth_bytes=peak)
             if peak is not None:
                 row["growth_over_floor"] = peak / floor
+            if floor_time:
+                row["time_over_gemm_floor"] = seconds / floor_time
             if impl == "naive":
                 naive_time, naive_peak = seconds, peak
             else:
@@ -207,6 +244,31 @@ def check_loss_shape(shape, device: torch.device, repeats: int, compile_ok: bool
         rows.append(row)
         _free(device)
     return rows
+
+
+def _liger_jsd_step(n: int, h: int, v: int, device: torch.device, labels: torch.Tensor):
+    """A forward+backward of Liger's chunked fused-linear JSD (bf16, a dense teacher of the same
+    shape given as hidden states + lm_head), or None when liger_kernel is not importable."""
+    try:
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+    except ImportError:
+        return None
+    gen = torch.Generator().manual_seed(11)
+    teacher_hidden = torch.randn(n, h, generator=gen).to(device, torch.bfloat16)
+    teacher_weight = (torch.randn(v, h, generator=gen) / math.sqrt(h)).to(device, torch.bfloat16)
+    student_hidden = torch.randn(n, h, generator=gen).to(device, torch.bfloat16)
+    student_weight = (torch.randn(v, h, generator=gen) / math.sqrt(h)).to(device, torch.bfloat16)
+    loss_fn = LigerFusedLinearJSDLoss(weight_hard_loss=1.0, weight_soft_loss=1.0, beta=0.0,
+                                      compiled=device.type == "cuda")
+
+    def step():
+        hidden = student_hidden.detach().requires_grad_()
+        weight = student_weight.detach().requires_grad_()
+        loss = loss_fn(hidden, weight, teacher_hidden, teacher_weight, labels)
+        loss.backward()
+        return loss.detach()
+
+    return step
 
 
 def check_liger_student(device: torch.device, liger_status: str, dry_run: bool) -> list[dict]:
@@ -256,7 +318,7 @@ def format_table(rows: list[dict]) -> str:
     keys = ["section", "check", "n", "hidden", "vocab", "loss_rel_error", "grad_hidden_rel_error",
             "grad_weight_rel_error", "max_abs_logits_diff", "abs_loss_diff", "embedding_grad_rel_error",
             "seconds", "peak_growth_bytes", "growth_over_floor", "mem_ratio_naive_over_fused",
-            "time_ratio_fused_over_naive", "speedup", "error"]
+            "time_ratio_fused_over_naive", "time_over_gemm_floor", "speedup", "error"]
     present = [key for key in keys if any(key in row for row in rows)]
     lines = ["| " + " | ".join(present) + " |", "|" + "---|" * len(present)]
     for row in rows:

@@ -718,8 +718,8 @@ def test_bf16_precision_on_cpu_autocasts_with_float32_master_weights(teacher_dir
     loss32 = reference.compute_loss(reference.model, batch)
     assert loss16.dtype == torch.float32  # the loss is accumulated in float32
     # bf16 matmuls carry ~3 significant digits: the loss agrees to that level, not to float32's.
-    assert float(loss16) == pytest.approx(float(loss32), rel=2e-2)
-    assert float(loss16) != float(loss32)
+    assert float(loss16.detach()) == pytest.approx(float(loss32.detach()), rel=2e-2)
+    assert float(loss16.detach()) != float(loss32.detach())
     for name, param in bf16.model.named_parameters():
         if param.grad is None:
             continue
