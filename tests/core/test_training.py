@@ -128,7 +128,7 @@ def build_fixture(teacher_dir: Path):
 def quick_config(**overrides) -> TrainConfig:
     settings = dict(max_steps=4, per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=3e-3,
                     warmup_steps=0, save_steps=0, eval_steps=0, eval_at_end=False, logging_steps=1, disable_tqdm=True,
-                    lr_scheduler_type="linear", seed=0)
+                    lr_scheduler_type="linear", seed=0, length_group_batches=0)
     settings.update(overrides)
     return TrainConfig.from_dict(settings)
 
@@ -430,15 +430,17 @@ def test_sft_only_runs_without_an_artifact(teacher_dir, fixture, tmp_path, monke
     spy = BatchSpy(monkeypatch)
     sft_only = KDLossConfig(kd_loss_weight=0.0, sft_loss_weight=1.0)
     summary = train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=sft_only,
-                            train=quick_config(max_steps=2, save_steps=2), output_dir=tmp_path / "student",
-                            topk_dir=None)
+                            train=quick_config(max_steps=2, save_steps=2, keep_checkpoints=True),
+                            output_dir=tmp_path / "student", topk_dir=None)
     assert summary["global_step"] == 2 and summary["artifact_manifest_sha256"] is None
     assert len(spy.batches) == 2 and all("kd_topk_ids" not in batch for batch in spy.batches)
     final = summary["final_train"]
     assert "kd" not in final and final["sft"] == pytest.approx(final["loss"], rel=1e-5)
-    # Re-running a finished run trains nothing more: the last checkpoint is the student.
+    # Re-running a finished run whose checkpoints were kept trains nothing more: the last
+    # checkpoint is the student.
     again = train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=sft_only,
-                          train=quick_config(max_steps=2, save_steps=2), output_dir=tmp_path / "student")
+                          train=quick_config(max_steps=2, save_steps=2, keep_checkpoints=True),
+                          output_dir=tmp_path / "student")
     assert again["global_step"] == 2 and again["resumed_from"].endswith("checkpoint-2")
     assert len(spy.batches) == 2 and again["final_train"] == final
     from safetensors.torch import load_file
@@ -623,8 +625,9 @@ def _losses(out_dir: Path) -> dict:
 
 @pytest.mark.slow  # multi-process (subprocesses / torchrun)
 def test_resume_after_sigkill_matches_an_uninterrupted_run(teacher_dir, tmp_path):
+    # Length-grouped batches (the default job's sampler) and keep_checkpoints false (the default).
     settings = {"max_steps": 8, "save_steps": 2, "per_device_train_batch_size": 3, "gradient_accumulation_steps": 2,
-                "save_total_limit": 3}
+                "save_total_limit": 3, "length_group_batches": 2}
     corpus, targets, _ = build_fixture(teacher_dir)
     reference = step_losses(train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=LOSS,
                                           train=quick_config(**settings), output_dir=tmp_path / "ref" / "student",
@@ -653,6 +656,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(teacher_dir, tmp_path
     for step, loss in losses.items():
         assert loss == pytest.approx(reference[step], rel=1e-4, abs=1e-5), (step, losses, reference)
     assert resumed["final_train"]["loss"] == pytest.approx(reference[8], rel=1e-4)
+    assert not (out_dir / "student_checkpoints").exists()  # a finished run keeps none by default
 
 
 @pytest.mark.slow  # multi-process (subprocesses / torchrun)

@@ -87,7 +87,7 @@ class TrainConfig:
     liger: str = "auto"
     reduction: str = "token"
     pad_to_multiple_of: int | None = None
-    length_group_batches: int = 0
+    length_group_batches: int = 8
     eval_at_end: bool = True
     resume: bool = True
     keep_checkpoints: bool = False
