@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -165,12 +166,171 @@ def _chunk_logits(
     return torch.addmm(bias.unsqueeze(1), weight, hidden.t()).t()
 
 
+class _LogitReads(NamedTuple):
+    """What the chunk step reads from the raw logits before the buffer is overwritten."""
+
+    topk_logits: torch.Tensor | None  # (C, K) unscaled logits at the teacher ids
+    first_slot: torch.Tensor | None  # (C, K) bool, first slot of each distinct id
+    label_valid: torch.Tensor | None  # (C,) bool, label != IGNORE_INDEX
+    safe_labels: torch.Tensor | None  # (C, 1) labels with IGNORE_INDEX replaced by 0
+    label_logits: torch.Tensor | None  # (C,) unscaled logit of the label
+
+
+class _Partition(NamedTuple):
+    """Log-partitions of a chunk's scaled logits `z`; `work` then holds exp-shifted logits."""
+
+    scaled_lse: torch.Tensor  # (C,) logsumexp(z) over the vocabulary
+    exp_sum: torch.Tensor  # (C,) sum of the exp-shifted entries left in `work`
+    tail_lse: torch.Tensor | None  # (C,) logsumexp of z outside the ids (tail mode), -inf if empty
+    tail_nonempty: torch.Tensor | None  # (C,) bool (tail mode)
+
+
+class _KDTerms(NamedTuple):
+    """KD sums of a chunk and the gradient pieces they send back to the student logits."""
+
+    kd_sum: torch.Tensor
+    coverage_sum: torch.Tensor
+    mass_sum: torch.Tensor
+    grad_topk: torch.Tensor | None  # (C, K) d loss / d scaled top-k logits
+    grad_tail_lse: torch.Tensor | None  # (C,) d loss / d tail_lse (tail mode)
+    grad_scaled_lse: torch.Tensor | None  # (C,) d loss / d scaled_lse from the KD term
+
+
+def _read_logits(work: torch.Tensor, topk_ids: torch.Tensor | None, labels: torch.Tensor | None) -> _LogitReads:
+    topk_logits = first_slot = label_valid = safe_labels = label_logits = None
+    if topk_ids is not None:
+        topk_logits = work.gather(1, topk_ids)
+        first_slot = _first_occurrence(topk_ids)
+    if labels is not None:
+        label_valid = labels != IGNORE_INDEX
+        safe_labels = torch.where(label_valid, labels, 0).unsqueeze(1)
+        label_logits = work.gather(1, safe_labels).squeeze(1)
+    return _LogitReads(topk_logits, first_slot, label_valid, safe_labels, label_logits)
+
+
+def _partition_in_place(
+    work: torch.Tensor,
+    topk_ids: torch.Tensor | None,
+    scaled_topk: torch.Tensor | None,
+    first_slot: torch.Tensor | None,
+    tail_mode: bool,
+) -> _Partition:
+    """Full-vocabulary log-partition of the scaled logits in `work` (exp-shifted in place).
+
+    Tail mode also needs the partition of the entries outside the top-k: the top-k entries are
+    set to 0 and the tail is shifted by its own max, so neither part underflows.
+    """
+    if not tail_mode:
+        row_max = work.amax(dim=1)
+        work.sub_(row_max.unsqueeze(1)).exp_()  # exp(z - max)
+        exp_sum = work.sum(dim=1)
+        return _Partition(row_max + exp_sum.log(), exp_sum, None, None)
+    work.scatter_(1, topk_ids, -math.inf)
+    tail_max = work.amax(dim=1)  # -inf when the ids cover the vocabulary
+    tail_nonempty = torch.isfinite(tail_max)
+    tail_shift = torch.where(tail_nonempty, tail_max, 0.0)
+    work.sub_(tail_shift.unsqueeze(1)).exp_()  # tail: exp(z - tail_max); top-k: 0
+    exp_sum = work.sum(dim=1)
+    tail_lse = tail_shift + exp_sum.log()  # -inf for an empty tail
+    topk_lse = scaled_topk.masked_fill(~first_slot, -math.inf).logsumexp(dim=1)
+    return _Partition(torch.logaddexp(tail_lse, topk_lse), exp_sum, tail_lse, tail_nonempty)
+
+
+def _teacher_bucket_logprobs(
+    teacher: torch.Tensor,
+    teacher_logz: torch.Tensor | None,
+    tail_nonempty: torch.Tensor | None,
+    config: KDLossConfig,
+) -> torch.Tensor:
+    """(C, K) renormalized or (C, K+1) exact tempered teacher log-probs `s*l - log Z_s` + tail."""
+    tempered = config.target_logits_scale * teacher
+    if tail_nonempty is None:
+        return tempered.log_softmax(1)  # log Z_s cancels
+    if teacher_logz is not None:
+        tempered = tempered - teacher_logz.to(teacher.dtype).unsqueeze(1)
+    tail = torch.where(tail_nonempty, _teacher_tail_logmass(tempered), -math.inf)
+    return torch.cat([tempered, tail[:, None]], 1).log_softmax(1)
+
+
+def _kd_terms(
+    reads: _LogitReads,
+    scaled_topk: torch.Tensor,
+    part: _Partition,
+    unscaled_lse: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    teacher_logz: torch.Tensor | None,
+    weights: torch.Tensor,
+    kd_coef: torch.Tensor | None,
+    config: KDLossConfig,
+) -> _KDTerms:
+    teacher = topk_logprobs.to(weights.dtype)
+    coverage_sum = _weighted_sum(weights, teacher.exp().sum(1))
+    unique_topk_lse = reads.topk_logits.masked_fill(~reads.first_slot, -math.inf).logsumexp(dim=1)
+    mass_sum = _weighted_sum(weights, (unique_topk_lse - unscaled_lse).exp())
+    log_p = _teacher_bucket_logprobs(teacher, teacher_logz, part.tail_nonempty, config)
+    if part.tail_lse is not None:
+        log_q = torch.cat([scaled_topk, part.tail_lse[:, None]], 1) - part.scaled_lse[:, None]
+    else:
+        log_q = scaled_topk.log_softmax(1)
+    per_token, grad_log_q = _divergence_and_grad(log_p, log_q, config.effective_kd_loss, config.beta)
+    kd_sum = _weighted_sum(weights, per_token)
+    if kd_coef is None:
+        return _KDTerms(kd_sum, coverage_sum, mass_sum, None, None, None)
+    grad_log_q = _scale_rows(kd_coef, grad_log_q)
+    if part.tail_lse is not None:
+        # log_q_k = z_k - lse, log_q_tail = tail_lse - lse.
+        return _KDTerms(kd_sum, coverage_sum, mass_sum, grad_log_q[:, :-1], grad_log_q[:, -1],
+                        -grad_log_q.sum(1))
+    # log_q = log_softmax over the K slots: the Jacobian is (I - q 1^T).
+    grad_topk = grad_log_q - log_q.exp() * grad_log_q.sum(1, keepdim=True)
+    return _KDTerms(kd_sum, coverage_sum, mass_sum, grad_topk, None, None)
+
+
+def _logits_grad_in_place(
+    work: torch.Tensor,
+    part: _Partition,
+    topk_ids: torch.Tensor | None,
+    scaled_topk: torch.Tensor | None,
+    kd: _KDTerms | None,
+    grad_scaled_lse: torch.Tensor,
+    sft_scaled_coef: torch.Tensor | None,
+    safe_labels: torch.Tensor | None,
+    scale: float,
+) -> torch.Tensor:
+    """Turns the exp-shifted `work` into d loss / d z, then d loss / d u (u = z / scale).
+
+    d loss / d z = grad_scaled_lse * softmax(z) [+ grad_tail_lse * softmax_tail(z)]
+                   + scatter(grad_topk at ids) - scatter(sft_coef at label)
+    """
+    if part.tail_lse is not None:
+        # Tail entries of `work` hold exp(z - tail_max); softmax(z)_v = work_v / exp_sum * Q_tail
+        # with Q_tail = exp(tail_lse - lse) <= 1, and softmax_tail(z)_v = work_v / exp_sum.
+        tail_coef = grad_scaled_lse * (part.tail_lse - part.scaled_lse).exp()
+        if kd is not None and kd.grad_tail_lse is not None:
+            tail_coef = tail_coef + kd.grad_tail_lse
+        safe_exp_sum = torch.where(part.tail_nonempty, part.exp_sum, 1.0)
+        work.mul_((tail_coef / safe_exp_sum).unsqueeze(1))
+        # Top-k entries are 0 in `work`; assignment (not add) counts duplicate ids once.
+        topk_softmax = (scaled_topk - part.scaled_lse[:, None]).exp()
+        work.scatter_(1, topk_ids, grad_scaled_lse[:, None] * topk_softmax)
+    else:
+        work.mul_((grad_scaled_lse / part.exp_sum).unsqueeze(1))
+    if kd is not None and kd.grad_topk is not None:
+        work.scatter_add_(1, topk_ids, kd.grad_topk)
+    if sft_scaled_coef is not None:
+        work.scatter_add_(1, safe_labels, -sft_scaled_coef[:, None])
+    if scale != 1.0:
+        work.mul_(scale)  # z = scale * u
+    return work
+
+
 def _chunk_step(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     topk_ids: torch.Tensor | None,
     topk_logprobs: torch.Tensor | None,
+    teacher_logz: torch.Tensor | None,
     labels: torch.Tensor | None,
     token_weights: torch.Tensor,
     config: KDLossConfig,
@@ -179,58 +339,29 @@ def _chunk_step(
     """Loss sums of one chunk and the gradient of the weighted loss w.r.t. its logits.
 
     Pure function of its inputs (in-place ops touch only its own buffers), so it can be wrapped
-    in `torch.compile`.
-
-    Args:
-        hidden: (C, H) student hidden states of the chunk.
-        weight: (V, H) lm_head weight.
-        bias: (V,) lm_head bias or None.
-        topk_ids: (C, K) int64 or None.
-        topk_logprobs: (C, K) float or None.
-        labels: (C,) int64 or None.
-        token_weights: (C,) float.
-        config: loss hyperparameters.
-        compute_grad: whether to build the logits gradient.
+    in `torch.compile`. Shapes: hidden (C, H), weight (V, H), bias (V,), topk_ids /
+    topk_logprobs (C, K), teacher_logz / labels / token_weights (C,); see `fused_topk_kd_loss`.
 
     Returns:
         (grad_logits, sums): grad_logits is (C, V) in the compute dtype (d loss / d logits of the
         unscaled logits, already weighted) or None; sums is (5,) float64:
         [sum w*KD, sum w*SFT, sum w*coverage, sum w*student_topk_mass, sum w].
     """
-    compute_dtype = _compute_dtype(hidden.dtype)
     scale = config.logits_scale
-    has_kd = topk_ids is not None
-    has_sft = labels is not None
-    tail_mode = has_kd and config.topk_normalization == "tail_bucket"
+    has_kd, has_sft = topk_ids is not None, labels is not None
     # SFT on the unscaled logits needs a second softmax; when scale == 1 both are the same.
     sft_on_scaled = config.scale_sft_logits or scale == 1.0
-    weights = token_weights.to(compute_dtype)
-    kd_coef = (
-        weights * (config.kd_loss_weight * config.kd_factor)
-        if compute_grad and has_kd and config.kd_loss_weight > 0
-        else None
-    )
+    weights = token_weights.to(_compute_dtype(hidden.dtype))
+    kd_coef = sft_coef = None
+    if compute_grad and has_kd and config.kd_loss_weight > 0:
+        kd_coef = weights * (config.kd_loss_weight * config.kd_factor)
 
     # (C, V) buffer: logits, then exp-shifted logits, then the gradient, all in place.
-    work = _chunk_logits(hidden, weight, bias).to(compute_dtype)  # .to keeps the layout
-
-    # Everything that needs the raw logits is read before the buffer is overwritten.
-    if has_kd:
-        topk_logits = work.gather(1, topk_ids)  # (C, K) unscaled
-        first_slot = _first_occurrence(topk_ids)
-    if has_sft:
-        label_valid = labels != IGNORE_INDEX
-        safe_labels = torch.where(label_valid, labels, 0).unsqueeze(1)  # (C, 1)
-        label_logits = work.gather(1, safe_labels).squeeze(1)  # (C,) unscaled
-        sft_coef = (
-            torch.where(label_valid, weights * config.sft_loss_weight, 0.0)
-            if compute_grad and config.sft_loss_weight > 0
-            else None
-        )
-    else:
-        sft_coef = None
-    unscaled_lse = None
-    unscaled_copy = None
+    work = _chunk_logits(hidden, weight, bias).to(weights.dtype)  # .to keeps the layout
+    reads = _read_logits(work, topk_ids, labels)
+    if compute_grad and has_sft and config.sft_loss_weight > 0:
+        sft_coef = torch.where(reads.label_valid, weights * config.sft_loss_weight, 0.0)
+    unscaled_lse = unscaled_copy = None
     if scale != 1.0 and (has_kd or (has_sft and not sft_on_scaled)):
         # The metric (and SFT without scaling) use the T = 1 distribution.
         unscaled_lse = torch.logsumexp(work, dim=1)
@@ -238,97 +369,39 @@ def _chunk_step(
             unscaled_copy = work.clone()
     if scale != 1.0:
         work.mul_(scale)
-    scaled_topk = topk_logits * scale if has_kd else None
-
-    # Full-vocabulary log-partition of the scaled logits; tail mode also needs the partition of
-    # the entries outside the top-k, each with its own max shift so neither underflows.
-    if tail_mode:
-        work.scatter_(1, topk_ids, -math.inf)
-        tail_max = work.amax(dim=1)  # -inf when the ids cover the vocabulary
-        tail_nonempty = torch.isfinite(tail_max)
-        tail_shift = torch.where(tail_nonempty, tail_max, 0.0)
-        work.sub_(tail_shift.unsqueeze(1)).exp_()  # tail: exp(z - tail_max); top-k: 0
-        exp_sum = work.sum(dim=1)
-        tail_lse = tail_shift + exp_sum.log()  # -inf for an empty tail
-        topk_lse = scaled_topk.masked_fill(~first_slot, -math.inf).logsumexp(dim=1)
-        scaled_lse = torch.logaddexp(tail_lse, topk_lse)
-    else:
-        row_max = work.amax(dim=1)
-        work.sub_(row_max.unsqueeze(1)).exp_()  # exp(z - max)
-        exp_sum = work.sum(dim=1)
-        scaled_lse = row_max + exp_sum.log()
+    scaled_topk = reads.topk_logits * scale if has_kd else None
+    tail_mode = has_kd and config.topk_normalization == "tail_bucket"
+    part = _partition_in_place(work, topk_ids, scaled_topk, reads.first_slot, tail_mode)
     if unscaled_lse is None:
-        unscaled_lse = scaled_lse
+        unscaled_lse = part.scaled_lse
 
     sums = torch.zeros(5, dtype=torch.float64, device=hidden.device)
     sums[4] = weights.sum()
-    grad_topk = None  # (C, K) d loss / d scaled top-k logits
-    grad_tail_lse = None  # (C,) d loss / d tail_lse
-    grad_scaled_lse = torch.zeros_like(scaled_lse)  # (C,) d loss / d scaled_lse
+    grad_scaled_lse = torch.zeros_like(part.scaled_lse)
+    kd = None
     if has_kd:
-        teacher = topk_logprobs.to(compute_dtype)
-        target_scale = config.target_logits_scale
-        sums[2] = _weighted_sum(weights, teacher.exp().sum(1))
-        unique_topk_lse = topk_logits.masked_fill(~first_slot, -math.inf).logsumexp(dim=1)
-        sums[3] = _weighted_sum(weights, (unique_topk_lse - unscaled_lse).exp())
-        if tail_mode:
-            teacher_tail = torch.where(tail_nonempty, _teacher_tail_logmass(teacher), -math.inf)
-            log_p = (target_scale * torch.cat([teacher, teacher_tail[:, None]], 1)).log_softmax(1)
-            log_q = torch.cat([scaled_topk, tail_lse[:, None]], 1) - scaled_lse[:, None]
-        else:
-            log_p = (target_scale * teacher).log_softmax(1)
-            log_q = scaled_topk.log_softmax(1)
-        per_token, grad_log_q = _divergence_and_grad(
-            log_p, log_q, config.effective_kd_loss, config.beta
-        )
-        sums[0] = _weighted_sum(weights, per_token)
-        if kd_coef is not None:
-            grad_log_q = _scale_rows(kd_coef, grad_log_q)
-            if tail_mode:
-                # log_q_k = z_k - lse, log_q_tail = tail_lse - lse.
-                grad_topk = grad_log_q[:, :-1]
-                grad_tail_lse = grad_log_q[:, -1]
-                grad_scaled_lse -= grad_log_q.sum(1)
-            else:
-                # log_q = log_softmax over the K slots: the Jacobian is (I - q 1^T).
-                grad_topk = grad_log_q - log_q.exp() * grad_log_q.sum(1, keepdim=True)
+        kd = _kd_terms(reads, scaled_topk, part, unscaled_lse, topk_logprobs, teacher_logz, weights,
+                       kd_coef, config)
+        sums[0], sums[2], sums[3] = kd.kd_sum, kd.coverage_sum, kd.mass_sum
+        if kd.grad_scaled_lse is not None:
+            grad_scaled_lse = grad_scaled_lse + kd.grad_scaled_lse
     if has_sft:
         if sft_on_scaled:
-            per_token = scaled_lse - scale * label_logits
+            per_token = part.scaled_lse - scale * reads.label_logits
         else:
-            per_token = unscaled_lse - label_logits
-        sums[1] = _weighted_sum(weights, torch.where(label_valid, per_token, 0.0))
+            per_token = unscaled_lse - reads.label_logits
+        sums[1] = _weighted_sum(weights, torch.where(reads.label_valid, per_token, 0.0))
         if sft_coef is not None and sft_on_scaled:
-            grad_scaled_lse += sft_coef
-
+            grad_scaled_lse = grad_scaled_lse + sft_coef
     if not compute_grad:
         return None, sums
 
-    # d loss / d z = grad_scaled_lse * softmax(z) [+ grad_tail_lse * softmax_tail(z)]
-    #                + scatter(grad_topk at ids) - scatter(sft_coef at label)
-    if tail_mode:
-        # Tail entries of `work` hold exp(z - tail_max); softmax(z)_v = work_v / exp_sum * Q_tail
-        # with Q_tail = exp(tail_lse - lse) <= 1, and softmax_tail(z)_v = work_v / exp_sum.
-        tail_mass = (tail_lse - scaled_lse).exp()
-        tail_coef = grad_scaled_lse * tail_mass
-        if grad_tail_lse is not None:
-            tail_coef = tail_coef + grad_tail_lse
-        safe_exp_sum = torch.where(tail_nonempty, exp_sum, 1.0)
-        work.mul_((tail_coef / safe_exp_sum).unsqueeze(1))
-        # Top-k entries are 0 in `work`; assignment (not add) counts duplicate ids once.
-        topk_softmax = (scaled_topk - scaled_lse[:, None]).exp()
-        work.scatter_(1, topk_ids, grad_scaled_lse[:, None] * topk_softmax)
-    else:
-        work.mul_((grad_scaled_lse / exp_sum).unsqueeze(1))
-    if grad_topk is not None:
-        work.scatter_add_(1, topk_ids, grad_topk)
-    if sft_coef is not None and sft_on_scaled:
-        work.scatter_add_(1, safe_labels, -sft_coef[:, None])
-    if scale != 1.0:
-        work.mul_(scale)  # z = scale * u
+    sft_scaled_coef = sft_coef if sft_on_scaled else None
+    work = _logits_grad_in_place(work, part, topk_ids, scaled_topk, kd, grad_scaled_lse,
+                                 sft_scaled_coef, reads.safe_labels, scale)
     if unscaled_copy is not None:
         unscaled_copy.sub_(unscaled_lse.unsqueeze(1)).exp_().mul_(sft_coef.unsqueeze(1))
-        unscaled_copy.scatter_add_(1, safe_labels, -sft_coef[:, None])
+        unscaled_copy.scatter_add_(1, reads.safe_labels, -sft_coef[:, None])
         work.add_(unscaled_copy)
     return work, sums
 
@@ -347,6 +420,7 @@ def _accumulate_chunk(
     bias: torch.Tensor | None,
     topk_ids: torch.Tensor | None,
     topk_logprobs: torch.Tensor | None,
+    teacher_logz: torch.Tensor | None,
     labels: torch.Tensor | None,
     token_weights: torch.Tensor,
     config: KDLossConfig,
@@ -364,6 +438,7 @@ def _accumulate_chunk(
         bias,
         None if topk_ids is None else topk_ids[rows],
         None if topk_logprobs is None else topk_logprobs[rows],
+        None if teacher_logz is None else teacher_logz[rows],
         None if labels is None else labels[rows],
         token_weights[rows],
         config,
@@ -392,6 +467,7 @@ class TopKDistillationFunction(torch.autograd.Function):
         bias: torch.Tensor | None,
         topk_ids: torch.Tensor | None,
         topk_logprobs: torch.Tensor | None,
+        teacher_logz: torch.Tensor | None,
         labels: torch.Tensor | None,
         token_weights: torch.Tensor,
         config: KDLossConfig,
@@ -420,7 +496,7 @@ class TopKDistillationFunction(torch.autograd.Function):
             for start in range(0, num_tokens, chunk_size):
                 _accumulate_chunk(
                     step, slice(start, min(start + chunk_size, num_tokens)), hidden, weight, bias,
-                    topk_ids, topk_logprobs, labels, token_weights, config, compute_grad,
+                    topk_ids, topk_logprobs, teacher_logz, labels, token_weights, config, compute_grad,
                     sums, grad_hidden, grad_weight, grad_bias,
                 )
 
@@ -469,6 +545,7 @@ class TopKDistillationFunction(torch.autograd.Function):
             grad_bias,
             None,  # topk_ids
             None,  # topk_logprobs
+            None,  # teacher_logz
             None,  # labels
             None,  # token_weights
             None,  # config
@@ -485,6 +562,8 @@ def fused_topk_kd_loss(
     labels: torch.Tensor | None,
     token_weights: torch.Tensor,
     config: KDLossConfig,
+    *,
+    teacher_logz: torch.Tensor | None = None,
 ) -> LossOutput:
     """Top-k KD + SFT loss of `hidden @ weight.T + bias`, chunked over tokens.
 
@@ -498,6 +577,9 @@ def fused_topk_kd_loss(
             `sft_loss_weight == 0`.
         token_weights: (N,) float reduction weights; `loss = sum_i w_i * loss_i`.
         config: loss hyperparameters (`chunk_size`, `compiled` are used here).
+        teacher_logz: (N,) float `log sum_v p(v)**s`, the stored teacher distribution's
+            log-normalizer at `s = target_logits_scale` (the artifact's column for that
+            temperature); needed by `tail_bucket` when `s != 1`, ignored by `renormalize`.
 
     Returns:
         `LossOutput`; `loss` is differentiable w.r.t. `hidden`, `weight` and `bias`. The
@@ -520,7 +602,8 @@ def fused_topk_kd_loss(
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
     check_loss_inputs(
-        hidden.shape[0], weight.shape[0], topk_ids, topk_logprobs, labels, token_weights, config
+        hidden.shape[0], weight.shape[0], topk_ids, topk_logprobs, labels, token_weights, config,
+        teacher_logz,
     )
     grad_on = torch.is_grad_enabled()
     needs_grad = (
@@ -529,7 +612,8 @@ def fused_topk_kd_loss(
         grad_on and bias is not None and bias.requires_grad,
     )
     outputs = TopKDistillationFunction.apply(
-        hidden, weight, bias, topk_ids, topk_logprobs, labels, token_weights, config, needs_grad
+        hidden, weight, bias, topk_ids, topk_logprobs, teacher_logz, labels, token_weights, config,
+        needs_grad,
     )
     return LossOutput(*outputs)
 
@@ -550,10 +634,12 @@ class TopKDistillationLoss(torch.nn.Module):
         topk_logprobs: torch.Tensor | None,
         labels: torch.Tensor | None,
         token_weights: torch.Tensor,
+        teacher_logz: torch.Tensor | None = None,
     ) -> LossOutput:
-        """See `fused_topk_kd_loss`; shapes (N, H), (V, H), (V,), (N, K), (N, K), (N,), (N,)."""
+        """See `fused_topk_kd_loss`; shapes (N, H), (V, H), (V,), (N, K), (N, K), (N,), (N,), (N,)."""
         return fused_topk_kd_loss(
-            hidden, weight, bias, topk_ids, topk_logprobs, labels, token_weights, self.config
+            hidden, weight, bias, topk_ids, topk_logprobs, labels, token_weights, self.config,
+            teacher_logz=teacher_logz,
         )
 
     def extra_repr(self) -> str:
