@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from kd_pipeline.core.losses import (
     IGNORE_INDEX,
+    HeadTransform,
     KDLossConfig,
     LossOutput,
     TopKDistillationLoss,
@@ -656,3 +657,51 @@ def test_tail_bucket_off_one_without_logz_is_refused_by_name():
     # At s = 1 log Z_1 = 0: no column needed.
     out, _ = run_fused(batch, replace(config, target_logits_scale=1.0), teacher_logz=None)
     assert torch.isfinite(out.kd)
+
+
+# --- the model's head transform (soft-cap, logit multiplier, padded vocabulary) ---------------
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize(
+    "head", [HeadTransform(softcap=3.0), HeadTransform(multiplier=0.0625), HeadTransform(multiplier=1.7, softcap=5.0),
+             HeadTransform(vocab_size=70), HeadTransform(softcap=4.0, vocab_size=61)],
+    ids=["gemma-softcap", "cohere-scale", "scale+softcap", "padded-vocab", "softcap+padded"])
+def test_head_transform_matches_the_transformed_logits_reference(head, normalization):
+    """Gemma's `cap * tanh(r / cap)`, Cohere's `r * logit_scale`, Granite's `r / logits_scaling`,
+    and a head padded past the tokenizer (rows >= vocab_size are not tokens): the fused loss on
+    (hidden, weight) equals the reference on the transformed logits, gradients included."""
+    batch = make_batch(logit_std=6.0)  # large raw logits: the soft-cap is far from linear
+    real = head.vocab_size or 83
+    batch.topk_ids = batch.topk_ids % real
+    batch.labels = torch.where(batch.labels >= 0, batch.labels % real, batch.labels)
+    config = KDLossConfig(kd_loss="jsd", beta=0.3, topk_normalization=normalization, logits_scale=0.8,
+                          sft_loss_weight=0.7, chunk_size=8)
+    params = leaves(batch)
+    kwargs = dict(topk_ids=batch.topk_ids, topk_logprobs=batch.topk_logprobs, labels=batch.labels,
+                  token_weights=batch.token_weights)
+    out = fused_topk_kd_loss(*params, config=config, head=head, **kwargs)
+    out.loss.backward()
+
+    ref_params = [p.detach().clone().requires_grad_() for p in leaves(batch)]
+    raw = ref_params[0] @ ref_params[1].t() + ref_params[2]
+    logits = head.multiplier * raw
+    if head.softcap is not None:
+        logits = head.softcap * torch.tanh(logits / head.softcap)
+    ref = topk_kd_loss_reference(logits[:, :real], config=config, **kwargs)
+    ref.loss.backward()
+    assert_matches((out, [p.grad for p in params]), (ref, [p.grad for p in ref_params]))
+    if real < 83:  # padded rows: no gradient into their weights or biases
+        assert (params[1].grad[real:] == 0).all() and (params[2].grad[real:] == 0).all()
+
+
+def test_head_transform_gradcheck():
+    batch = make_batch(n=5, h=3, v=7, k=3, logit_std=3.0)
+    config = KDLossConfig(topk_normalization="tail_bucket", sft_loss_weight=0.5, chunk_size=2)
+    head = HeadTransform(multiplier=1.3, softcap=2.0)
+
+    def loss_of(hidden, weight, bias):
+        return fused_topk_kd_loss(hidden, weight, bias, batch.topk_ids, batch.topk_logprobs, batch.labels,
+                                  batch.token_weights, config, head=head).loss
+
+    assert torch.autograd.gradcheck(loss_of, tuple(leaves(batch)))

@@ -38,6 +38,29 @@ MIN_AUTO_CHUNK = 16
 MAX_AUTO_CHUNK = 4096
 
 
+class HeadTransform(NamedTuple):
+    """What a causal LM does to `hidden @ weight.T + bias` before its softmax, so the fused loss
+    scores the same logits as `model(...).logits` (built by the model-side head policy).
+
+    `u = softcap * tanh(multiplier * r / softcap)` (no tanh when `softcap` is None), with
+    `r = hidden @ weight.T + bias`; rows at or beyond `vocab_size` (a head padded past the
+    tokenizer) are not real tokens: the loss drops them, so they get no probability mass and no
+    gradient.
+
+    Attributes:
+        multiplier: Cohere's `logit_scale`, Granite's `1 / logits_scaling`; 1.0 otherwise.
+        softcap: Gemma 2/3 `final_logit_softcapping`, or None.
+        vocab_size: rows that are real tokens (`len(tokenizer)`), or None for all of them.
+    """
+
+    multiplier: float = 1.0
+    softcap: float | None = None
+    vocab_size: int | None = None
+
+
+IDENTITY_HEAD = HeadTransform()
+
+
 def auto_chunk_size(num_tokens: int, vocab_size: int, hidden_size: int) -> int:
     """Chunk size used when `KDLossConfig.chunk_size` is None.
 
@@ -324,6 +347,28 @@ def _logits_grad_in_place(
     return work
 
 
+def _apply_head_in_place(work: torch.Tensor, head: HeadTransform) -> torch.Tensor | None:
+    """Raw logits -> the model's logits, in place; returns d u / d(multiplier * r) for the
+    soft-cap (1 - tanh**2, a (C, V) buffer) or None."""
+    if head.multiplier != 1.0:
+        work.mul_(head.multiplier)
+    if head.softcap is None:
+        return None
+    work.div_(head.softcap).tanh_()
+    slope = 1.0 - work * work
+    work.mul_(head.softcap)
+    return slope
+
+
+def _head_backward_in_place(grad: torch.Tensor, head: HeadTransform, slope: torch.Tensor | None) -> torch.Tensor:
+    """d loss / d u -> d loss / d r (chain rule of `_apply_head_in_place`)."""
+    if slope is not None:
+        grad.mul_(slope)
+    if head.multiplier != 1.0:
+        grad.mul_(head.multiplier)
+    return grad
+
+
 def _chunk_step(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -335,16 +380,17 @@ def _chunk_step(
     token_weights: torch.Tensor,
     config: KDLossConfig,
     compute_grad: bool,
+    head: HeadTransform = IDENTITY_HEAD,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Loss sums of one chunk and the gradient of the weighted loss w.r.t. its logits.
+    """Loss sums of one chunk and the gradient of the weighted loss w.r.t. its raw logits.
 
     Pure function of its inputs (in-place ops touch only its own buffers), so it can be wrapped
-    in `torch.compile`. Shapes: hidden (C, H), weight (V, H), bias (V,), topk_ids /
-    topk_logprobs (C, K), teacher_logz / labels / token_weights (C,); see `fused_topk_kd_loss`.
+    in `torch.compile`. Shapes as in `fused_topk_kd_loss`, with C rows.
 
     Returns:
-        (grad_logits, sums): grad_logits is (C, V) in the compute dtype (d loss / d logits of the
-        unscaled logits, already weighted) or None; sums is (5,) float64:
+        (grad_logits, sums): grad_logits is (C, V) in the compute dtype (d loss / d raw logits
+        `hidden @ weight.T + bias`, through the head transform, already weighted) or None; sums
+        is (5,) float64:
         [sum w*KD, sum w*SFT, sum w*coverage, sum w*student_topk_mass, sum w].
     """
     scale = config.logits_scale
@@ -358,6 +404,7 @@ def _chunk_step(
 
     # (C, V) buffer: logits, then exp-shifted logits, then the gradient, all in place.
     work = _chunk_logits(hidden, weight, bias).to(weights.dtype)  # .to keeps the layout
+    head_slope = _apply_head_in_place(work, head)
     reads = _read_logits(work, topk_ids, labels)
     if compute_grad and has_sft and config.sft_loss_weight > 0:
         sft_coef = torch.where(reads.label_valid, weights * config.sft_loss_weight, 0.0)
@@ -386,10 +433,8 @@ def _chunk_step(
         if kd.grad_scaled_lse is not None:
             grad_scaled_lse = grad_scaled_lse + kd.grad_scaled_lse
     if has_sft:
-        if sft_on_scaled:
-            per_token = part.scaled_lse - scale * reads.label_logits
-        else:
-            per_token = unscaled_lse - reads.label_logits
+        sft_logits = reads.label_logits * scale if sft_on_scaled else reads.label_logits
+        per_token = (part.scaled_lse if sft_on_scaled else unscaled_lse) - sft_logits
         sums[1] = _weighted_sum(weights, torch.where(reads.label_valid, per_token, 0.0))
         if sft_coef is not None and sft_on_scaled:
             grad_scaled_lse = grad_scaled_lse + sft_coef
@@ -403,7 +448,7 @@ def _chunk_step(
         unscaled_copy.sub_(unscaled_lse.unsqueeze(1)).exp_().mul_(sft_coef.unsqueeze(1))
         unscaled_copy.scatter_add_(1, reads.safe_labels, -sft_coef[:, None])
         work.add_(unscaled_copy)
-    return work, sums
+    return _head_backward_in_place(work, head, head_slope), sums
 
 
 @lru_cache(maxsize=1)
@@ -429,6 +474,7 @@ def _accumulate_chunk(
     grad_hidden: torch.Tensor | None,
     grad_weight: torch.Tensor | None,
     grad_bias: torch.Tensor | None,
+    head: HeadTransform,
 ) -> None:
     """Runs `step` on the chunk `rows` and folds its results into the accumulators in place."""
     hidden_chunk = hidden[rows]  # (C, H)
@@ -443,6 +489,7 @@ def _accumulate_chunk(
         token_weights[rows],
         config,
         compute_grad,
+        head,
     )
     sums += chunk_sums
     if grad_logits is None:
@@ -472,6 +519,7 @@ class TopKDistillationFunction(torch.autograd.Function):
         token_weights: torch.Tensor,
         config: KDLossConfig,
         needs_grad: tuple[bool, bool, bool],
+        head: HeadTransform = IDENTITY_HEAD,
     ):
         num_tokens, hidden_size = hidden.shape
         vocab_size = weight.shape[0]
@@ -497,7 +545,7 @@ class TopKDistillationFunction(torch.autograd.Function):
                 _accumulate_chunk(
                     step, slice(start, min(start + chunk_size, num_tokens)), hidden, weight, bias,
                     topk_ids, topk_logprobs, teacher_logz, labels, token_weights, config, compute_grad,
-                    sums, grad_hidden, grad_weight, grad_bias,
+                    sums, grad_hidden, grad_weight, grad_bias, head,
                 )
 
         compute_dtype = _compute_dtype(hidden.dtype)
@@ -550,6 +598,7 @@ class TopKDistillationFunction(torch.autograd.Function):
             None,  # token_weights
             None,  # config
             None,  # needs_grad
+            None,  # head
         )
 
 
@@ -564,8 +613,9 @@ def fused_topk_kd_loss(
     config: KDLossConfig,
     *,
     teacher_logz: torch.Tensor | None = None,
+    head: HeadTransform | None = None,
 ) -> LossOutput:
-    """Top-k KD + SFT loss of `hidden @ weight.T + bias`, chunked over tokens.
+    """Top-k KD + SFT loss of the student logits `head(hidden @ weight.T + bias)`, chunked over tokens.
 
     Args:
         hidden: (N, H) float student final hidden states of the trained tokens.
@@ -580,6 +630,8 @@ def fused_topk_kd_loss(
         teacher_logz: (N,) float `log sum_v p(v)**s`, the stored teacher distribution's
             log-normalizer at `s = target_logits_scale` (the artifact's column for that
             temperature); needed by `tail_bucket` when `s != 1`, ignored by `renormalize`.
+        head: the model's logit transform (soft-cap, multiplier, real vocabulary size), so the
+            loss sees `model(...).logits`; None = the plain linear head.
 
     Returns:
         `LossOutput`; `loss` is differentiable w.r.t. `hidden`, `weight` and `bias`. The
@@ -601,6 +653,16 @@ def fused_topk_kd_loss(
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    head = IDENTITY_HEAD if head is None else head
+    if head.vocab_size is not None:
+        if not 1 <= head.vocab_size <= weight.shape[0]:
+            raise ValueError(f"head.vocab_size must be in [1, {weight.shape[0]}] (the head's rows), "
+                             f"got {head.vocab_size}")
+        # Rows past the tokenizer are not tokens: without them they get no mass, and autograd
+        # gives their weight rows a zero gradient.
+        weight = weight[: head.vocab_size]
+        bias = None if bias is None else bias[: head.vocab_size]
+        head = head._replace(vocab_size=None)
     check_loss_inputs(
         hidden.shape[0], weight.shape[0], topk_ids, topk_logprobs, labels, token_weights, config,
         teacher_logz,
@@ -613,7 +675,7 @@ def fused_topk_kd_loss(
     )
     outputs = TopKDistillationFunction.apply(
         hidden, weight, bias, topk_ids, topk_logprobs, teacher_logz, labels, token_weights, config,
-        needs_grad,
+        needs_grad, head,
     )
     return LossOutput(*outputs)
 
@@ -635,11 +697,12 @@ class TopKDistillationLoss(torch.nn.Module):
         labels: torch.Tensor | None,
         token_weights: torch.Tensor,
         teacher_logz: torch.Tensor | None = None,
+        head: HeadTransform | None = None,
     ) -> LossOutput:
         """See `fused_topk_kd_loss`; shapes (N, H), (V, H), (V,), (N, K), (N, K), (N,), (N,), (N,)."""
         return fused_topk_kd_loss(
             hidden, weight, bias, topk_ids, topk_logprobs, labels, token_weights, self.config,
-            teacher_logz=teacher_logz,
+            teacher_logz=teacher_logz, head=head,
         )
 
     def extra_repr(self) -> str:
