@@ -17,9 +17,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kd_pipeline.core.models.head import HeadTransform
 from kd_pipeline.core.losses import (
     IGNORE_INDEX,
-    HeadTransform,
     KDLossConfig,
     LossOutput,
     TopKDistillationLoss,
@@ -664,9 +664,10 @@ def test_tail_bucket_off_one_without_logz_is_refused_by_name():
 
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
 @pytest.mark.parametrize(
-    "head", [HeadTransform(softcap=3.0), HeadTransform(multiplier=0.0625), HeadTransform(multiplier=1.7, softcap=5.0),
-             HeadTransform(vocab_size=70), HeadTransform(softcap=4.0, vocab_size=61)],
-    ids=["gemma-softcap", "cohere-scale", "scale+softcap", "padded-vocab", "softcap+padded"])
+    "head", [HeadTransform(softcap=3.0), HeadTransform(multiply_by=0.0625), HeadTransform(divide_by=4.0),
+             HeadTransform(multiply_by=1.7, softcap=5.0), HeadTransform(vocab_size=70),
+             HeadTransform(softcap=4.0, vocab_size=61)],
+    ids=["gemma-softcap", "cohere-scale", "granite-scaling", "scale+softcap", "padded-vocab", "softcap+padded"])
 def test_head_transform_matches_the_transformed_logits_reference(head, normalization):
     """Gemma's `cap * tanh(r / cap)`, Cohere's `r * logit_scale`, Granite's `r / logits_scaling`,
     and a head padded past the tokenizer (rows >= vocab_size are not tokens): the fused loss on
@@ -685,7 +686,7 @@ def test_head_transform_matches_the_transformed_logits_reference(head, normaliza
 
     ref_params = [p.detach().clone().requires_grad_() for p in leaves(batch)]
     raw = ref_params[0] @ ref_params[1].t() + ref_params[2]
-    logits = head.multiplier * raw
+    logits = raw * (head.multiply_by or 1.0) / (head.divide_by or 1.0)
     if head.softcap is not None:
         logits = head.softcap * torch.tanh(logits / head.softcap)
     ref = topk_kd_loss_reference(logits[:, :real], config=config, **kwargs)
@@ -698,7 +699,7 @@ def test_head_transform_matches_the_transformed_logits_reference(head, normaliza
 def test_head_transform_gradcheck():
     batch = make_batch(n=5, h=3, v=7, k=3, logit_std=3.0)
     config = KDLossConfig(topk_normalization="tail_bucket", sft_loss_weight=0.5, chunk_size=2)
-    head = HeadTransform(multiplier=1.3, softcap=2.0)
+    head = HeadTransform(multiply_by=1.3, softcap=2.0)
 
     def loss_of(hidden, weight, bias):
         return fused_topk_kd_loss(hidden, weight, bias, batch.topk_ids, batch.topk_logprobs, batch.labels,

@@ -12,8 +12,6 @@ from kd_pipeline.core.losses.config import (
     LossOutput,
 )
 from kd_pipeline.core.losses.fused import (
-    IDENTITY_HEAD,
-    HeadTransform,
     TopKDistillationFunction,
     TopKDistillationLoss,
     auto_chunk_size,
@@ -22,8 +20,6 @@ from kd_pipeline.core.losses.fused import (
 from kd_pipeline.core.losses.reference import topk_kd_loss_reference
 
 __all__ = [
-    "IDENTITY_HEAD",
-    "HeadTransform",
     "IGNORE_INDEX",
     "KD_LOSSES",
     "TEACHER_TAIL_MIN_MASS",

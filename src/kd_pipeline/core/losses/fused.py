@@ -15,6 +15,7 @@ Three faces: `TopKDistillationFunction` (autograd.Function), `fused_topk_kd_loss
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import lru_cache
 from typing import NamedTuple
@@ -30,32 +31,13 @@ from kd_pipeline.core.losses.config import (
     LossOutput,
     check_loss_inputs,
 )
+from kd_pipeline.core.models.head import HeadTransform
 
 CHUNK_MEMORY_FRACTION = 1 / 8
 """Auto chunk size keeps one [C, V] float32 buffer at about this fraction of the V*H gradient."""
 
 MIN_AUTO_CHUNK = 16
 MAX_AUTO_CHUNK = 4096
-
-
-class HeadTransform(NamedTuple):
-    """What a causal LM does to `hidden @ weight.T + bias` before its softmax, so the fused loss
-    scores the same logits as `model(...).logits` (built by the model-side head policy).
-
-    `u = softcap * tanh(multiplier * r / softcap)` (no tanh when `softcap` is None), with
-    `r = hidden @ weight.T + bias`; rows at or beyond `vocab_size` (a head padded past the
-    tokenizer) are not real tokens: the loss drops them, so they get no probability mass and no
-    gradient.
-
-    Attributes:
-        multiplier: Cohere's `logit_scale`, Granite's `1 / logits_scaling`; 1.0 otherwise.
-        softcap: Gemma 2/3 `final_logit_softcapping`, or None.
-        vocab_size: rows that are real tokens (`len(tokenizer)`), or None for all of them.
-    """
-
-    multiplier: float = 1.0
-    softcap: float | None = None
-    vocab_size: int | None = None
 
 
 IDENTITY_HEAD = HeadTransform()
@@ -348,24 +330,20 @@ def _logits_grad_in_place(
 
 
 def _apply_head_in_place(work: torch.Tensor, head: HeadTransform) -> torch.Tensor | None:
-    """Raw logits -> the model's logits, in place; returns d u / d(multiplier * r) for the
-    soft-cap (1 - tanh**2, a (C, V) buffer) or None."""
-    if head.multiplier != 1.0:
-        work.mul_(head.multiplier)
-    if head.softcap is None:
+    """Raw logits -> the model's logits, in place (the model's own `HeadTransform.apply_`);
+    returns the soft-cap's slope (a (C, V) buffer) for the backward, or None."""
+    if head.is_identity:
         return None
-    work.div_(head.softcap).tanh_()
-    slope = 1.0 - work * work
-    work.mul_(head.softcap)
-    return slope
+    head.apply_(work)
+    return head.softcap_slope(work)
 
 
 def _head_backward_in_place(grad: torch.Tensor, head: HeadTransform, slope: torch.Tensor | None) -> torch.Tensor:
-    """d loss / d u -> d loss / d r (chain rule of `_apply_head_in_place`)."""
+    """d loss / d u -> d loss / d r, the chain rule through `_apply_head_in_place`."""
     if slope is not None:
         grad.mul_(slope)
-    if head.multiplier != 1.0:
-        grad.mul_(head.multiplier)
+    if head.linear_factor != 1.0:
+        grad.mul_(head.linear_factor)
     return grad
 
 
@@ -630,8 +608,9 @@ def fused_topk_kd_loss(
         teacher_logz: (N,) float `log sum_v p(v)**s`, the stored teacher distribution's
             log-normalizer at `s = target_logits_scale` (the artifact's column for that
             temperature); needed by `tail_bucket` when `s != 1`, ignored by `renormalize`.
-        head: the model's logit transform (soft-cap, multiplier, real vocabulary size), so the
-            loss sees `model(...).logits`; None = the plain linear head.
+        head: the model's logit transform (`models.head.head_transform(model, len(tokenizer))`:
+            soft-cap, scaling, real vocabulary size), so the loss scores what
+            `model(...).logits` would; None = the plain linear head.
 
     Returns:
         `LossOutput`; `loss` is differentiable w.r.t. `hidden`, `weight` and `bias`. The
@@ -662,7 +641,7 @@ def fused_topk_kd_loss(
         # gives their weight rows a zero gradient.
         weight = weight[: head.vocab_size]
         bias = None if bias is None else bias[: head.vocab_size]
-        head = head._replace(vocab_size=None)
+        head = dataclasses.replace(head, vocab_size=None)
     check_loss_inputs(
         hidden.shape[0], weight.shape[0], topk_ids, topk_logprobs, labels, token_weights, config,
         teacher_logz,
