@@ -101,7 +101,7 @@ def reference(tmp_path_factory, teacher_dir, corpus_dir) -> Path:
 def _all_samples(reader: TopKReader) -> dict[str, dict]:
     batch = reader.get_many(reader.sample_ids())
     return {sample.sample_id: {name: getattr(sample, name).numpy().copy()
-                               for name in ("positions", "topk_ids", "topk_logprobs", "target_logprobs")}
+                               for name in ("positions", "topk_ids", "topk_logprobs", "target_logprobs", "logz")}
             for sample in batch}
 
 
@@ -132,6 +132,10 @@ def test_rows_describe_the_next_token_like_a_naive_full_forward(teacher_dir, cor
                               np.sort(top.indices[clear, :K].numpy(), axis=1))
         targets = reference_rows.gather(1, ids[positions + 1][:, None]).squeeze(1)
         np.testing.assert_allclose(rows["target_logprobs"], targets.numpy(), atol=2e-5, rtol=0)
+        # Log-normalizers at the default temperatures 0.5, 1, 2: log sum_v p(v)**s, s = 1/t.
+        expected_logz = torch.stack([(s * reference_rows).logsumexp(-1) for s in (2.0, 1.0, 0.5)], -1)
+        np.testing.assert_allclose(rows["logz"], expected_logz.numpy(), atol=2e-5, rtol=0)
+        assert np.abs(rows["logz"][:, 0]).max() > 0.1  # tempering by 2 moves real mass
         # The same comparison one position off must fail: the test would catch a j -> j shift.
         shifted = logprobs[positions + 1].gather(1, ids[positions + 1][:, None]).squeeze(1) if positions[-1] + 1 < len(ids) else None
         if shifted is not None:

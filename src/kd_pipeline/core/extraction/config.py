@@ -124,6 +124,12 @@ class ExtractionConfig:
     def resolved_dtype(self, device: torch.device) -> torch.dtype:
         return resolve_dtype(self.dtype, device)
 
+    @property
+    def logz_scales(self) -> tuple[float, ...]:
+        """`temperature / t` per `logz_temperatures` entry: the scale that tempers the stored
+        distribution to `t` (the same as the manifest's `ArtifactSource.logz_scales`)."""
+        return tuple(self.temperature / t for t in self.logz_temperatures)
+
     def resolved_head_chunk_rows(self, device: torch.device) -> int:
         if self.head_chunk_rows:
             return self.head_chunk_rows
