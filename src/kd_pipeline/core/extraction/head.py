@@ -32,19 +32,20 @@ class HeadRows:
     logz: torch.Tensor  # [N, T] float32: log sum_v p(v)**s per scale s (`TopKArrays.logz`)
 
 
-def tempered_log_sums(exp_shifted: torch.Tensor, scales: Sequence[float]) -> torch.Tensor:
+def tempered_log_sums(exp_shifted: torch.Tensor, scales: Sequence[float], log_sum: torch.Tensor) -> torch.Tensor:
     """`(C, T)` `log sum_v e_v**s` per scale, from `e = exp(a - max a)` (every row's max entry is
     1, so no sum is 0; entries that underflowed in `e` are below `exp(-87 s)` of the sum).
 
-    Scale 1 is the plain sum and 2 a squared 2-norm, one fused reduction each; 1/2 takes the
-    square root in place, last (so `exp_shifted` is overwritten when 0.5 is among the scales);
-    any other scale is a `pow` reduction (several times slower than the exp pass).
+    Scale 1 is the given `log_sum` (`(C, 1)`, already computed); 2 is a squared 2-norm, one
+    fused reduction; 1/2 takes the square root in place, last (so `exp_shifted` is overwritten
+    when 0.5 is among the scales); any other scale is a `pow` reduction (several times slower
+    than the exp pass).
     """
     out = torch.empty(exp_shifted.shape[0], len(scales), dtype=torch.float32, device=exp_shifted.device)
     halves = []
     for column, scale in enumerate(scales):
         if scale == 1.0:
-            out[:, column] = exp_shifted.sum(dim=-1).log()
+            out[:, column] = log_sum[:, 0]
         elif scale == 2.0:
             out[:, column] = torch.linalg.vector_norm(exp_shifted, 2, dim=-1).log().mul(2.0)
         elif scale == 0.5:
@@ -155,7 +156,7 @@ class TopKHead:
             out_lp[start:stop] = values - lse
             out_tgt[start:stop] = (target - lse).squeeze(1)
             # log Z_s = log sum exp(s (a - max)) - s log sum exp(a - max): the max cancels.
-            out_logz[start:stop] = tempered_log_sums(exp_shifted, self.logz_scales) - scales * log_sum
+            out_logz[start:stop] = tempered_log_sums(exp_shifted, self.logz_scales, log_sum) - scales * log_sum
         return HeadRows(out_ids, out_lp, out_tgt, out_logz)
 
 
