@@ -118,6 +118,7 @@ def evaluate_student(
     samples: pa.Table,
     teacher: TargetsProvider | None = None,
     config: EvalConfig = EvalConfig(),
+    num_tokens: int | None = None,
 ) -> dict[str, float]:
     """Student metrics on the trained tokens of `samples` (see the module docstring).
 
@@ -129,6 +130,8 @@ def evaluate_student(
             `positions [n]`, `topk_ids [n, K]`, `topk_logprobs [n, K]`, `target_logprobs [n]`
             (attributes or keys); None gives student metrics only.
         config: batch sizes, `overlap_k`, `max_samples`.
+        num_tokens: `len(tokenizer)` when the model's head is padded beyond it (those rows are
+            no tokens and get no probability mass), else None.
 
     Returns:
         Flat `{name: float}`.
@@ -139,7 +142,7 @@ def evaluate_student(
     """
     model.eval()
     decoder, head = decoder_and_head(model)
-    transform = head_transform(model)
+    transform = head_transform(model, num_tokens)
     device = next(model.parameters()).device
     if config.max_samples is not None:
         samples = samples.sort_by("sample_id").slice(0, config.max_samples)
@@ -192,11 +195,12 @@ def evaluate_on_artifact(student_dir: str | os.PathLike, corpus, topk_dir: str |
     reader = TopKReader(topk_dir, verify=config.topk_verify)
     teacher_identity = model_identity(teacher_dir)
     model = load_causal_lm(student_dir, device=resolve_device(config.device))
+    tokenizer = load_tokenizer(student_dir)
     check_artifact_compatibility(reader.manifest, corpus_fingerprint=corpus.fingerprint,
-                                 tokenizer_hash=tokenizer_hash(load_tokenizer(student_dir)),
+                                 tokenizer_hash=tokenizer_hash(tokenizer),
                                  vocab_size=int(model.get_output_embeddings().weight.shape[0]),
                                  teacher_identity=teacher_identity, teacher_dir=teacher_dir)
-    return evaluate_student(model, corpus.split(config.split), reader, config)
+    return evaluate_student(model, corpus.split(config.split), reader, config, num_tokens=len(tokenizer))
 
 
 def _overlap_k(config: EvalConfig, artifact_k: int) -> int:

@@ -119,14 +119,14 @@ class ArtifactSource:
         `target_logits_scale` (teacher temperature `capture_temperature / target_logits_scale`).
 
         Raises:
-            ManifestMismatchError: the artifact holds no log-normalizer at that temperature;
+            ArtifactMismatchError: the artifact holds no log-normalizer at that temperature;
                 the message names the temperatures it has.
         """
         temperature = self.capture_temperature / float(target_logits_scale)
         for column, held in enumerate(self.logz_temperatures):
             if math.isclose(held, temperature, rel_tol=1e-6):
                 return column
-        raise ManifestMismatchError(
+        raise ArtifactMismatchError(
             f"{needed_by} tempers the teacher to temperature {temperature:g} (capture temperature "
             f"{self.capture_temperature:g} / target_logits_scale {float(target_logits_scale):g}), but the artifact "
             f"holds teacher log-normalizers only at temperatures {list(self.logz_temperatures)}: use a "

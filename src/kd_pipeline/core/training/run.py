@@ -107,9 +107,11 @@ def train_student(
         vocab_size = model.get_output_embeddings().weight.shape[0]
         targets, used_k, manifest_id = _open_targets(loss, targets, topk_dir, corpus, student_tokenizer_hash,
                                                      vocab_size, k, teacher_dir, topk_verify)
-        train_set = DistillDataset(corpus.split("train"), targets, used_k, split="train")
+        logz_column = _logz_column(loss, targets)
+        train_set = DistillDataset(corpus.split("train"), targets, used_k, split="train", logz_column=logz_column)
         validation = corpus.split("validation")
-        eval_set = DistillDataset(validation, targets, used_k, split="validation") if validation.num_rows else None
+        eval_set = (DistillDataset(validation, targets, used_k, split="validation", logz_column=logz_column)
+                    if validation.num_rows else None)
 
         args = training_arguments(train, checkpoint_dir, eval_set is not None, report_to, model.config.model_type)
         identity = {"train": train.identity(), "loss": asdict(loss), "student_init": asdict(student_init),
@@ -177,6 +179,16 @@ def _open_targets(loss: KDLossConfig, targets, topk_dir, corpus, student_tokeniz
     if manifest_id is None:  # an in-memory provider: the hash of its manifest's content
         manifest_id = hashlib.sha256(canonical_json(targets.manifest.to_dict()).encode("utf-8")).hexdigest()
     return targets, used_k, manifest_id
+
+
+def _logz_column(loss: KDLossConfig, targets) -> int | None:
+    """The artifact's `logz` column at the loss's teacher temperature, checked before training:
+    `tail_bucket` needs it (the tempered tail is exact only with it) and is refused, naming the
+    temperatures the artifact holds, when it is missing; `renormalize` needs none."""
+    if targets is None or loss.topk_normalization != "tail_bucket":
+        return None
+    return targets.manifest.source.logz_column(
+        loss.target_logits_scale, f"distill.loss (tail_bucket, target_logits_scale {loss.target_logits_scale:g})")
 
 
 def _train(trainer: DistillationTrainer, resume_from: Path | None) -> dict:
