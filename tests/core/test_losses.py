@@ -706,3 +706,65 @@ def test_head_transform_gradcheck():
                                   batch.token_weights, config, head=head).loss
 
     assert torch.autograd.gradcheck(loss_of, tuple(leaves(batch)))
+
+
+def _model_logits_from_hidden(model, input_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """`model(input_ids).logits` with the decoder's output replaced by `hidden` (a leaf), so the
+    model's own forward (head + its transform) is differentiated w.r.t. it."""
+    from kd_pipeline.core.models.head import decoder_and_head
+
+    decoder, _ = decoder_and_head(model)
+
+    def swap(module, args, output):
+        output.last_hidden_state = hidden
+        return output
+
+    handle = decoder.register_forward_hook(swap)
+    try:
+        return model(input_ids=input_ids).logits
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("family", ["gemma2", "cohere", "granite", "qwen2-padded"])
+def test_fused_loss_with_the_models_head_transform_equals_its_own_logits(family, normalization):
+    """The fused loss on (hidden, lm_head) with `head_transform(model, len(tokenizer))` equals
+    the float64 reference on `model(...).logits` (padded rows cut off), gradients w.r.t. the
+    hidden states and the lm_head weight included."""
+    from kd_pipeline.core.models.head import decoder_and_head, head_transform
+    from kd_pipeline.core.tiny import tiny_family_lm
+
+    model, num_tokens = tiny_family_lm(family)
+    model = model.double()
+    gen = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(3, num_tokens, (1, 18), generator=gen)
+    decoder, head = decoder_and_head(model)
+    with torch.no_grad():
+        hidden0 = decoder(input_ids=input_ids).last_hidden_state
+    teacher = (3 * torch.randn(18, num_tokens, generator=gen, dtype=torch.float64)).log_softmax(-1)
+    topk_logprobs, topk_ids = teacher.topk(6, dim=-1)
+    labels = torch.roll(input_ids[0], -1)
+    weights = torch.full((18,), 1 / 18, dtype=torch.float64)
+    config = KDLossConfig(kd_loss="fwd_kl", topk_normalization=normalization, logits_scale=0.7,
+                          target_logits_scale=0.5, sft_loss_weight=0.5, chunk_size=5)
+    logz = (0.5 * teacher).logsumexp(-1)
+
+    hidden = hidden0.clone().requires_grad_()
+    logits = _model_logits_from_hidden(model, input_ids, hidden)[0, :, :num_tokens]
+    reference = topk_kd_loss_reference(logits, topk_ids, topk_logprobs, labels, weights, config, teacher_logz=logz)
+    reference.loss.backward()
+    ref_hidden_grad, ref_weight_grad = hidden.grad[0].clone(), head.weight.grad.clone()
+    head.weight.grad = None
+
+    fused_hidden = hidden0[0].clone().requires_grad_()
+    out = fused_topk_kd_loss(fused_hidden, head.weight, getattr(head, "bias", None), topk_ids, topk_logprobs,
+                             labels, weights, config, teacher_logz=logz,
+                             head=head_transform(model, num_tokens))
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, reference.loss, **F64)
+    torch.testing.assert_close(out.kd, reference.kd, **F64)
+    torch.testing.assert_close(fused_hidden.grad, ref_hidden_grad, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(head.weight.grad, ref_weight_grad, rtol=1e-8, atol=1e-12)
+    if num_tokens < head.weight.shape[0]:  # padded rows: no mass, so no gradient
+        assert (head.weight.grad[num_tokens:] == 0).all()
