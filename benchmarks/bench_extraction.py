@@ -48,11 +48,11 @@ from kd_pipeline.core.devices import dtype_name  # noqa: E402
 from kd_pipeline.core.extraction.config import ExtractionConfig  # noqa: E402
 from kd_pipeline.core.extraction.encode import PrecomputedCodec  # noqa: E402
 from kd_pipeline.core.extraction.head import TopKHead, bare_forward, teacher_rows  # noqa: E402
-from kd_pipeline.core.models.head import decoder_and_head as ex_decoder_and_head  # noqa: E402
 from kd_pipeline.core.extraction.plan import CorpusArrays  # noqa: E402
 from kd_pipeline.core.extraction.run import run_batches  # noqa: E402
 from kd_pipeline.core.models.configs import SMOLLM2_135M_CONFIG  # noqa: E402
 from kd_pipeline.core.models.head import decoder_and_head  # noqa: E402
+from kd_pipeline.core.models.head import decoder_and_head as ex_decoder_and_head  # noqa: E402
 from kd_pipeline.core.models.loading import random_causal_lm  # noqa: E402
 
 

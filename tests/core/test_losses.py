@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kd_pipeline.core.models.head import HeadTransform
 from kd_pipeline.core.losses import (
     IGNORE_INDEX,
     KDLossConfig,
@@ -27,6 +26,7 @@ from kd_pipeline.core.losses import (
     fused_topk_kd_loss,
     topk_kd_loss_reference,
 )
+from kd_pipeline.core.models.head import HeadTransform
 
 METRICS = ("kd", "sft", "teacher_coverage", "student_topk_mass", "weight_sum")
 F64 = dict(rtol=1e-9, atol=1e-10)
