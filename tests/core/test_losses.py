@@ -616,7 +616,7 @@ def test_tempered_teacher_is_exact_against_the_full_vocabulary(target_scale, nor
     student_logits = 2.0 * torch.randn(n, v, generator=gen, dtype=torch.float64)
     batch = identity_head_batch(student_logits, k, teacher_logits.log_softmax(-1))
     config = KDLossConfig(kd_loss=kind, beta=0.5, topk_normalization=normalization, logits_scale=0.8,
-                          target_logits_scale=target_scale, chunk_size=5)
+                          target_logits_scale=target_scale, kd_loss_weight=1.0, sft_loss_weight=0.0, chunk_size=5)
     ref_logits = student_logits.clone().requires_grad_()
     expected = full_vocabulary_bucket_kd(ref_logits, teacher_logits, batch.topk_ids, 0.8, target_scale,
                                          normalization, kind).mean()
@@ -637,7 +637,8 @@ def test_minimal_case_of_the_issue_is_exactly_zero():
     teacher = p.log()[None]
     batch = identity_head_batch(teacher.clone(), 2, teacher)
     for normalization in NORMALIZATIONS:
-        config = KDLossConfig(topk_normalization=normalization, logits_scale=0.5, target_logits_scale=0.5)
+        config = KDLossConfig(topk_normalization=normalization, logits_scale=0.5, target_logits_scale=0.5,
+                              kd_loss_weight=1.0, sft_loss_weight=0.0)
         for run in (run_fused, run_reference):
             out, grads = run(batch, config)
             assert abs(out.kd.item()) < 1e-14, (normalization, run.__name__, out.kd.item())
