@@ -53,16 +53,19 @@ class DistillDataset(torch.utils.data.Dataset):
         split: the split name, for messages.
         logz_column: the artifact's `logz` column the loss needs (its temperature,
             `Manifest.source.logz_column`), or None.
+        logz_optional: a record without log-normalizers is taken without them (the loss then
+            assumes `log Z = 0`, exact at the capture temperature itself) instead of refused.
     """
 
     def __init__(self, samples: "pa.Table", targets: TargetsProvider | None = None, k: int | None = None,
-                 split: str = "train", logz_column: int | None = None):
+                 split: str = "train", logz_column: int | None = None, logz_optional: bool = False):
         if samples.num_rows == 0:
             raise ValueError(f"the corpus has no {split!r} samples")
         self.split = split
         self.targets = targets
         self.k = k
         self.logz_column = logz_column
+        self.logz_optional = logz_optional
         self.sample_ids: list[str] = samples["sample_id"].to_pylist()
         self._ids = flat_list_column(samples["input_ids"], np.int64)
         self._mask = flat_list_column(samples["loss_mask"], np.int8)
@@ -93,7 +96,7 @@ class DistillDataset(torch.utils.data.Dataset):
                 target = sample_targets(record, self.k)
                 check_rows(sample_id, loss_mask, target)
                 item["topk_ids"], item["topk_logprobs"] = target.topk_ids, target.topk_logprobs
-                if self.logz_column is not None:
+                if self.logz_column is not None and not (self.logz_optional and target.logz is None):
                     if target.logz is None or target.logz.shape[1] <= self.logz_column:
                         raise ValueError(f"{self.split} sample {sample_id}: the artifact record has no logz column "
                                          f"{self.logz_column} (log-normalizers at the loss's temperature)")

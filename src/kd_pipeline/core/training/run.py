@@ -107,10 +107,11 @@ def train_student(
         vocab_size = model.get_output_embeddings().weight.shape[0]
         targets, used_k, manifest_id = _open_targets(loss, targets, topk_dir, corpus, student_tokenizer_hash,
                                                      vocab_size, k, teacher_dir, topk_verify)
-        logz_column = _logz_column(loss, targets)
-        train_set = DistillDataset(corpus.split("train"), targets, used_k, split="train", logz_column=logz_column)
+        # At the capture temperature itself log Z = 0: a provider without log-normalizers is exact too.
+        logz = dict(logz_column=_logz_column(loss, targets), logz_optional=loss.target_logits_scale == 1.0)
+        train_set = DistillDataset(corpus.split("train"), targets, used_k, split="train", **logz)
         validation = corpus.split("validation")
-        eval_set = (DistillDataset(validation, targets, used_k, split="validation", logz_column=logz_column)
+        eval_set = (DistillDataset(validation, targets, used_k, split="validation", **logz)
                     if validation.num_rows else None)
 
         args = training_arguments(train, checkpoint_dir, eval_set is not None, report_to, model.config.model_type)
