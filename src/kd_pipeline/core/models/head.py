@@ -96,11 +96,3 @@ def head_transform(model, num_tokens: int | None = None) -> HeadTransform:
         softcap=float(softcap) if softcap else None,
         vocab_size=None if num_tokens is None or int(num_tokens) == rows else int(num_tokens),
     )
-
-
-def require_plain_head(model, what: str) -> None:
-    """Refuse a model whose forward transforms the head's output, for a `what` that cannot."""
-    settings = head_transform(model).settings
-    if settings:
-        names = ", ".join(f"config.{name}" for name in settings)
-        raise ValueError(f"{type(model).__name__} sets {names}; {what} applies the plain lm_head only")
