@@ -67,7 +67,6 @@ class DistillationTrainer(Trainer):
                  **kwargs):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
-        student = model.student if isinstance(model, StudentWithLoss) else model
         # The fused loss applies the student's own post-head transform (soft-cap, scaling) and drops
         # head rows past the tokenizer, so it scores what student(...).logits would.
         tokenizer = kwargs.get("processing_class")
