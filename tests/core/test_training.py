@@ -785,8 +785,8 @@ class TemperedTargets(FakeTargets):
 
     SCALES = (2.0, 1.0, 0.5)
 
-    def __init__(self, corpus, tokenizer_hash, k: int = K):
-        super().__init__(corpus, tokenizer_hash, k)
+    def __init__(self, corpus, tokenizer_hash, teacher_identity: dict, k: int = K):
+        super().__init__(corpus, tokenizer_hash, teacher_identity, k)
         self.manifest = Manifest.create(
             dataclasses.replace(self.manifest.source, logz_temperatures=(0.5, 1.0, 2.0)), "raw", {},
             shard_tokens=200, samples_per_row_group=4, world_size=1)
@@ -802,7 +802,7 @@ class TemperedTargets(FakeTargets):
 
 def test_the_logz_column_of_the_loss_temperature_reaches_the_fused_loss(teacher_dir, fixture, tmp_path):
     corpus, _, tokenizer_hash = fixture
-    targets = TemperedTargets(corpus, tokenizer_hash)
+    targets = TemperedTargets(corpus, tokenizer_hash, model_identity(teacher_dir))
     loss = KDLossConfig(kd_loss_weight=1.0, topk_normalization="tail_bucket", logits_scale=0.5,
                         target_logits_scale=0.5)
     column = targets.manifest.source.logz_column(loss.target_logits_scale)
@@ -817,7 +817,7 @@ def test_the_logz_column_of_the_loss_temperature_reaches_the_fused_loss(teacher_
     trainer = DistillationTrainer(
         model=model, args=training_arguments(quick_config(), tmp_path / "ckpt", False, []), train_dataset=dataset,
         data_collator=DistillCollator(tokenizer.pad_token_id), processing_class=tokenizer, loss_config=loss)
-    got = trainer.compute_loss(model, batch)
+    got = trainer.compute_loss(trainer.model, batch)
     hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
     mask = batch["kd_positions_mask"]
     n = int(mask.sum())
