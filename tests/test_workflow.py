@@ -237,6 +237,13 @@ def test_dvc_experiments_and_mlflow_comparison(tmp_path):
     for row in (baseline, rows["sft-only"]):
         assert isinstance(row["metrics"].get("student_nll"), float), row
         assert isinstance(row["metrics"].get("kl_teacher_student_topk"), float), row
+    # `dvc plots show`: the held-out curve once, against the optimizer step; the PNG; no errors.
+    plots = json.loads(_run(["dvc", "plots", "show", "--json"], repo, env, stdout_only=True))
+    assert not plots.get("errors"), plots.get("errors")
+    curves = [spec for entries in plots["data"].values() for spec in entries if spec["type"] == "vega"]
+    assert len(curves) == 1 and curves[0]["content"]["encoding"]["x"]["field"] == "step", curves
+    assert [name for name, entries in plots["data"].items() if entries[0]["type"] == "image"] == [
+        "data/08_reporting/plots/training_curves.png"]
 
     # 3. The user's own override in git-ignored conf/local, under the default env (`local`):
     # the test env's files there (a user's full local config) with one evaluate key changed.

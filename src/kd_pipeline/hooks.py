@@ -1,5 +1,11 @@
 """Kedro hooks of the project.
 
+`RunTrackingHooks`: the MLflow run's identity when a pipeline starts (name from what varies,
+experiment kind, the project's flattened parameters), and a short summary when it ends.
+kedro-mlflow opens the run in its own `before_pipeline_run` (plugins are called before project
+hooks there) and closes it in `after_pipeline_run`, so the summary hook runs `tryfirst`, while
+the run is still active.
+
 `MainProcessTracking`: under `torchrun --nproc-per-node N python -m kd_pipeline ...` every rank
 runs the whole Kedro session, and kedro-mlflow's hook would open one MLflow run per rank. On
 ranks other than 0 this hook adds the run's pipelines to kedro-mlflow's
@@ -16,6 +22,8 @@ import os
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
+
+from kd_pipeline import tracking
 
 logger = logging.getLogger(__name__)
 
@@ -45,3 +53,55 @@ class MainProcessTracking:
         disabled = self._mlflow_config.tracking.disable_tracking
         disabled.pipelines = sorted({*disabled.pipelines, *names})
         logger.info("rank %d: MLflow tracking off for %s (rank 0 logs the run)", rank, names)
+
+
+# Catalog entries the summary names, in pipeline order, with what they are.
+_SUMMARY_OUTPUTS = (("teacher_model", "teacher"), ("tokenized_corpus", "corpus"),
+                    ("teacher_topk", "teacher top-k artifact"), ("student_model", "student"),
+                    ("eval_metrics", "metrics"), ("eval_plots", "plots"))
+
+
+class RunTrackingHooks:
+    @hook_impl
+    def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        params = _parameters(catalog)
+        runner = run_params.get("runner")
+        tracking.start_run_identity(_pipeline_names(run_params), params,
+                                    runner=runner if isinstance(runner, str) or runner is None else type(runner).__name__)
+
+    @hook_impl(tryfirst=True)
+    def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
+        if not tracking.is_main_process():
+            return
+        outputs = pipeline.all_outputs()
+        paths = {label: _dataset_path(catalog, name) for name, label in _SUMMARY_OUTPUTS if name in outputs}
+        metrics = catalog.load("eval_metrics") if "eval_metrics" in outputs else None
+        summary = catalog.load("distill_summary") if "distill_summary" in outputs else None
+        print(tracking.run_summary(_pipeline_names(run_params), run_params.get("env"), paths, metrics, summary),
+              flush=True)
+
+
+def _pipeline_names(run_params: dict[str, Any]) -> list[str]:
+    names = run_params.get("pipeline_names") or run_params.get("pipeline_name") or ["__default__"]
+    return [names] if isinstance(names, str) else list(names)
+
+
+def _parameters(catalog) -> dict[str, Any]:
+    try:
+        return catalog.load("parameters")
+    except Exception:  # noqa: BLE001 - a catalog without `parameters` (tests): no params to log
+        return {}
+
+
+def _dataset_path(catalog, name: str) -> str | None:
+    """The file or folder behind a catalog entry (wrappers such as MlflowArtifactDataset unwrapped)."""
+    dataset = catalog[name]
+    for _ in range(3):
+        for attribute in ("_path", "_filepath"):
+            value = getattr(dataset, attribute, None)
+            if value is not None:
+                return str(Path(str(value)))
+        dataset = getattr(dataset, "_dataset", None) or getattr(dataset, "dataset", None)
+        if dataset is None:
+            break
+    return None

@@ -2,7 +2,7 @@
 
 from kedro.config import OmegaConfigLoader
 
-from kd_pipeline.hooks import MainProcessTracking
+from kd_pipeline.hooks import MainProcessTracking, RunTrackingHooks
 from kd_pipeline.paths import data_dir, mlflow_artifact_location, mlflow_tracking_uri, project_root
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
@@ -22,5 +22,6 @@ CONFIG_LOADER_ARGS = {
     },
 }
 
-# Under torchrun only rank 0 opens the kedro-mlflow run.
-HOOKS = (MainProcessTracking(),)
+# Under torchrun only rank 0 opens the kedro-mlflow run; RunTrackingHooks names it, logs the
+# project's parameters and prints the end-of-run summary.
+HOOKS = (MainProcessTracking(), RunTrackingHooks())

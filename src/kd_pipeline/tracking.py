@@ -10,7 +10,7 @@ import logging
 import os
 import subprocess
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 from kd_pipeline.core.atomic import write_json_atomic
 from kd_pipeline.core.topk_store import manifest_sha256
@@ -22,6 +22,11 @@ KD_LABEL, SFT_LABEL = "KD+SFT", "SFT-only"
 _HISTORY_FILES = {KD_LABEL: "kd_sft.json", SFT_LABEL: "sft_only.json"}
 # HF's MLflow callback opens its own run when these are set; the run must be kedro-mlflow's.
 _SECOND_RUN_ENV = ("MLFLOW_NESTED_RUN", "MLFLOW_RUN_ID")
+STAGES = ("corpus_prep", "teacher_logits", "distill", "evaluate")
+# MLflow 3 opens an experiment in its GenAI view unless it is tagged as model training.
+EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+_MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value (kedro-mlflow truncates the same way)
+HEADLINE_METRICS = ("student_nll", "teacher_nll", "nll_gap", "kl_teacher_student_topk", "top1_agreement")
 
 
 def is_main_process() -> bool:
@@ -146,3 +151,100 @@ def curve_history(history_dir: Path, label: str, log_history: list[dict]) -> dic
             run = this_run if name == label else json.loads(path.read_text())
             comparison[f"{name} [{run['dvc_exp_name']}]" if run.get("dvc_exp_name") else name] = run
     return comparison
+
+
+# --------------------------------------------------------------------------------------------
+# The run's identity and the end-of-run summary
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """`{"distill": {"loss": {"kd_loss_weight": 0.5}}}` -> `{"distill.loss.kd_loss_weight": "0.5"}`,
+    the keys and values kedro-mlflow logs for a node's `params:` inputs (flatten, sep ".")."""
+    flat = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping) and value:
+            flat.update(flatten_params(value, f"{name}."))
+        else:
+            flat[name] = str(value)[:_MAX_PARAM_LENGTH]
+    return flat
+
+
+def student_description(params: Mapping[str, Any]) -> str:
+    """What distinguishes a student run: `kd fwd_kl w0.5 T1 k64`, or `sft-only`."""
+    distill = params.get("distill") or {}
+    loss = distill.get("loss") or {}
+    if float(loss.get("kd_loss_weight", 1.0)) == 0:
+        return "sft-only"
+    kind = loss.get("kd_loss", "fwd_kl")
+    if kind == "jsd":
+        kind = f"jsd b{float(loss.get('beta', 0.5)):g}"
+    temperature = 1.0 / float(loss.get("logits_scale") or 1.0)
+    k = distill.get("k") or (params.get("teacher_logits") or {}).get("k")
+    parts = ["kd", kind, f"w{float(loss.get('kd_loss_weight', 1.0)):g}", f"T{temperature:g}"]
+    if float(loss.get("sft_loss_weight", 1.0)) != 1.0:
+        parts.append(f"sft{float(loss['sft_loss_weight']):g}")
+    if k:
+        parts.append(f"k{k}")
+    return " ".join(parts)
+
+
+def run_name(pipeline_names: Sequence[str], params: Mapping[str, Any]) -> str:
+    """`distill kd fwd_kl w0.5 T1 k64`, `evaluate sft-only`, `teacher_logits k64 logquant_zstd`;
+    a DVC experiment's name replaces the settings (`distill sft-only-2`)."""
+    names = [name for name in pipeline_names if name != "__default__"]
+    stages = "+".join(names) if names else "all"
+    if os.environ.get("DVC_EXP_NAME"):
+        return f"{stages} {os.environ['DVC_EXP_NAME']}"
+    if not names or {"distill", "evaluate"} & set(names):
+        return f"{stages} {student_description(params)}"
+    if "teacher_logits" in names:
+        extraction = params.get("teacher_logits") or {}
+        return f"{stages} k{extraction.get('k')} {extraction.get('codec')}"
+    corpus = params.get("corpus_prep") or {}
+    return f"{stages} {(corpus.get('source') or {}).get('kind')} {(corpus.get('teacher') or {}).get('kind')}"
+
+
+def start_run_identity(pipeline_names: Sequence[str], params: Mapping[str, Any], runner: str | None = None) -> None:
+    """Name the active run from what varies, tag its experiment as model training, and log the
+    project's parameters of all four stages (flattened), the same for every route (`kedro run`,
+    `dvc repro`, `dvc exp run`)."""
+    if not (mlflow_active() and is_main_process()):
+        return
+    import mlflow
+
+    run = mlflow.active_run()
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment(run.info.experiment_id)
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != MODEL_TRAINING_KIND:
+        client.set_experiment_tag(run.info.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+    name = run_name(pipeline_names, params)
+    mlflow.set_tag("mlflow.runName", name)
+    if runner:  # kedro-mlflow's `runner` tag holds the runner object's repr
+        mlflow.set_tag("runner", runner)
+    mlflow.log_params(flatten_params({stage: params[stage] for stage in STAGES if stage in params}))
+    logger.info("MLflow run %r (%s)", name, run.info.run_id)
+
+
+def run_summary(pipeline_names: Sequence[str], env: str | None, paths: Mapping[str, str | None],
+                metrics: Mapping[str, float] | None, distill_summary: Mapping[str, Any] | None) -> str:
+    """The lines printed when a run ends: outputs, headline metrics, the MLflow run and how to open it."""
+    names = [name for name in pipeline_names if name != "__default__"] or list(STAGES)
+    lines = [f"kd_pipeline: {', '.join(names)} done (Kedro env {env or 'local'})"]
+    lines += [f"  {label + ':':<24}{path}" for label, path in paths.items() if path]
+    if distill_summary:
+        final_eval = distill_summary.get("final_eval") or {}
+        shown = [f"{distill_summary.get('global_step')} steps"]
+        shown += [f"{key} {final_eval[key]:.4g}" for key in ("eval_sft", "eval_loss") if key in final_eval]
+        lines.append(f"  {'training:':<24}{', '.join(shown)}")
+    if metrics:
+        lines.append(f"  {'held-out:':<24}" + ", ".join(
+            f"{key} {metrics[key]:.4g}" for key in HEADLINE_METRICS if key in metrics))
+    if mlflow_active():
+        import mlflow
+
+        run = mlflow.MlflowClient().get_run(mlflow.active_run().info.run_id)  # its name as set since
+        uri = mlflow.get_tracking_uri()
+        lines.append(f"  {'MLflow run:':<24}{run.info.run_name} ({run.info.run_id})")
+        lines.append(f"  {'compare runs:':<24}mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
+    return "\n".join(lines)
