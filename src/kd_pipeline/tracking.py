@@ -248,3 +248,91 @@ def run_summary(pipeline_names: Sequence[str], env: str | None, paths: Mapping[s
         lines.append(f"  {'MLflow run:':<24}{run.info.run_name} ({run.info.run_id})")
         lines.append(f"  {'compare runs:':<24}mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000")
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# What a run trained on, what it produced, and its step metrics
+
+# MLflow's per-step metric names: held-out values sort (and are charted) before training ones.
+HELDOUT_PREFIX, TRAIN_PREFIX = "heldout/", "train/"
+_MAX_DIGEST_LENGTH = 36  # MLflow's dataset digest column (a DVC ".dir" md5 fits exactly)
+
+
+def log_dataset_input(name: str, path: str | os.PathLike, context: str, dvc_md5: str | None,
+                      content_sha256: str | None) -> None:
+    """Log a folder the run read as an MLflow dataset input (the run's Dataset column): digest =
+    its DVC hash when DVC produced it, else its content sha256 (cut to MLflow's 36 characters;
+    the full value is an input tag)."""
+    if not (mlflow_active() and is_main_process()):
+        return
+    import mlflow
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    digest = dvc_md5 or (content_sha256 or "")[:_MAX_DIGEST_LENGTH] or None
+    tags = {key: value for key, value in (("dvc_md5", dvc_md5), ("sha256", content_sha256)) if value}
+    dataset = MetaDataset(LocalArtifactDatasetSource(str(Path(path).resolve())), name=name, digest=digest)
+    mlflow.log_input(dataset, context=context, tags=tags)
+
+
+def log_student_model(student_dir: str | os.PathLike, input_example: str, register_as: str | None) -> str | None:
+    """Log the student folder as an MLflow model (transformers flavor, with its tokenizer and an
+    input example), so that the UI's "Register model" works; register it as `register_as` when
+    set. Returns the model URI (None without an active run)."""
+    if not (mlflow_active() and is_main_process()):
+        return None
+    import mlflow
+    import torch
+    import transformers
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema
+
+    from kd_pipeline.core import modeling
+
+    model = modeling.load_causal_lm(student_dir)
+    tokenizer = modeling.load_tokenizer(student_dir)
+    # Given, so that MLflow neither runs the model to infer it nor resolves requirements itself.
+    signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]))
+    requirements = [f"transformers=={transformers.__version__}", f"torch=={torch.__version__.split('+')[0]}",
+                    f"mlflow=={mlflow.__version__}"]
+    info = mlflow.transformers.log_model(
+        {"model": model, "tokenizer": tokenizer}, name="student", task="text-generation",
+        input_example=input_example, signature=signature, pip_requirements=requirements,
+        registered_model_name=register_as or None)
+    logger.info("distill: logged the student as MLflow model %s%s", info.model_uri,
+                f", registered as {register_as!r}" if register_as else "")
+    return info.model_uri
+
+
+def step_metrics_callback():
+    """A Trainer callback logging each `on_log` row into the active MLflow run at its optimizer
+    step: `train/<key>` for training rows, `heldout/<key>` for evaluation rows (`eval_sft` ->
+    `heldout/sft`). It replaces HF's MLflowCallback (report_to none), which also logged ~200
+    TrainingArguments and model-config params."""
+    from transformers import TrainerCallback
+
+    class StepMetricsCallback(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or not state.is_world_process_zero or not mlflow_active():
+                return
+            import mlflow
+
+            metrics = {}
+            for key, value in logs.items():
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or _timing_key(key):
+                    continue
+                if key.startswith("eval_"):
+                    metrics[f"{HELDOUT_PREFIX}{key[len('eval_'):]}"] = float(value)
+                else:
+                    metrics[f"{TRAIN_PREFIX}{key}"] = float(value)
+            if metrics:
+                mlflow.log_metrics(metrics, step=state.global_step)
+
+    return StepMetricsCallback()
+
+
+def _timing_key(key: str) -> bool:
+    """HF's run totals and eval timings (`train_runtime`, `eval_samples_per_second`, `total_flos`,
+    the end-of-training `train_loss` mean): not step metrics. Our `tokens_per_second` is kept."""
+    return key in ("total_flos", "train_loss") or key.endswith(("_runtime", "samples_per_second",
+                                                                 "steps_per_second"))
