@@ -74,7 +74,7 @@ def test_lists_are_replaced_and_null_clears_a_base_key(tmp_path):
     assert distill["student_init"] == {"method": "prune_teacher", "drop_layers": None, "keep_layers": [0, 29]}
     assert distill["loss"]["kd_loss"] == "jsd" and distill["loss"]["kd_loss_weight"] == 0.5
 
-    from kd_pipeline.core.modeling import StudentInit
+    from kd_pipeline.core.models.student import StudentInit
 
     assert StudentInit.from_params(distill["student_init"]).keep_layers == [0, 29]
 

@@ -287,10 +287,9 @@ def log_student_model(student_dir: str | os.PathLike, input_example: str, regist
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
 
-    from kd_pipeline.core import modeling
+    from kd_pipeline.core.models.loading import load_causal_lm, load_tokenizer
 
-    model = modeling.load_causal_lm(student_dir)
-    tokenizer = modeling.load_tokenizer(student_dir)
+    model, tokenizer = load_causal_lm(student_dir), load_tokenizer(student_dir)
     # Given, so that MLflow neither runs the model to infer it nor resolves requirements itself.
     signature = ModelSignature(inputs=Schema([ColSpec("string")]), outputs=Schema([ColSpec("string")]))
     requirements = [f"transformers=={transformers.__version__}", f"torch=={torch.__version__.split('+')[0]}",
