@@ -24,6 +24,7 @@ from typing import Any
 from kedro.framework.hooks import hook_impl
 
 from kd_pipeline import tracking
+from kd_pipeline.core.topk_store import manifest_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,19 @@ class RunTrackingHooks:
         runner = run_params.get("runner")
         tracking.start_run_identity(_pipeline_names(run_params), params,
                                     runner=runner if isinstance(runner, str) or runner is None else type(runner).__name__)
+
+    @hook_impl
+    def after_dataset_loaded(self, dataset_name: str, data: Any, node) -> None:
+        context = _INPUT_CONTEXTS.get(node.namespace or "")
+        if dataset_name not in _INPUT_DATASETS or context is None or (dataset_name, context) in self._logged_inputs:
+            return
+        if (dataset_name == "teacher_topk" and context == "training"
+                and tracking.run_label(self._params.get("distill") or {}) == tracking.SFT_LABEL):
+            return  # loaded, but an SFT-only student never reads it
+        self._logged_inputs.add((dataset_name, context))
+        path = _dataset_path(self._catalog, dataset_name)
+        content = data.fingerprint if dataset_name == "tokenized_corpus" else manifest_sha256(path)
+        tracking.log_run_input(dataset_name, path, context, content)
 
     @hook_impl(tryfirst=True)
     def after_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:

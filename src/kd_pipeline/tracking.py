@@ -4,13 +4,12 @@ run's inputs, and the loss-curve history shared by runs. The only place besides 
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import subprocess
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from kd_pipeline.core.atomic import write_json_atomic
 from kd_pipeline.core.topk_store import manifest_sha256
@@ -20,8 +19,6 @@ logger = logging.getLogger(__name__)
 
 KD_LABEL, SFT_LABEL = "KD+SFT", "SFT-only"
 _HISTORY_FILES = {KD_LABEL: "kd_sft.json", SFT_LABEL: "sft_only.json"}
-# HF's MLflow callback opens its own run when these are set; the run must be kedro-mlflow's.
-_SECOND_RUN_ENV = ("MLFLOW_NESTED_RUN", "MLFLOW_RUN_ID")
 STAGES = ("corpus_prep", "teacher_logits", "distill", "evaluate")
 # MLflow 3 opens an experiment in its GenAI view unless it is tagged as model training.
 EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
@@ -61,19 +58,6 @@ def log_artifacts(path: str | os.PathLike, artifact_path: str) -> None:
         mlflow.log_artifacts(str(path), artifact_path=artifact_path)
     elif path.is_file():
         mlflow.log_artifact(str(path), artifact_path=artifact_path)
-
-
-@contextlib.contextmanager
-def one_mlflow_run(stage: str) -> Iterator[list[str]]:
-    """The Trainer's `report_to` (`["mlflow"]` when a run is active), with the variables that make
-    HF's MLflowCallback start a second (nested) run unset meanwhile."""
-    saved = {name: os.environ.pop(name) for name in _SECOND_RUN_ENV if name in os.environ}
-    if saved:
-        logger.warning("%s: ignoring %s so that the Trainer logs into the kedro-mlflow run", stage, sorted(saved))
-    try:
-        yield ["mlflow"] if mlflow_active() else []
-    finally:
-        os.environ.update(saved)
 
 
 def git_commit() -> str:
@@ -275,7 +259,26 @@ def log_dataset_input(name: str, path: str | os.PathLike, context: str, dvc_md5:
     mlflow.log_input(dataset, context=context, tags=tags)
 
 
-def log_student_model(student_dir: str | os.PathLike, input_example: str, register_as: str | None) -> str | None:
+def log_run_input(name: str, path: str | os.PathLike, context: str, content_sha256: str | None) -> None:
+    """A dataset the run read, as an MLflow dataset input. Its DVC hash comes from dvc.lock only
+    while DVC runs the stage (then the upstream stages' entries are current; for a plain
+    `kedro run` the lock may describe other data): otherwise the content hash is the digest."""
+    dvc_md5 = dvc_out_hash(path, project_root() / "dvc.lock") if os.environ.get("DVC_STAGE") else None
+    log_dataset_input(name, path, context, dvc_md5, content_sha256)
+
+
+def training_callbacks() -> list:
+    """The Trainer callbacks that record a run: our step metrics when an MLflow run is active."""
+    return [step_metrics_callback()] if mlflow_active() and is_main_process() else []
+
+
+# The input example logged with the student model (a prompt of evaluate.generation).
+STUDENT_INPUT_EXAMPLE = ("Continue this passage from the King James Bible.\n\n"
+                         "In the beginning God created the heaven and the earth.")
+
+
+def log_student_model(student_dir: str | os.PathLike, register_as: str | None = None,
+                      input_example: str = STUDENT_INPUT_EXAMPLE) -> str | None:
     """Log the student folder as an MLflow model (transformers flavor, with its tokenizer and an
     input example), so that the UI's "Register model" works; register it as `register_as` when
     set. Returns the model URI (None without an active run)."""

@@ -1,22 +1,22 @@
-"""Nodes of distill: thin calls into kd_pipeline.core.training.run, plus the MLflow run's tags and
-artifacts (per-step metrics come from the HF Trainer's MLflow callback, which logs into
-kedro-mlflow's active run)."""
+"""Nodes of distill: thin calls into kd_pipeline.core.training.run, plus what the MLflow run
+records (kd_pipeline.tracking): tags, per-step metrics (our callback; HF's MLflow integration is
+off) and the student as an MLflow model."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from kd_pipeline import tracking
-from kd_pipeline.core.corpus import TokenizedCorpus
-from kd_pipeline.core.losses import KDLossConfig
-from kd_pipeline.core.models.student import StudentInit
 from kd_pipeline.core.params import require_choice, require_int
 from kd_pipeline.core.topk_store import VERIFY_MODES, manifest_sha256
-from kd_pipeline.core.training.config import TrainConfig
-from kd_pipeline.core.training.run import LOSS_CURVE_FILE, SUMMARY_FILE
-from kd_pipeline.core.training.run import train_student as run_training
+
+if TYPE_CHECKING:
+    from kd_pipeline.core.corpus import TokenizedCorpus
+
+# The rest of the core is imported inside the nodes: Kedro imports every pipeline at startup,
+# and torch and transformers cost seconds that the other stages need not pay.
 
 _PARAM_GROUPS = ("student_init", "loss", "trainer", "k", "topk_verify", "tracking")
 
@@ -32,6 +32,11 @@ def train_student(tokenized_corpus: TokenizedCorpus, teacher_topk: Path, teacher
         teacher_model: the teacher HF folder (tokenizer; layers for `prune_teacher`).
         params: `distill` parameters: student_init, loss, trainer, k, topk_verify, tracking.
     """
+    from kd_pipeline.core.losses import KDLossConfig
+    from kd_pipeline.core.models.student import StudentInit
+    from kd_pipeline.core.training.config import TrainConfig
+    from kd_pipeline.core.training.run import train_student as run_training
+
     unknown = sorted(set(params) - set(_PARAM_GROUPS))
     if unknown:
         raise ValueError(f"unknown distill parameter(s) {unknown}; allowed: {list(_PARAM_GROUPS)}")
@@ -48,19 +53,24 @@ def train_student(tokenized_corpus: TokenizedCorpus, teacher_topk: Path, teacher
                        "git_commit": tracking.git_commit(), "kd_run_kind": "KD+SFT" if kd else "SFT-only"}, "distill")
 
     def write_student(directory: Path) -> None:
-        with tracking.one_mlflow_run("distill") as report_to:
-            run_training(teacher_dir=teacher_model, corpus=tokenized_corpus, student_init=student_init, loss=loss,
-                         train=train, output_dir=directory, topk_dir=teacher_topk if kd else None,
-                         k=k, topk_verify=topk_verify, report_to=report_to)
+        run_training(teacher_dir=teacher_model, corpus=tokenized_corpus, student_init=student_init, loss=loss,
+                     train=train, output_dir=directory, topk_dir=teacher_topk if kd else None,
+                     k=k, topk_verify=topk_verify, callbacks=tracking.training_callbacks())
 
     return write_student
 
 
 def summarize_training(student_model: Path, tracking_params: dict) -> dict[str, Any]:
     """The training summary (losses, steps, tokens/s, log history) from the student folder; logs
-    the loss curve and, when `tracking.log_student`, the student folder as MLflow artifacts."""
+    the loss curve and, when `tracking.log_student`, the student as an MLflow model (registered
+    as `tracking.register_as` when set)."""
+    from kd_pipeline.core.training.run import LOSS_CURVE_FILE, SUMMARY_FILE
+
     summary = json.loads((Path(student_model) / SUMMARY_FILE).read_text())
     tracking.log_artifacts(Path(student_model) / LOSS_CURVE_FILE, "distill")
-    if (tracking_params or {}).get("log_student", True):
-        tracking.log_artifacts(student_model, "distill/student_model")
+    tracking_params = tracking_params or {}
+    if tracking_params.get("log_student", True):
+        tracking.log_student_model(student_model, tracking_params.get("register_as"))
+    elif tracking_params.get("register_as"):
+        raise ValueError("distill.tracking.register_as needs log_student: true (the registered model is the logged one)")
     return summary
