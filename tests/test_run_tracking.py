@@ -61,3 +61,14 @@ def test_run_summary_lists_outputs_and_headline_metrics():
         "  training:               29 steps, eval_sft 3.35, eval_loss 3.5",
         "  held-out:               student_nll 3.34, teacher_nll 2.89, top1_agreement 0.5",
     ]
+
+
+def test_runner_tag_is_the_class_name():
+    from kd_pipeline.hooks import _runner_name
+
+    class SequentialRunner:
+        pass
+
+    assert _runner_name("<kedro.runner.sequential_runner.SequentialRunner object at 0x7f7afd807990>") == "SequentialRunner"
+    assert _runner_name(SequentialRunner()) == "SequentialRunner"
+    assert _runner_name("ParallelRunner") == "ParallelRunner" and _runner_name(None) is None

@@ -208,6 +208,9 @@ def test_dvc_experiments_and_mlflow_comparison(tmp_path):
     # parameters the test env's as resolved over base.
     out = _run(["dvc", "repro"], repo, test_env)
     assert _ran(out) == list(STAGES), out[-3000:]
+    # Each stage ends with its summary: outputs, headline metrics, the MLflow run, how to open it.
+    assert "kd_pipeline: evaluate done (Kedro env test)" in out and "held-out:" in out, out[-3000:]
+    assert "  student:                data/06_models/student" in out and "mlflow ui --backend-store-uri sqlite:///" in out
     resolved = yaml.safe_load((repo / RESOLVED).read_text())
     assert resolved["kedro_env"] == "test" and resolved["teacher_logits"]["k"] == 8, resolved
     assert not (repo / "data/test/06_models").exists()
@@ -225,7 +228,9 @@ def test_dvc_experiments_and_mlflow_comparison(tmp_path):
 
     # 2. A training parameter changes: the SFT-only baseline as an experiment. Only distill and
     # evaluate run; the teacher artifact is the cached one. Both rows in `dvc exp show`.
-    out = _run(["dvc", "exp", "run", "-n", "sft-only", "-S", f"{DISTILL_PARAMS}:{KD_WEIGHT_KEY}=0"], repo, test_env)
+    # (It also registers its student: `distill.tracking.register_as`.)
+    out = _run(["dvc", "exp", "run", "-n", "sft-only", "-S", f"{DISTILL_PARAMS}:{KD_WEIGHT_KEY}=0",
+                "-S", f"{DISTILL_PARAMS}:distill.tracking.register_as=kd-student"], repo, test_env)
     assert _ran(out) == ["distill", "evaluate"], out[-3000:]
     assert yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["teacher_logits"]["outs"] == artifact_lock
     assert (repo / "data/08_reporting/plots/kd_vs_sft.png").is_file()  # both kinds now exist
@@ -273,7 +278,8 @@ def test_dvc_experiments_and_mlflow_comparison(tmp_path):
     shown = _exp_rows(json.loads(_run(["dvc", "exp", "show", "--json"], repo, env, stdout_only=True)))
     assert shown["overlap-2"]["metrics"]["overlap_k"] == 2.0, shown["overlap-2"]
 
-    # 5. mlflow server over the project's store: runs, params and metrics side by side.
+    # 5. mlflow server over the project's store: runs, params, metrics, inputs and models,
+    # read through MLflow's client (REST) and raw REST.
     port = _free_port()
     server = subprocess.Popen(
         [str(VENV_BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
@@ -292,10 +298,7 @@ def test_dvc_experiments_and_mlflow_comparison(tmp_path):
             assert server.poll() is None, "mlflow server exited"
             assert time.monotonic() < deadline, "mlflow server did not answer /health in 60 s"
             time.sleep(0.5)
-        experiment = _rest(base, "/api/2.0/mlflow/experiments/get-by-name?experiment_name=kd_pipeline")["experiment"]
-        runs = _rest(base, "/api/2.0/mlflow/runs/search", {
-            "experiment_ids": [experiment["experiment_id"]],
-            "filter": "attributes.run_name LIKE 'evaluate%'", "max_results": 100})["runs"]
+        _check_mlflow(base, artifact_lock)
     finally:
         os.killpg(server.pid, signal.SIGTERM)  # its own session: the server and its workers
         try:
@@ -304,25 +307,93 @@ def test_dvc_experiments_and_mlflow_comparison(tmp_path):
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
 
+
+HELD_OUT = ("heldout/student_nll", "heldout/teacher_nll", "heldout/kl_teacher_student_topk",
+            "heldout/kl_student_teacher_topk", "heldout/top1_agreement", "heldout/topk_overlap")
+
+
+def _check_mlflow(base: str, artifact_lock: list[dict]) -> None:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=base, registry_uri=base)
+    experiment = client.get_experiment_by_name("kd_pipeline")
+    # Opens as a model-training experiment (runs table), not MLflow 3's GenAI view.
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development", experiment.tags
+    runs = {run.info.run_id: run for run in client.search_runs([experiment.experiment_id], max_results=100)}
+    names = sorted(run.info.run_name for run in runs.values())
+    # Named from what varies (the test env: fwd_kl, weight 1, T 1, k 8), or the DVC experiment.
+    assert names == sorted(["corpus_prep kjv_chat random_init", "teacher_logits k8 logquant_zstd",
+                            "distill kd fwd_kl w1 T1 sft0.5 k8", "evaluate kd fwd_kl w1 T1 sft0.5 k8",
+                            "distill sft-only", "evaluate sft-only", "evaluate kd fwd_kl w1 T1 sft0.5 k8",
+                            "evaluate overlap-2"]), names
+
+    # The same flattened project params (all four stages) in every run, whatever the route; none
+    # of HF's TrainingArguments or model config; no tag holding an object repr.
+    param_keys = {frozenset(run.data.params) for run in runs.values()}
+    assert len(param_keys) == 1, [sorted(keys)[:5] for keys in param_keys]
+    keys = next(iter(param_keys))
+    assert {KD_WEIGHT_KEY, "distill.trainer.learning_rate", "teacher_logits.k", OVERLAP_KEY,
+            "corpus_prep.source.kind", "evaluate.generation.max_new_tokens"} <= keys
+    assert not {"hub_token", "learning_rate", "per_device_train_batch_size"} & keys and len(keys) < 120, len(keys)
+    assert not [run.data.tags for run in runs.values() if "object at 0x" in " ".join(run.data.tags.values())]
+
+    teacher_md5 = _md5_of(artifact_lock)
+    by_name: dict[str, list] = {}
+    for run in runs.values():
+        by_name.setdefault(run.info.run_name, []).append(run)
+
+    # distill: step metrics from our callback (held-out at eval_steps 2 and 4), dataset inputs.
+    kd_distill, = by_name["distill kd fwd_kl w1 T1 sft0.5 k8"]
+    history = client.get_metric_history(kd_distill.info.run_id, "heldout/sft")
+    assert [point.step for point in history] == [2, 4], history
+    assert [point.step for point in client.get_metric_history(kd_distill.info.run_id, "train/loss")] == [1, 2, 3, 4]
+    assert "loss" not in kd_distill.data.metrics and "eval_loss" not in kd_distill.data.metrics
+    assert sorted(kd_distill.data.metrics)[0].startswith("heldout/"), sorted(kd_distill.data.metrics)
+    inputs = _inputs(kd_distill)
+    assert inputs["teacher_topk"] == ("training", teacher_md5), inputs
+    assert inputs["tokenized_corpus"][0] == "training" and inputs["tokenized_corpus"][1].endswith(".dir"), inputs
+    sft_distill, = by_name["distill sft-only"]
+    assert set(_inputs(sft_distill)) == {"tokenized_corpus"}  # an SFT-only student never reads the artifact
+
+    # The student, logged once per distill run as an MLflow transformers model; the sft-only
+    # one registered as requested.
+    models = client.search_logged_models(experiment_ids=[experiment.experiment_id])
+    assert sorted(model.source_run_id for model in models) == sorted([kd_distill.info.run_id, sft_distill.info.run_id])
+    model_dir = Path(models[0].artifact_location.removeprefix("file://"))
+    mlmodel = yaml.safe_load((model_dir / "MLmodel").read_text())
+    assert "transformers" in mlmodel["flavors"] and mlmodel["flavors"]["transformers"]["task"] == "text-generation"
+    assert "Continue this passage" in (model_dir / mlmodel["saved_input_example_info"]["artifact_path"]).read_text()
+    assert "components" in mlmodel["flavors"]["transformers"] and "tokenizer" in mlmodel["flavors"]["transformers"][
+        "components"], mlmodel["flavors"]["transformers"]
+    versions = _rest(base, "/api/2.0/mlflow/model-versions/search?filter=name%3D%27kd-student%27")["model_versions"]
+    assert [(v["version"], v["run_id"]) for v in versions] == [("1", sft_distill.info.run_id)], versions
+
+    # evaluate: held-out metrics under names that sort first, params and tags to compare by.
     evaluated = []
-    for run in runs:
-        params = {p["key"]: p["value"] for p in run["data"].get("params", [])}
-        metrics = {m["key"]: m["value"] for m in run["data"].get("metrics", [])}
-        tags = {t["key"]: t["value"] for t in run["data"].get("tags", [])}
-        assert {"student_nll", "teacher_nll", "kl_teacher_student_topk", "kl_student_teacher_topk",
-                "top1_agreement", "topk_overlap"} <= set(metrics), metrics
-        # The distill and extraction settings are columns of the evaluate runs.
-        assert {KD_WEIGHT_KEY, "distill.loss.sft_loss_weight", "distill.loss.kd_loss", "distill.loss.logits_scale",
-                "distill.loss.target_logits_scale", "teacher_logits.k", OVERLAP_KEY} <= set(params), sorted(params)
-        assert tags["teacher_topk_dvc_md5"] == _md5_of(artifact_lock), tags
+    for run in runs.values():
+        if not run.info.run_name.startswith("evaluate"):
+            continue
+        assert set(HELD_OUT) <= set(run.data.metrics), run.data.metrics
+        tags = run.data.tags
+        assert tags["teacher_topk_dvc_md5"] == teacher_md5, tags
         assert len(tags["teacher_topk_manifest_sha256"]) == 64
+        assert _inputs(run)["teacher_topk"] == ("evaluation", teacher_md5)
+        params = run.data.params
         evaluated.append((tags.get("dvc_exp_name", "workspace"), float(params[KD_WEIGHT_KEY]), params[OVERLAP_KEY]))
     assert sorted(evaluated) == [("overlap-2", 1.0, "2"), ("sft-only", 0.0, "None"), ("workspace", 1.0, "4"),
                                  ("workspace", 1.0, "None")], evaluated
     # The temp experiment really ran in a temporary copy.
-    overlap_run = next(run for run in runs if run["info"]["run_name"] == "evaluate overlap-2")
-    project_path = {t["key"]: t["value"] for t in overlap_run["data"]["tags"]}["project_path"]
-    assert "/.dvc/tmp/exps/" in project_path, project_path
+    overlap_run, = by_name["evaluate overlap-2"]
+    assert "/.dvc/tmp/exps/" in overlap_run.data.tags["project_path"], overlap_run.data.tags
+
+
+def _inputs(run) -> dict[str, tuple[str, str]]:
+    """`dataset name -> (context, digest)` of a run's MLflow dataset inputs."""
+    inputs = {}
+    for dataset_input in run.inputs.dataset_inputs:
+        context = next((tag.value for tag in dataset_input.tags if tag.key == "mlflow.data.context"), None)
+        inputs[dataset_input.dataset.name] = (context, dataset_input.dataset.digest)
+    return inputs
 
 
 def _md5_of(outs: list[dict]) -> str:

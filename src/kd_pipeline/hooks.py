@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+from pathlib import Path
 from typing import Any
 
 from kedro.framework.hooks import hook_impl
@@ -62,13 +64,22 @@ _SUMMARY_OUTPUTS = (("teacher_model", "teacher"), ("tokenized_corpus", "corpus")
                     ("eval_metrics", "metrics"), ("eval_plots", "plots"))
 
 
+# Datasets logged as MLflow dataset inputs of the stages that read them, and in what context.
+_INPUT_DATASETS = ("tokenized_corpus", "teacher_topk")
+_INPUT_CONTEXTS = {"distill": "training", "evaluate": "evaluation"}
+
+
 class RunTrackingHooks:
+    def __init__(self):
+        self._catalog = None
+        self._params: dict[str, Any] = {}
+        self._logged_inputs: set[tuple[str, str]] = set()
+
     @hook_impl
     def before_pipeline_run(self, run_params: dict[str, Any], pipeline, catalog) -> None:
         params = _parameters(catalog)
-        runner = run_params.get("runner")
-        tracking.start_run_identity(_pipeline_names(run_params), params,
-                                    runner=runner if isinstance(runner, str) or runner is None else type(runner).__name__)
+        self._catalog, self._params, self._logged_inputs = catalog, params, set()
+        tracking.start_run_identity(_pipeline_names(run_params), params, runner=_runner_name(run_params.get("runner")))
 
     @hook_impl
     def after_dataset_loaded(self, dataset_name: str, data: Any, node) -> None:
@@ -100,6 +111,15 @@ def _pipeline_names(run_params: dict[str, Any]) -> list[str]:
     return [names] if isinstance(names, str) else list(names)
 
 
+def _runner_name(runner: Any) -> str | None:
+    """`SequentialRunner` for the runner object or its repr (`<kedro.runner...SequentialRunner object at 0x..>`)."""
+    if runner is None:
+        return None
+    text = runner if isinstance(runner, str) else repr(runner)
+    match = re.search(r"(\w+) object at 0x", text)
+    return match.group(1) if match else (text if isinstance(runner, str) else type(runner).__name__)
+
+
 def _parameters(catalog) -> dict[str, Any]:
     try:
         return catalog.load("parameters")
@@ -114,7 +134,8 @@ def _dataset_path(catalog, name: str) -> str | None:
         for attribute in ("_path", "_filepath"):
             value = getattr(dataset, attribute, None)
             if value is not None:
-                return str(Path(str(value)))
+                path = Path(str(value))
+                return str(path.relative_to(Path.cwd()) if path.is_relative_to(Path.cwd()) else path)
         dataset = getattr(dataset, "_dataset", None) or getattr(dataset, "dataset", None)
         if dataset is None:
             break
