@@ -37,12 +37,13 @@ bench: install
 	$(BIN)/python benchmarks/bench_train_step.py --quick --out data/08_reporting/bench_train_step.json
 	$(BIN)/python benchmarks/bench_fsdp.py --quick --out data/08_reporting/bench_fsdp.json
 
-# kedro-viz in its own venv layered on .venv (a .pth file makes the project's packages visible):
+# kedro-viz in its own venv layered on .venv (a .pth file adds .venv's site-packages, its own .pth
+# files included, so the project and its pins are visible):
 # the pinned project env stays as it is, and pip resolves only kedro-viz's own deps (~1 min).
 VIZ := .venv-viz
 $(VIZ)/.installed: $(STAMP)
 	test -x $(VIZ)/bin/python || $(BIN)/python -m venv $(VIZ)
-	$(BIN)/python -c "import site; print(site.getsitepackages()[0])" > \
+	$(BIN)/python -c "import site; print(f'import site; site.addsitedir({site.getsitepackages()[0]!r})')" > \
 		"$$($(VIZ)/bin/python -c 'import site; print(site.getsitepackages()[0])')/kd_pipeline_venv.pth"
 	$(VIZ)/bin/python -m pip install --quiet kedro-viz==12.5.0
 	touch $@
