@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -33,6 +34,18 @@ def _viz_python() -> str | None:
     return None
 
 
+def _free_port() -> int:
+    """A free port below 49152: kedro-viz refuses the ephemeral range the OS hands out for port 0."""
+    for port in random.sample(range(20000, 49000), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-49000")
+
+
 @pytest.mark.slow
 def test_kedro_viz_serves_the_pipelines(tmp_path):
     python = _viz_python()
@@ -45,9 +58,7 @@ def test_kedro_viz_serves_the_pipelines(tmp_path):
     shutil.copytree(PROJECT_ROOT / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
     (project / "conf" / "local").mkdir()
     shutil.copytree(PROJECT_ROOT / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env.update(KEDRO_DISABLE_TELEMETRY="true", KD_MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
     server = subprocess.Popen([python, "-m", "kedro", "viz", "run", "--no-browser", "--host", "127.0.0.1",
@@ -66,7 +77,8 @@ def test_kedro_viz_serves_the_pipelines(tmp_path):
                 assert time.monotonic() < deadline, "kedro viz did not serve /api/main in 120 s"
                 time.sleep(1)
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
         try:
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
