@@ -1,5 +1,5 @@
 """Screenshots of the MLflow UI over the project's store, in headless Chromium (Debian `chromium`):
-the experiment's runs table and the compare view of the latest three `evaluate` runs.
+the experiment's runs table and the compare view of the latest three runs with held-out metrics (`evaluate` runs).
 
     python scripts/mlflow_screenshots.py --out data/08_reporting/screenshots
     python scripts/mlflow_screenshots.py --store sqlite:////path/to/mlflow.db --runs 3
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
                            + urllib.parse.quote(args.experiment))["experiment"]
         experiment_id = experiment["experiment_id"]
         runs = _rest(base, "/api/2.0/mlflow/runs/search", {
-            "experiment_ids": [experiment_id], "filter": "attributes.run_name LIKE 'evaluate%'",
+            "experiment_ids": [experiment_id], "filter": "metrics.`heldout/student_nll` >= 0",
             "order_by": ["attributes.start_time DESC"], "max_results": args.runs})["runs"]
         if not runs:
             raise SystemExit(f"experiment {args.experiment!r} has no evaluate runs to compare")

@@ -34,6 +34,7 @@ def test_student_description_names_what_varies():
 def test_run_name_per_stage_and_dvc_experiment(monkeypatch):
     assert run_name(["distill"], PARAMS) == "distill kd fwd_kl w0.5 T1 k64"
     assert run_name(["__default__"], PARAMS) == "all kd fwd_kl w0.5 T1 k64"
+    assert run_name(["evaluate", "distill"], PARAMS) == "distill+evaluate kd fwd_kl w0.5 T1 k64"
     assert run_name(["evaluate"], _with_loss(kd_loss_weight=0)) == "evaluate sft-only"
     assert run_name(["teacher_logits"], PARAMS) == "teacher_logits k64 logquant_zstd"
     assert run_name(["corpus_prep"], PARAMS) == "corpus_prep kjv_chat embedded_gguf"

@@ -345,10 +345,13 @@ def _check_mlflow(base: str, artifact_lock: list[dict]) -> None:
     # distill: step metrics from our callback (held-out at eval_steps 2 and 4), dataset inputs.
     kd_distill, = by_name["distill kd fwd_kl w1 T1 sft0.5 k8"]
     history = client.get_metric_history(kd_distill.info.run_id, "heldout/sft")
-    assert [point.step for point in history] == [2, 4], history
+    assert [point.step for point in history] == [0, 2, 4], history  # eval_on_start, then every 2 steps
     assert [point.step for point in client.get_metric_history(kd_distill.info.run_id, "train/loss")] == [1, 2, 3, 4]
     assert "loss" not in kd_distill.data.metrics and "eval_loss" not in kd_distill.data.metrics
     assert sorted(kd_distill.data.metrics)[0].startswith("heldout/"), sorted(kd_distill.data.metrics)
+    # Logged first (eval_on_start), so listed first: the UI's default metric in the compare view.
+    assert next(iter(_rest(base, f"/api/2.0/mlflow/runs/get?run_id={kd_distill.info.run_id}")["run"]["data"][
+        "metrics"]))["key"].startswith("heldout/")
     inputs = _inputs(kd_distill)
     assert inputs["teacher_topk"] == ("training", teacher_md5), inputs
     assert inputs["tokenized_corpus"][0] == "training" and inputs["tokenized_corpus"][1].endswith(".dir"), inputs

@@ -176,7 +176,8 @@ def student_description(params: Mapping[str, Any]) -> str:
 def run_name(pipeline_names: Sequence[str], params: Mapping[str, Any]) -> str:
     """`distill kd fwd_kl w0.5 T1 k64`, `evaluate sft-only`, `teacher_logits k64 logquant_zstd`;
     a DVC experiment's name replaces the settings (`distill sft-only-2`)."""
-    names = [name for name in pipeline_names if name != "__default__"]
+    names = sorted((name for name in pipeline_names if name != "__default__"),
+                   key=lambda name: STAGES.index(name) if name in STAGES else len(STAGES))  # run order
     stages = "+".join(names) if names else "all"
     if os.environ.get("DVC_EXP_NAME"):
         return f"{stages} {os.environ['DVC_EXP_NAME']}"

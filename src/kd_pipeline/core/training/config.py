@@ -46,7 +46,7 @@ SET_BY_TRAINER = frozenset({
 #: Settings that do not change what is computed: a resumed run may change them freely.
 NON_NUMERIC_FIELDS = frozenset({
     "eval_steps", "save_steps", "save_total_limit", "logging_steps", "dataloader_num_workers",
-    "dataloader_pin_memory", "resume", "keep_checkpoints", "disable_tqdm", "per_device_eval_batch_size",
+    "dataloader_pin_memory", "resume", "keep_checkpoints", "disable_tqdm", "per_device_eval_batch_size", "eval_on_start",
 })
 
 
