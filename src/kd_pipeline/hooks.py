@@ -11,7 +11,7 @@ runs the whole Kedro session, and kedro-mlflow's hook would open one MLflow run 
 ranks other than 0 this hook adds the run's pipelines to kedro-mlflow's
 `tracking.disable_tracking.pipelines` before kedro-mlflow reads it, so kedro-mlflow opens no run
 there and switches the catalog's MLflow datasets to local-only saving (its documented way to
-turn tracking off for a pipeline). Rank 0 opens the one run; the Trainer's MLflow callback and
+turn tracking off for a pipeline). Rank 0 opens the one run; our step-metrics callback and
 the nodes log into it from rank 0 only.
 """
 
