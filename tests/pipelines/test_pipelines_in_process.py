@@ -86,7 +86,7 @@ def test_default_pipeline_runs_every_stage_in_process(run_default):
     assert summary == json.loads((root / "student" / "training_summary.json").read_text())
     metrics = catalog["eval_metrics"].load()
     assert metrics["overlap_k"] == 8 and all(math.isfinite(value) for value in metrics.values())
-    assert catalog["eval_mlflow_metrics"].load()["student_nll"] == {"value": metrics["student_nll"], "step": 0}
+    assert catalog["eval_mlflow_metrics"].load()["heldout/student_nll"] == {"value": metrics["student_nll"], "step": 0}
     assert "### student" in catalog["eval_generations"].load()
     assert sorted(path.name for path in (root / "plots").iterdir()) == ["held_out_loss.csv", "training_curves.png"]
 
