@@ -59,7 +59,7 @@ def token_byte_ends(
     if n and (offsets.min() < 0 or offsets.max() > len(text)):
         bad = int(np.flatnonzero((offsets < 0).any(1) | (offsets > len(text)).any(1))[0])
         raise ValueError(
-            f"token {bad}: character offsets {tuple(offsets[bad])} outside the text "
+            f"token {bad}: character offsets {tuple(offsets[bad].tolist())} outside the text "
             f"(length {len(text)})"
         )
     starts, ends = table[offsets[:, 0]], table[offsets[:, 1]]
@@ -74,7 +74,7 @@ def token_byte_ends(
             i += 1
             continue
         stop, cluster_end = i + 1, ends[i]
-        while stop < n and starts[stop] < cluster_end and starts[stop] != ends[stop]:
+        while stop < n and starts[i] <= starts[stop] < cluster_end and starts[stop] != ends[stop]:
             cluster_end = max(cluster_end, ends[stop])
             stop += 1
         if stop - i > 1:

@@ -8,9 +8,11 @@ are the same. It puts every teacher id and every student id into a *class*:
 1. **Exact matches.** Entries that stand for the same bytes (`token_bytes.py` strips the
    byte-level `Ġ`/byte table, SentencePiece `▁` and `<0xNN>` spellings) share a class.
 2. **Multi-token projection** (X-Token's idea, arXiv 2605.21699, made a partition here). An
-   entry with no exact match whose bytes split into at most `max_pieces` entries of the other
-   vocabulary (fewest pieces, ties broken by the longest first piece) joins the class of that
-   *first piece*. Student `"2024"` against a digit-splitting teacher joins the teacher's `"2"`,
+   entry with no exact match is re-tokenized by the *other* tokenizer (so its pre-tokenizer
+   rules hold: a digit-splitting teacher cuts `" 2024"` into `Ġ 2 0 2 4`); when that does not
+   spell the same bytes (a SentencePiece tokenizer prepending `▁`, a partial UTF-8 byte piece),
+   the fewest-pieces split over the other vocabulary is used (ties: longest first piece). If it
+   has at most `max_pieces` pieces, the entry joins the class of the *first piece*. Student `"2024"` against a digit-splitting teacher joins the teacher's `"2"`,
    because "the student emits `2024`" is one way of "the teacher's next token is `2`"; teacher
    `" their"` against a student without it joins the student's `" the"`. So the teacher's
    probability of `"2"` is compared with the student's total probability of `"2"`, `"20"`,
@@ -45,10 +47,12 @@ import numpy as np
 import torch
 
 from kd_pipeline.core.atomic import atomic_path, canonical_json
-from kd_pipeline.core.cross_tokenizer.token_bytes import TokenBytes, token_bytes
+from kd_pipeline.core.cross_tokenizer.token_bytes import TokenBytes, backend_of, token_bytes
 
 VOCAB_MAP_VERSION = 1
-DEFAULT_MAX_PIECES = 4
+DEFAULT_MAX_PIECES = 8
+"""X-Token cuts re-tokenizations at 4 pieces; a digit-splitting teacher spells a space and a
+4-digit year in 5, so the default is larger (the cap only bounds how far classes merge)."""
 
 
 def fingerprint(pieces: TokenBytes) -> str:
@@ -247,6 +251,37 @@ class VocabMap:
         return vocab_map
 
 
+def _heads(
+    pieces: list[bytes],
+    other_tokenizer: Any,
+    other: TokenBytes,
+    other_index: Mapping[bytes, list[int]],
+    max_pieces: int,
+    other_max_len: int,
+) -> dict[bytes, bytes]:
+    """First piece (bytes of an entry of the other vocabulary) of each piece that has one."""
+    texts, decodable = [], []
+    for piece in pieces:
+        try:
+            texts.append(piece.decode("utf-8"))
+            decodable.append(piece)
+        except UnicodeDecodeError:
+            pass
+    heads: dict[bytes, bytes] = {}
+    encodings = backend_of(other_tokenizer).encode_batch(texts, add_special_tokens=False) if texts else []
+    for piece, encoding in zip(decodable, encodings):
+        spelled = [other.pieces[i] for i in encoding.ids]
+        if spelled and None not in spelled and b"".join(spelled) == piece:
+            if len(spelled) <= max_pieces:
+                heads[piece] = spelled[0]
+    for piece in pieces:
+        if piece not in heads:
+            head = first_piece(piece, other_index, max_pieces, other_max_len)
+            if head is not None:
+                heads[piece] = head
+    return heads
+
+
 def _content_hash(teacher_class: np.ndarray, student_class: np.ndarray, metadata: Mapping[str, str]) -> str:
     digest = hashlib.sha256(canonical_json(dict(metadata)).encode("utf-8"))
     for array in (teacher_class, student_class):
@@ -321,16 +356,12 @@ def build_vocab_map(
     t_max = max((len(p) for p in t_index), default=0)
     s_max = max((len(p) for p in s_index), default=0)
     if max_pieces > 1:
-        for piece, s_ids in s_index.items():
-            if piece not in t_index:
-                head = first_piece(piece, t_index, max_pieces, t_max)
-                if head is not None:
-                    union.union(num_t + s_ids[0], t_index[head][0])
-        for piece, t_ids in t_index.items():
-            if piece not in s_index:
-                head = first_piece(piece, s_index, max_pieces, s_max)
-                if head is not None:
-                    union.union(t_ids[0], num_t + s_index[head][0])
+        s_heads = _heads([p for p in s_index if p not in t_index], teacher_tokenizer, teacher, t_index, max_pieces, t_max)
+        for piece, head in s_heads.items():
+            union.union(num_t + s_index[piece][0], t_index[head][0])
+        t_heads = _heads([p for p in t_index if p not in s_index], student_tokenizer, student, s_index, max_pieces, s_max)
+        for piece, head in t_heads.items():
+            union.union(t_index[piece][0], num_t + s_index[head][0])
     student_specials = {content: s_id for s_id, content in student.special_contents.items()}
     for t_id, content in teacher.special_contents.items():
         if content in student_specials:
