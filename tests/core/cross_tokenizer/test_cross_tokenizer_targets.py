@@ -96,3 +96,28 @@ def test_aligned_loss_on_real_tokenizers_matches_the_reference(byte_bpe, unigram
     torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(w1.grad, w2.grad, rtol=1e-9, atol=1e-12)
     assert out.uld.item() > 0 and 0 < out.matched_mass.item() <= 1
+
+
+def test_student_sample_trains_the_bytes_the_teacher_trains(byte_bpe, unigram):
+    from kd_pipeline.core.cross_tokenizer.data import student_sample
+
+    prompt, response = "In the beginning", " God created 2024."
+    text = prompt + response
+    t_ids, t_ends = encode_with_byte_ends(byte_bpe, text)
+    t_pieces = token_bytes(byte_bpe)
+    # Teacher: train the response tokens, then a zero-width EOS (id 0), trained.
+    t_mask = (t_ends > len(prompt.encode())).astype(np.int8)
+    t_ends = np.append(t_ends, t_ends[-1])
+    t_mask = np.append(t_mask, 1)
+    eos = unigram.token_to_id("<|endoftext|>")
+    student = student_sample(unigram, text, t_ends, t_mask, eos_id=eos)
+    s_pieces = token_bytes(unigram)
+    trained = [s_pieces.pieces[i] for i, m in zip(student.input_ids, student.loss_mask) if m and i != eos]
+    assert b"".join(trained) == response.encode()
+    assert student.input_ids[-1] == eos and student.loss_mask[-1] == 1
+    assert b"".join(t_pieces.pieces[i] for i in t_ids) == text.encode()
+
+    # A teacher sample truncated inside "created": student tokens past its last byte are dropped.
+    cut = int(np.searchsorted(t_ends, len("In the beginning God cr".encode())))
+    short = student_sample(unigram, text, t_ends[:cut], t_mask[:cut], eos_id=eos)
+    assert short.byte_ends[-1] <= t_ends[cut - 1] and short.input_ids[-1] != eos
