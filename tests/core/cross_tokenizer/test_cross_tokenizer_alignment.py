@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from kd_pipeline.core.cross_tokenizer import (
-    align_by_byte_ends,
-    detect_kind,
-    encode_with_byte_ends,
-    token_byte_ends,
-    token_bytes,
-)
+from kd_pipeline.core.cross_tokenizer.alignment import align_by_byte_ends, encode_with_byte_ends, token_byte_ends
+from kd_pipeline.core.cross_tokenizer.token_bytes import detect_kind, token_bytes
 
 TEXT = "In the beginning God created 2024 東京 😀 café\nnew line."
 

@@ -9,13 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from kd_pipeline.core.cross_tokenizer import (
-    CrossTokenizerOptions,
-    build_vocab_map,
-    cross_tokenizer_kd_loss,
-    encode_with_byte_ends,
-    token_bytes,
-)
+from kd_pipeline.core.cross_tokenizer.alignment import encode_with_byte_ends
+from kd_pipeline.core.cross_tokenizer.loss import CrossTokenizerOptions, cross_tokenizer_kd_loss
+from kd_pipeline.core.cross_tokenizer.token_bytes import token_bytes
+from kd_pipeline.core.cross_tokenizer.vocab_map import build_vocab_map
 from kd_pipeline.core.cross_tokenizer.reference import cross_tokenizer_loss_reference
 from kd_pipeline.core.cross_tokenizer.targets import collate_groups, sample_groups, trained_byte_count
 from kd_pipeline.core.losses import KDLossConfig

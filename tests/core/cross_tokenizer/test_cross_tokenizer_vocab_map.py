@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from kd_pipeline.core.cross_tokenizer import VocabMap, build_vocab_map, token_bytes
-from kd_pipeline.core.cross_tokenizer.vocab_map import first_piece
+from kd_pipeline.core.cross_tokenizer.token_bytes import token_bytes
+from kd_pipeline.core.cross_tokenizer.vocab_map import VocabMap, build_vocab_map, first_piece
 
 
 def class_members(vocab_map, teacher, student, cls):

@@ -8,38 +8,7 @@
   projection, as classes), hashed and stored as safetensors.
 - `loss`: KD on the mapped mass + ULD on the rest + SFT, chunked over student rows.
 - `reference`: the naive float64 spec of that loss.
+
+Submodules are imported by name (this package imports none of them), so that corpus prep, which
+only needs `alignment` and `token_bytes`, does not depend on the loss code.
 """
-
-from kd_pipeline.core.cross_tokenizer.alignment import (
-    AlignedGroups,
-    align_by_byte_ends,
-    encode_with_byte_ends,
-    token_byte_ends,
-)
-from kd_pipeline.core.cross_tokenizer.loss import (
-    SPAN_MERGES,
-    AlignedGroupBatch,
-    CrossTokenizerLossOutput,
-    CrossTokenizerOptions,
-    cross_tokenizer_kd_loss,
-)
-from kd_pipeline.core.cross_tokenizer.token_bytes import TokenBytes, detect_kind, token_bytes
-from kd_pipeline.core.cross_tokenizer.vocab_map import ProjectionTensors, VocabMap, build_vocab_map
-
-__all__ = [
-    "SPAN_MERGES",
-    "AlignedGroupBatch",
-    "AlignedGroups",
-    "CrossTokenizerLossOutput",
-    "CrossTokenizerOptions",
-    "ProjectionTensors",
-    "TokenBytes",
-    "VocabMap",
-    "align_by_byte_ends",
-    "build_vocab_map",
-    "cross_tokenizer_kd_loss",
-    "detect_kind",
-    "encode_with_byte_ends",
-    "token_byte_ends",
-    "token_bytes",
-]
