@@ -145,3 +145,93 @@ def group_batch(inputs: dict, token_weights: torch.Tensor) -> AlignedGroupBatch:
         teacher_chain=inputs["ct_teacher_chain"],
         weights=token_weights[start] if start.numel() else token_weights[:0],
     )
+
+
+class CrossTokenizerDataset(torch.utils.data.Dataset):
+    """Samples of one corpus split re-tokenized by the student, with their aligned teacher rows.
+
+    Args:
+        samples: corpus rows with `text` and `byte_ends` (corpus prep keeps them).
+        targets: the artifact reader (with `target_logprobs`), or None for SFT only.
+        tokenizer: the student's fast tokenizer (its EOS is appended after a trained teacher EOS).
+        k: use the first `k` top-k columns (None: all).
+        split: the split name, for messages.
+
+    Raises:
+        ValueError: the corpus has no text / byte ends (made before they were kept: re-run
+            corpus_prep), naming the split and the first such sample.
+    """
+
+    def __init__(self, samples, targets, tokenizer, k: int | None = None, split: str = "train"):
+        from kd_pipeline.core.batching import flat_list_column
+
+        if samples.num_rows == 0:
+            raise ValueError(f"the corpus has no {split!r} samples")
+        names = set(samples.column_names)
+        texts = samples["text"].to_pylist() if "text" in names else [None] * samples.num_rows
+        ends = samples["byte_ends"].to_pylist() if "byte_ends" in names else [None] * samples.num_rows
+        self.sample_ids: list[str] = samples["sample_id"].to_pylist()
+        missing = [sid for sid, text, end in zip(self.sample_ids, texts, ends) if text is None or end is None]
+        if missing:
+            raise ValueError(
+                f"{split} sample {missing[0]} has no 'text'/'byte_ends' in the corpus ({len(missing)} samples): "
+                "cross-tokenizer distillation needs them; re-run `kedro run --pipelines corpus_prep`"
+            )
+        self.split, self.targets, self.k, self.tokenizer = split, targets, k, tokenizer
+        self.texts = texts
+        self.byte_ends = [np.asarray(end, dtype=np.int64) for end in ends]
+        self._mask = flat_list_column(samples["loss_mask"], np.int8)
+        self.pieces = token_bytes(tokenizer)
+        self.eos_id = getattr(tokenizer, "eos_token_id", None)
+
+    def __len__(self) -> int:
+        return len(self.sample_ids)
+
+    def __getitems__(self, indices: Sequence[int]) -> list[dict]:
+        from kd_pipeline.core.batching import check_rows, fetch_targets, sample_targets
+
+        indices = [int(index) for index in indices]
+        sample_ids = [self.sample_ids[index] for index in indices]
+        fetched = (fetch_targets(self.targets, sample_ids, self.split) if self.targets is not None
+                   else [None] * len(indices))
+        items = []
+        values, offsets = self._mask
+        for index, sample_id, record in zip(indices, sample_ids, fetched):
+            teacher_mask = values[offsets[index]:offsets[index + 1]]
+            student = student_sample(self.tokenizer, self.texts[index], self.byte_ends[index], teacher_mask,
+                                     self.eos_id, self.pieces)
+            item = {"sample_index": index, "sample_id": sample_id, "input_ids": student.input_ids,
+                    "loss_mask": student.loss_mask}
+            if record is not None:
+                target = sample_targets(record, self.k)
+                check_rows(sample_id, teacher_mask, target)
+                if target.target_logprobs is None:
+                    raise ValueError(f"sample {sample_id}: the artifact rows have no target_logprobs "
+                                     "(the span chains need them)")
+                item["ct"] = make_item(index, sample_id, student, self.byte_ends[index], teacher_mask,
+                                       target.topk_ids, target.topk_logprobs, target.target_logprobs)
+            items.append(item)
+        return items
+
+    def __getitem__(self, index: int) -> dict:
+        return self.__getitems__([index])[0]
+
+
+@dataclass(frozen=True)
+class CrossTokenizerCollator:
+    """`DistillCollator`'s batch of the student's tokens, plus the groups' `ct_*` tensors."""
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, items: list[dict]) -> dict:
+        from kd_pipeline.core.training.data import DistillCollator
+
+        plain = [{key: value for key, value in item.items() if key != "ct"} for item in items]
+        batch = DistillCollator(self.pad_token_id, self.pad_to_multiple_of)(plain)
+        with_groups = ["ct" in item for item in items]
+        if any(with_groups):
+            if not all(with_groups):
+                raise ValueError("CrossTokenizerCollator: some items of the batch have teacher rows and some do not")
+            batch.update(collate_group_tensors([item["ct"] for item in items]))
+        return batch

@@ -26,7 +26,7 @@ from kd_pipeline.core.topk_store import ArtifactMismatchError, check_artifact_co
 from kd_pipeline.core.training.checkpoints import is_finished, load_checkpoint_weights, prepare_checkpoint_dir
 from kd_pipeline.core.training.config import TrainConfig, training_arguments
 from kd_pipeline.core.training.data import DistillCollator, DistillDataset
-from kd_pipeline.core.training.trainer import DistillationTrainer, DistillProgressCallback
+from kd_pipeline.core.training.trainer import CrossTokenizerTrainer, DistillationTrainer, DistillProgressCallback
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ def train_student(
     report_to: Sequence[str] = (),
     callbacks: Iterable[TrainerCallback] = (),
     targets=None,
+    cross_tokenizer=None,
+    vocab_map_path: str | os.PathLike | None = None,
 ) -> dict:
     """Train the student and save it as an HF folder at `output_dir` (atomically replaced).
 
@@ -65,6 +67,9 @@ def train_student(
         callbacks: extra `TrainerCallback`s.
         targets: an already open targets provider with `.manifest` (a `topk_store.Manifest`) and
             `.get_many` (synthetic data in checks and benchmarks); overrides `topk_dir`.
+        cross_tokenizer: a `cross_tokenizer.config.CrossTokenizerConfig` for a student with its
+            own tokenizer (the corpus and artifact stay the teacher's), or None.
+        vocab_map_path: the pair's stored `VocabMap` (required with `cross_tokenizer`).
 
     Returns:
         A JSON-able summary: final train/eval losses, steps, tokens/s, the log history, ...
@@ -79,27 +84,47 @@ def train_student(
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else output_dir.with_name(f"{output_dir.name}_checkpoints")
     started = time.perf_counter()
     set_seed(train.seed)
-    model, tokenizer = init_student(student_init, teacher_dir)
-    student_tokenizer_hash = tokenizer_hash(tokenizer)
-    _check_corpus_tokenizer(corpus, student_tokenizer_hash)
-    vocab_size = model.get_output_embeddings().weight.shape[0]
-    targets, used_k, manifest_id = _open_targets(loss, targets, topk_dir, corpus, student_tokenizer_hash,
+    model, tokenizer = init_student(student_init, teacher_dir,
+                                    cross_tokenizer.student_tokenizer if cross_tokenizer else None)
+    # The corpus and the artifact are the teacher's tokens: with its own tokenizer the student is
+    # checked against the teacher's tokenizer and vocabulary instead of its own.
+    corpus_tokenizer = _teacher_tokenizer(teacher_dir) if cross_tokenizer else tokenizer
+    corpus_tokenizer_hash = tokenizer_hash(corpus_tokenizer)
+    _check_corpus_tokenizer(corpus, corpus_tokenizer_hash, "teacher" if cross_tokenizer else "student")
+    vocab_size = (_model_vocab_size(teacher_dir) if cross_tokenizer
+                  else model.get_output_embeddings().weight.shape[0])
+    targets, used_k, manifest_id = _open_targets(loss, targets, topk_dir, corpus, corpus_tokenizer_hash,
                                                  vocab_size, k)
-    train_set = DistillDataset(corpus.split("train"), targets, used_k, split="train")
     validation = corpus.split("validation")
-    eval_set = DistillDataset(validation, targets, used_k, split="validation") if validation.num_rows else None
+    cross = None
+    if cross_tokenizer is not None:
+        cross = _cross_tokenizer_setup(cross_tokenizer, vocab_map_path, corpus_tokenizer, tokenizer)
+        from kd_pipeline.core.cross_tokenizer.data import CrossTokenizerCollator, CrossTokenizerDataset
+
+        train_set = CrossTokenizerDataset(corpus.split("train"), targets, tokenizer, used_k, split="train")
+        eval_set = (CrossTokenizerDataset(validation, targets, tokenizer, used_k, split="validation")
+                    if validation.num_rows else None)
+    else:
+        train_set = DistillDataset(corpus.split("train"), targets, used_k, split="train")
+        eval_set = DistillDataset(validation, targets, used_k, split="validation") if validation.num_rows else None
 
     args = training_arguments(train, checkpoint_dir, eval_set is not None, report_to, model.config.model_type)
     identity = {"train": train.identity(), "loss": asdict(loss), "student_init": asdict(student_init),
                 "corpus_fingerprint": corpus.fingerprint, "artifact": manifest_id, "k": used_k,
                 "world_size": args.world_size}
+    if cross is not None:
+        identity["cross_tokenizer"] = {**asdict(cross_tokenizer), "vocab_map": cross["vocab_map_hash"],
+                                       "student_tokenizer_hash": tokenizer_hash(tokenizer)}
     resume_from = prepare_checkpoint_dir(checkpoint_dir, identity, train.resume, args.process_index == 0)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    trainer = DistillationTrainer(
-        model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-        data_collator=DistillCollator(pad_id, train.pad_to_multiple_of), processing_class=tokenizer,
-        loss_config=loss, reduction=train.reduction, callbacks=list(callbacks),
-    )
+    common = dict(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
+                  loss_config=loss, reduction=train.reduction, callbacks=list(callbacks))
+    if cross is not None:
+        trainer = CrossTokenizerTrainer(
+            data_collator=CrossTokenizerCollator(pad_id, train.pad_to_multiple_of),
+            projection=cross["projection"], options=cross_tokenizer.options, **common)
+    else:
+        trainer = DistillationTrainer(data_collator=DistillCollator(pad_id, train.pad_to_multiple_of), **common)
     if not args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(DistillProgressCallback())
@@ -110,17 +135,50 @@ def train_student(
 
     summary = _summary(trainer, train_metrics, args.use_liger_kernel, args, resume_from, manifest_id, used_k,
                        time.perf_counter() - started)
+    if cross is not None:
+        summary["cross_tokenizer"] = identity["cross_tokenizer"] | {"vocab_map_counts": cross["counts"]}
     _save_student(trainer, summary, output_dir, checkpoint_dir, train.keep_checkpoints)
     trainer.close()
     return summary
 
 
-def _check_corpus_tokenizer(corpus, student_tokenizer_hash: str) -> None:
-    if corpus.meta.get("tokenizer_hash") not in (None, student_tokenizer_hash):
+def _check_corpus_tokenizer(corpus, tokenizer_hash_: str, whose: str = "student") -> None:
+    if corpus.meta.get("tokenizer_hash") not in (None, tokenizer_hash_):
         raise ArtifactMismatchError(
-            f"corpus field 'tokenizer_hash' is {corpus.meta.get('tokenizer_hash')!r} but the student tokenizer "
-            f"hashes to {student_tokenizer_hash!r}: the corpus was tokenized with another tokenizer"
+            f"corpus field 'tokenizer_hash' is {corpus.meta.get('tokenizer_hash')!r} but the {whose} tokenizer "
+            f"hashes to {tokenizer_hash_!r}: the corpus was tokenized with another tokenizer"
         )
+
+
+def _teacher_tokenizer(teacher_dir):
+    from kd_pipeline.core.models.loading import load_tokenizer
+
+    return load_tokenizer(teacher_dir)
+
+
+def _model_vocab_size(model_dir) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(model_dir).vocab_size)
+
+
+def _cross_tokenizer_setup(config, vocab_map_path, teacher_tokenizer, student_tokenizer) -> dict:
+    """The stored vocabulary map, checked to be the one of this (teacher, student) pair."""
+    from kd_pipeline.core.cross_tokenizer.token_bytes import token_bytes
+    from kd_pipeline.core.cross_tokenizer.vocab_map import VocabMap, fingerprint
+
+    if vocab_map_path is None:
+        raise ValueError("distill.cross_tokenizer needs the pair's vocabulary map (vocab_map_path)")
+    vocab_map = VocabMap.load(vocab_map_path)
+    for side, tok in (("teacher", teacher_tokenizer), ("student", student_tokenizer)):
+        if vocab_map.metadata.get(f"{side}_fingerprint") != fingerprint(token_bytes(tok)):
+            raise ArtifactMismatchError(f"vocabulary map {vocab_map_path} was built for another {side} tokenizer: "
+                                        "rebuild it (kedro run --pipelines distill)")
+    if vocab_map.metadata.get("max_pieces") != str(config.max_pieces):
+        raise ArtifactMismatchError(f"vocabulary map {vocab_map_path} has max_pieces "
+                                    f"{vocab_map.metadata.get('max_pieces')}, the config {config.max_pieces}")
+    counts = {key: value for key, value in vocab_map.metadata.items() if key.endswith(("_ids", "classes", "_size"))}
+    return {"projection": vocab_map.projection(), "vocab_map_hash": vocab_map.content_hash, "counts": counts}
 
 
 def _open_targets(loss: KDLossConfig, targets, topk_dir, corpus, student_tokenizer_hash: str, vocab_size: int,

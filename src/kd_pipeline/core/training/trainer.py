@@ -20,7 +20,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from kd_pipeline.core.losses import KDLossConfig, fused_topk_kd_loss
+from kd_pipeline.core.losses import KDLossConfig, LossOutput, fused_topk_kd_loss
 from kd_pipeline.core.models.head import require_plain_head
 from kd_pipeline.core.training.config import REDUCTIONS
 from kd_pipeline.core.training.data import flat_labels
@@ -129,13 +129,17 @@ class DistillationTrainer(Trainer):
         scale = self.accelerator.num_processes if training and self.accelerator.num_processes > 1 else 1
         weights = self._token_weights(mask, num_items_in_batch if training else None, scale)
         with self.accelerator.autocast():
-            out = fused_topk_kd_loss(
-                hidden, head.weight, head.bias, inputs.get("kd_topk_ids"), inputs.get("kd_topk_logprobs"),
-                flat_labels(inputs), weights, self.loss_config,
-            )
+            out = self._loss(hidden, head, inputs, weights)
         self._check_finite(out.loss, inputs, training)
         self._record(out, inputs, scale, training)
         return (out.loss, outputs) if return_outputs else out.loss
+
+    def _loss(self, hidden: torch.Tensor, head: torch.nn.Module, inputs: dict, weights: torch.Tensor) -> LossOutput:
+        """The micro-batch's loss on the gathered (N, H) hidden states (the fused top-k loss)."""
+        return fused_topk_kd_loss(
+            hidden, head.weight, head.bias, inputs.get("kd_topk_ids"), inputs.get("kd_topk_logprobs"),
+            flat_labels(inputs), weights, self.loss_config,
+        )
 
     def _token_weights(self, mask: torch.Tensor, num_items_in_batch, scale: int) -> torch.Tensor:
         """(N,) float32 reduction weights (see the module docstring)."""
@@ -166,7 +170,7 @@ class DistillationTrainer(Trainer):
         """Accumulate this micro-batch's metrics (TRL's `_metrics` pattern; reduced in `log`)."""
         metrics = self._metrics["train" if training else "eval"]
         mask = inputs["kd_positions_mask"]
-        has_kd = "kd_topk_ids" in inputs
+        has_kd = self._KD_INPUT in inputs
         # One device-to-host copy for all of them.
         loss, kd, sft, coverage, mass, weight_sum, trained, tokens = torch.stack([
             out.loss.detach().double(), out.kd.double(), out.sft.double(), out.teacher_coverage.double(),
@@ -187,6 +191,8 @@ class DistillationTrainer(Trainer):
             metrics["weight_sum"] += weight_sum
             metrics["coverage_sum"] += coverage * weight_sum
             metrics["mass_sum"] += mass * weight_sum
+            for name, value in self._extra_kd_sums(out).items():
+                metrics[name] += value * norm
         metrics["tokens"] += tokens
         metrics["trained_tokens"] += trained
 
@@ -211,6 +217,7 @@ class DistillationTrainer(Trainer):
                 extra = {"total": sums["loss_sum"] / steps, "sft": sums["sft_sum"] / steps}
                 if has_kd:
                     extra["kd"] = sums["kd_sum"] / steps
+                    extra.update({name[:-4]: sums[name] / steps for name in self._extra_sum_names(sums)})
                 seconds = self._train_seconds - self._train_seconds_last_logged
                 self._train_seconds_last_logged = self._train_seconds
                 if seconds > 0:
@@ -221,15 +228,72 @@ class DistillationTrainer(Trainer):
                 extra = {"total": sums["loss_sum"] / norm, "sft": sums["sft_sum"] / norm}
                 if has_kd:
                     extra["kd"] = sums["kd_sum"] / norm
+                    extra.update({name[:-4]: sums[name] / norm for name in self._extra_sum_names(sums)})
             if has_kd and sums["weight_sum"] > 0:
-                extra["teacher_coverage"] = sums["coverage_sum"] / sums["weight_sum"]
-                extra["student_topk_mass"] = sums["mass_sum"] / sums["weight_sum"]
+                coverage_name, mass_name = self._MEAN_METRICS
+                extra[coverage_name] = sums["coverage_sum"] / sums["weight_sum"]
+                extra[mass_name] = sums["mass_sum"] / sums["weight_sum"]
             prefix = "" if mode == "train" else "eval_"
             logs = {**logs, **{prefix + key: value for key, value in extra.items()}}
         super().log(logs, start_time)
 
     _globalstep_last_logged_for_metrics = 0
     _train_seconds_last_logged = 0.0
+    #: The batch key whose presence means the batch has KD targets.
+    _KD_INPUT = "kd_topk_ids"
+    #: Log names of `LossOutput.teacher_coverage` and `.student_topk_mass` (weighted means).
+    _MEAN_METRICS = ("teacher_coverage", "student_topk_mass")
+
+    def _extra_kd_sums(self, out) -> dict[str, float]:
+        """Further per-micro-batch loss terms to log, as `{name + "_sum": value}`."""
+        return {}
+
+    @staticmethod
+    def _extra_sum_names(sums: dict) -> list[str]:
+        known = {"loss_sum", "sft_sum", "kd_sum", "coverage_sum", "mass_sum", "weight_sum"}
+        return sorted(name for name in sums if name.endswith("_sum") and name not in known)
+
+
+class CrossTokenizerTrainer(DistillationTrainer):
+    """`DistillationTrainer` for a student with its own tokenizer (`core/cross_tokenizer`).
+
+    Batches come from `CrossTokenizerCollator` (the student's tokens plus the aligned groups'
+    teacher rows, `ct_*`); the loss is `cross_tokenizer_kd_loss`, a group weighing what its
+    first student row weighs. Logged: `kd` (on matched classes), `uld` (unmatched rest), `sft`,
+    `matched_mass` (teacher mass on matched classes) and `aligned_agreement` (top-1 class).
+
+    Args (beyond `DistillationTrainer`'s):
+        projection: the pair's `VocabMap.projection()`.
+        options: the `CrossTokenizerOptions`.
+    """
+
+    _KD_INPUT = "ct_row_start"
+    _MEAN_METRICS = ("matched_mass", "aligned_agreement")
+
+    def __init__(self, *args, projection, options, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.projection = projection
+        self.options = options
+
+    def _loss(self, hidden, head, inputs, weights):
+        from kd_pipeline.core.cross_tokenizer.data import group_batch
+        from kd_pipeline.core.cross_tokenizer.loss import cross_tokenizer_kd_loss
+
+        if self.projection.teacher_class.device != hidden.device:
+            self.projection = type(self.projection)(
+                **{name: value.to(hidden.device) for name, value in vars(self.projection).items()})
+        if self._KD_INPUT not in inputs:  # SFT only (no teacher rows): the plain loss
+            return super()._loss(hidden, head, inputs, weights)
+        groups = group_batch(inputs, weights)
+        out = cross_tokenizer_kd_loss(hidden, head.weight, head.bias, flat_labels(inputs), weights, groups,
+                                      self.projection, self.loss_config, self.options)
+        self._last_uld = out.uld
+        return LossOutput(out.loss, out.kd, out.sft, out.matched_mass, out.agreement, out.group_weight_sum)
+
+    def _extra_kd_sums(self, out) -> dict[str, float]:
+        return {"uld_sum": float(self._last_uld)} if self._last_uld is not None else {}
+
+    _last_uld = None
 
 
 class _StepTimer(TrainerCallback):
