@@ -123,3 +123,40 @@ def test_a_map_of_another_pair_is_refused(setup, tmp_path, byte_bpe):
     other.save(path)
     with pytest.raises(ArtifactMismatchError, match="was built for another student tokenizer"):
         run(setup, tmp_path, KDLossConfig(kd_loss_weight=1.0, sft_loss_weight=1.0), vocab_map_path=path)
+
+
+def test_cross_tokenizer_evaluation_in_bits_per_byte(setup, tmp_path):
+    import math
+
+    from kd_pipeline.core.cross_tokenizer.alignment import trained_byte_count
+    from kd_pipeline.core.cross_tokenizer.data import student_sample
+    from kd_pipeline.core.cross_tokenizer.evaluation import evaluate_cross_tokenizer_student
+    from kd_pipeline.core.evaluation.metrics import EvalConfig
+    from kd_pipeline.core.models.loading import load_causal_lm
+
+    teacher_dir, student_dir, corpus, targets, _, vocab_map = setup
+    run(setup, tmp_path, KDLossConfig(kd_loss_weight=1.0, sft_loss_weight=1.0))
+    model, tokenizer = load_causal_lm(tmp_path / "student"), load_tokenizer(tmp_path / "student")
+    samples = corpus.split("validation")
+    metrics = evaluate_cross_tokenizer_student(model, tokenizer, samples, targets, vocab_map.projection(),
+                                               EvalConfig(batch_size=3, token_chunk_size=7))
+    # Independent: full logits of each sample, NLL of its trained student tokens, their bytes.
+    nll = num_bytes = tokens = teacher_nll = teacher_bytes = 0.0
+    for row in samples.to_pylist():
+        student = student_sample(tokenizer, row["text"], np.asarray(row["byte_ends"]), np.asarray(row["loss_mask"]),
+                                 tokenizer.eos_token_id)
+        ids = torch.as_tensor(student.input_ids)[None]
+        with torch.no_grad():
+            logprobs = model(input_ids=ids).logits[0].double().log_softmax(-1)
+        trained = np.flatnonzero(student.loss_mask)
+        nll -= sum(float(logprobs[t - 1, student.input_ids[t]]) for t in trained)
+        tokens += len(trained)
+        num_bytes += trained_byte_count(student.byte_ends, student.loss_mask)
+        teacher_nll -= float(targets.data[row["sample_id"]]["target_logprobs"].astype(np.float64).sum())
+        teacher_bytes += trained_byte_count(np.asarray(row["byte_ends"]), np.asarray(row["loss_mask"]))
+    assert metrics["num_tokens"] == tokens and metrics["num_bytes"] == num_bytes
+    assert metrics["student_nll"] == pytest.approx(nll / tokens, rel=1e-5)
+    assert metrics["student_bits_per_byte"] == pytest.approx(nll / (math.log(2) * num_bytes), rel=1e-5)
+    assert metrics["teacher_bits_per_byte"] == pytest.approx(teacher_nll / (math.log(2) * teacher_bytes), rel=1e-6)
+    assert metrics["aligned_kl_teacher_student"] > 0 and 0 <= metrics["aligned_agreement"] <= 1
+    assert metrics["num_groups"] > 0

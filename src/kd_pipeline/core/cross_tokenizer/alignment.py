@@ -184,3 +184,14 @@ def align_by_byte_ends(teacher_ends: Sequence[int], student_ends: Sequence[int])
             t_first, s_first = i, j
     arrays = [np.asarray(column, dtype=np.int64) for column in columns]
     return AlignedGroups(*arrays)
+
+
+def trained_byte_count(byte_ends: np.ndarray, loss_mask: np.ndarray) -> int:
+    """Bytes of text covered by the trained tokens (token t covers `ends[t-1]:ends[t]`).
+
+    Bits per byte = (sum of the trained tokens' NLL in nats) / (ln 2 * this): comparable across
+    tokenizers on the same text, unlike per-token NLL.
+    """
+    ends = np.asarray(byte_ends, dtype=np.int64)
+    sizes = np.diff(np.concatenate([[0], ends]))
+    return int(sizes[np.asarray(loss_mask).astype(bool)].sum())

@@ -208,6 +208,7 @@ class CrossTokenizerDataset(torch.utils.data.Dataset):
                 if target.target_logprobs is None:
                     raise ValueError(f"sample {sample_id}: the artifact rows have no target_logprobs "
                                      "(the span chains need them)")
+                item["teacher_nll_sum"] = -float(np.asarray(target.target_logprobs, dtype=np.float64).sum())
                 item["ct"] = make_item(index, sample_id, student, self.byte_ends[index], teacher_mask,
                                        target.topk_ids, target.topk_logprobs, target.target_logprobs)
             items.append(item)

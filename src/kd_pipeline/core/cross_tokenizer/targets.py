@@ -145,13 +145,3 @@ def collate_groups(
         weights=weights,
     )
 
-
-def trained_byte_count(byte_ends: np.ndarray, loss_mask: np.ndarray) -> int:
-    """Bytes of text covered by the trained tokens (token t covers `ends[t-1]:ends[t]`).
-
-    Bits per byte = (sum of the trained tokens' NLL in nats) / (ln 2 * this): comparable across
-    tokenizers on the same text, unlike per-token NLL.
-    """
-    ends = np.asarray(byte_ends, dtype=np.int64)
-    sizes = np.diff(np.concatenate([[0], ends]))
-    return int(sizes[np.asarray(loss_mask).astype(bool)].sum())

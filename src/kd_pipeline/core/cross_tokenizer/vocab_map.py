@@ -50,6 +50,8 @@ from kd_pipeline.core.atomic import atomic_path, canonical_json
 from kd_pipeline.core.cross_tokenizer.token_bytes import TokenBytes, backend_of, token_bytes
 
 VOCAB_MAP_VERSION = 1
+VOCAB_MAP_FILE = "vocab_map.safetensors"
+"""File name of the map inside the pipeline's vocab_map folder."""
 DEFAULT_MAX_PIECES = 8
 """X-Token cuts re-tokenizations at 4 pieces; a digit-splitting teacher spells a space and a
 4-digit year in 5, so the default is larger (the cap only bounds how far classes merge)."""
