@@ -239,7 +239,8 @@ def _summary(trainer, train_metrics, liger_applied, args, resume_from, manifest_
     history = trainer.state.log_history
     last_train = next((row for row in reversed(history) if "loss" in row), {})
     last_eval = next((row for row in reversed(history) if "eval_loss" in row), {})
-    final_train = {key: last_train[key] for key in ("loss", "total", "kd", "sft", "teacher_coverage",
+    final_train = {key: last_train[key] for key in ("loss", "total", "kd", "uld", "sft", "teacher_coverage",
+                                                   "matched_mass", "aligned_agreement",
                                                    "student_topk_mass", "tokens_per_second", "grad_norm",
                                                    "learning_rate") if key in last_train}
     rates = [row["tokens_per_second"] for row in history if "tokens_per_second" in row]
