@@ -15,7 +15,8 @@ TINY_TOKENIZER_JSON = Path(__file__).resolve().parents[2] / "fixtures" / "tiny_t
 ALPHABET = sorted(set("In the beginning God created 2024 1999 東京 😀 🎉 café crème naïve\nnew line. Their theory,"))
 
 #: Multi-character Unigram pieces (higher score than single characters, so they win).
-UNIGRAM_PIECES = ["▁the", "▁beginning", "▁God", "▁cr", "eated", "2024", "▁2024", "東京", "▁caf", "é", "ne", "ew", "▁l", "in", "e.", "▁b", "▁Th"]
+UNIGRAM_PIECES = ["▁the", "▁beginning", "▁God", "▁cr", "eated", "2024", "▁2024", "東京", "▁caf", "é", "ne", "ew",
+                  "▁l", "in", "e.", "▁b", "▁Th"]
 
 
 @pytest.fixture(scope="session")

@@ -9,13 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from kd_pipeline.core.cross_tokenizer.alignment import encode_with_byte_ends
+from kd_pipeline.core.cross_tokenizer.alignment import encode_with_byte_ends, trained_byte_count
 from kd_pipeline.core.cross_tokenizer.loss import CrossTokenizerOptions, cross_tokenizer_kd_loss
+from kd_pipeline.core.cross_tokenizer.reference import cross_tokenizer_loss_reference
+from kd_pipeline.core.cross_tokenizer.targets import collate_groups, sample_groups
 from kd_pipeline.core.cross_tokenizer.token_bytes import token_bytes
 from kd_pipeline.core.cross_tokenizer.vocab_map import build_vocab_map
-from kd_pipeline.core.cross_tokenizer.reference import cross_tokenizer_loss_reference
-from kd_pipeline.core.cross_tokenizer.alignment import trained_byte_count
-from kd_pipeline.core.cross_tokenizer.targets import collate_groups, sample_groups
 from kd_pipeline.core.losses import KDLossConfig
 
 TEXT = "In the beginning God created 2024 東京 😀 café\nnew line."

@@ -81,9 +81,10 @@ def run(setup, tmp_path, loss, **overrides):
     teacher_dir, student_dir, corpus, targets, map_path, _ = setup
     config = {k: v for k, v in tiny_llama_config().items() if k not in ("vocab_size", "bos_token_id", "eos_token_id",
                                                                        "pad_token_id")}
-    train = TrainConfig(max_steps=3, per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=3e-3,
-                        warmup=0, save_steps=0, eval_steps=3, eval_at_end=False, logging_steps=1, disable_tqdm=True,
-                        lr_scheduler="linear", seed=0)
+    train = TrainConfig.from_dict(dict(
+        max_steps=3, per_device_train_batch_size=4, per_device_eval_batch_size=8, learning_rate=3e-3, warmup_steps=0,
+        save_steps=0, eval_steps=3, eval_at_end=False, logging_steps=1, disable_tqdm=True, lr_scheduler_type="linear",
+        seed=0))
     kwargs = dict(teacher_dir=teacher_dir, corpus=corpus, loss=loss, train=train, output_dir=tmp_path / "student",
                   student_init=StudentInit(method="from_config", config=config, seed=0), targets=targets,
                   cross_tokenizer=CrossTokenizerConfig(student_tokenizer=str(student_dir)), vocab_map_path=map_path)

@@ -7,7 +7,7 @@ from typing import Any, Mapping
 
 from kd_pipeline.core.cross_tokenizer.loss import CrossTokenizerOptions
 from kd_pipeline.core.cross_tokenizer.vocab_map import DEFAULT_MAX_PIECES
-from kd_pipeline.core.params import dataclass_from_params
+from kd_pipeline.core.params import dataclass_from_params, require, require_int
 
 
 @dataclass(frozen=True)
@@ -29,11 +29,11 @@ class CrossTokenizerConfig:
     span_merge: str = "observed"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.student_tokenizer, str) or not self.student_tokenizer:
-            raise ValueError(f"distill.cross_tokenizer.student_tokenizer must be a path, got {self.student_tokenizer!r}")
-        if isinstance(self.max_pieces, bool) or not isinstance(self.max_pieces, int) or self.max_pieces < 1:
-            raise ValueError(f"distill.cross_tokenizer.max_pieces must be an int >= 1, got {self.max_pieces!r}")
-        self.options  # validates uld_loss_weight and span_merge
+        what = "distill.cross_tokenizer"
+        require(isinstance(self.student_tokenizer, str) and bool(self.student_tokenizer), what, "student_tokenizer",
+                "a tokenizer folder path", self.student_tokenizer)
+        require_int(what, "max_pieces", self.max_pieces, minimum=1)
+        CrossTokenizerOptions(uld_loss_weight=self.uld_loss_weight, span_merge=self.span_merge)
 
     @property
     def options(self) -> CrossTokenizerOptions:
@@ -44,4 +44,5 @@ class CrossTokenizerConfig:
         """None for null / absent params (the student shares the teacher's tokenizer)."""
         if not params:
             return None
+        require("student_tokenizer" in params, "distill.cross_tokenizer", "student_tokenizer", "given", None)
         return dataclass_from_params(cls, params, "distill.cross_tokenizer")

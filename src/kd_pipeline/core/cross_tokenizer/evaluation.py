@@ -116,12 +116,12 @@ def evaluate_cross_tokenizer_on_artifact(student_dir: str | os.PathLike, teacher
     """
     from transformers import AutoConfig
 
+    from kd_pipeline.core.cross_tokenizer.token_bytes import token_bytes
+    from kd_pipeline.core.cross_tokenizer.vocab_map import VocabMap, fingerprint
     from kd_pipeline.core.devices import resolve_device
     from kd_pipeline.core.models.identity import tokenizer_hash
     from kd_pipeline.core.models.loading import load_causal_lm, load_tokenizer
     from kd_pipeline.core.topk_store import ArtifactMismatchError, TopKReader, check_artifact_compatibility
-    from kd_pipeline.core.cross_tokenizer.token_bytes import token_bytes
-    from kd_pipeline.core.cross_tokenizer.vocab_map import VocabMap, fingerprint
 
     model = load_causal_lm(student_dir, device=resolve_device(config.device))
     tokenizer, teacher_tokenizer = load_tokenizer(student_dir), load_tokenizer(teacher_dir)

@@ -74,7 +74,7 @@ from kd_pipeline.core.losses.fused import (
     auto_chunk_size,
 )
 from kd_pipeline.core.losses.reference import _divergence
-from kd_pipeline.core.params import dataclass_from_params
+from kd_pipeline.core.params import dataclass_from_params, require, require_choice, require_number
 
 SPAN_MERGES = ("observed", "first_token")
 
@@ -92,17 +92,14 @@ class CrossTokenizerOptions:
     span_merge: str = "observed"
 
     def __post_init__(self) -> None:
-        if self.span_merge not in SPAN_MERGES:
-            raise ValueError(
-                f"cross_tokenizer.span_merge must be one of {list(SPAN_MERGES)}, got {self.span_merge!r}"
-            )
-        weight = self.uld_loss_weight
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-            raise ValueError(f"cross_tokenizer.uld_loss_weight must be a finite number >= 0, got {weight!r}")
+        require_choice("distill.cross_tokenizer", "span_merge", self.span_merge, SPAN_MERGES)
+        require_number("distill.cross_tokenizer", "uld_loss_weight", self.uld_loss_weight, minimum=0)
+        require(math.isfinite(self.uld_loss_weight), "distill.cross_tokenizer", "uld_loss_weight", "finite",
+                self.uld_loss_weight)
 
     @classmethod
     def from_dict(cls, params: Mapping[str, Any]) -> CrossTokenizerOptions:
-        return dataclass_from_params(cls, params, "cross_tokenizer")
+        return dataclass_from_params(cls, params, "distill.cross_tokenizer")
 
 
 class CrossTokenizerLossOutput(NamedTuple):

@@ -12,9 +12,10 @@ are the same. It puts every teacher id and every student id into a *class*:
    rules hold: a digit-splitting teacher cuts `" 2024"` into `Ġ 2 0 2 4`); when that does not
    spell the same bytes (a SentencePiece tokenizer prepending `▁`, a partial UTF-8 byte piece),
    the fewest-pieces split over the other vocabulary is used (ties: longest first piece). If it
-   has at most `max_pieces` pieces, the entry joins the class of the *first piece*. Student `"2024"` against a digit-splitting teacher joins the teacher's `"2"`,
-   because "the student emits `2024`" is one way of "the teacher's next token is `2`"; teacher
-   `" their"` against a student without it joins the student's `" the"`. So the teacher's
+   has at most `max_pieces` pieces, the entry joins the class of the *first piece*. Student
+   `"2024"` against a digit-splitting teacher joins the teacher's `"2"`, because "the student
+   emits `2024`" is one way of "the teacher's next token is `2`"; teacher `" their"` against a
+   student without it joins the student's `" the"`. So the teacher's
    probability of `"2"` is compared with the student's total probability of `"2"`, `"20"`,
    `"2024"`, ... and multi-digit numerals are matched instead of being thrown into the
    unmatched set (the failure X-Token reports for partition-only maps). Within a class the two
@@ -48,6 +49,7 @@ import torch
 
 from kd_pipeline.core.atomic import atomic_path, canonical_json
 from kd_pipeline.core.cross_tokenizer.token_bytes import TokenBytes, backend_of, token_bytes
+from kd_pipeline.core.params import require_int
 
 VOCAB_MAP_VERSION = 1
 VOCAB_MAP_FILE = "vocab_map.safetensors"
@@ -315,8 +317,7 @@ def build_vocab_map(
     Raises:
         ValueError: `max_pieces < 1`, or a special pair with an id outside a vocabulary.
     """
-    if isinstance(max_pieces, bool) or not isinstance(max_pieces, int) or max_pieces < 1:
-        raise ValueError(f"max_pieces must be an int >= 1, got {max_pieces!r}")
+    require_int("distill.cross_tokenizer", "max_pieces", max_pieces, minimum=1)
     teacher, student = token_bytes(teacher_tokenizer), token_bytes(student_tokenizer)
     pairs = {int(t): int(s) for t, s in (special_pairs or {}).items()}
     for t_id, s_id in pairs.items():

@@ -5,18 +5,17 @@ kedro-mlflow's active run)."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable
 
-from dataclasses import asdict
-
 from kd_pipeline import tracking
 from kd_pipeline.core.atomic import write_json_atomic
+from kd_pipeline.core.corpus import TokenizedCorpus
 from kd_pipeline.core.cross_tokenizer import vocab_map as vocab_maps
 from kd_pipeline.core.cross_tokenizer.config import CrossTokenizerConfig
-from kd_pipeline.core.models.loading import load_tokenizer
-from kd_pipeline.core.corpus import TokenizedCorpus
 from kd_pipeline.core.losses import KDLossConfig
+from kd_pipeline.core.models.loading import load_tokenizer
 from kd_pipeline.core.models.student import StudentInit
 from kd_pipeline.core.topk_store import manifest_sha256
 from kd_pipeline.core.training.config import TrainConfig
