@@ -77,6 +77,8 @@ from kd_pipeline.core.losses.reference import _divergence
 from kd_pipeline.core.params import dataclass_from_params, require, require_choice, require_number
 
 SPAN_MERGES = ("observed", "first_token")
+CHUNK_DIVISOR = 4
+"""The automatic chunk is the fused loss's `auto_chunk_size` divided by this."""
 
 
 @dataclass(frozen=True)
@@ -381,7 +383,9 @@ class CrossTokenizerDistillationFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, sft_weights, groups, projection, config, options, needs_grad):
         num_rows, hidden_size = hidden.shape
         vocab = weight.shape[0]
-        chunk_size = config.chunk_size or auto_chunk_size(num_rows, vocab, hidden_size)
+        # Autograd keeps about a dozen [C, V] tensors of a chunk (the fused loss: one), so the
+        # automatic chunk is a quarter of the fused loss's (benchmarks/bench_cross_tokenizer_loss.py).
+        chunk_size = config.chunk_size or max(1, auto_chunk_size(num_rows, vocab, hidden_size) // CHUNK_DIVISOR)
         needs_hidden, needs_weight, needs_bias = needs_grad
         compute_grad = any(needs_grad)
         dtype = _compute_dtype(hidden.dtype)
