@@ -77,8 +77,6 @@ from kd_pipeline.core.losses.reference import _divergence
 from kd_pipeline.core.params import dataclass_from_params, require, require_choice, require_number
 
 SPAN_MERGES = ("observed", "first_token")
-CHUNK_DIVISOR = 4
-"""The automatic chunk is the fused loss's `auto_chunk_size` divided by this."""
 
 
 @dataclass(frozen=True)
@@ -383,9 +381,9 @@ class CrossTokenizerDistillationFunction(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, labels, sft_weights, groups, projection, config, options, needs_grad):
         num_rows, hidden_size = hidden.shape
         vocab = weight.shape[0]
-        # Autograd keeps about a dozen [C, V] tensors of a chunk (the fused loss: one), so the
-        # automatic chunk is a quarter of the fused loss's (benchmarks/bench_cross_tokenizer_loss.py).
-        chunk_size = config.chunk_size or max(1, auto_chunk_size(num_rows, vocab, hidden_size) // CHUNK_DIVISOR)
+        # The fused loss's automatic chunk: a quarter of it cut the peak by only ~15% and doubled
+        # the CPU time (benchmarks/bench_cross_tokenizer_loss.py, docs/benchmarks.md).
+        chunk_size = config.chunk_size or auto_chunk_size(num_rows, vocab, hidden_size)
         needs_hidden, needs_weight, needs_bias = needs_grad
         compute_grad = any(needs_grad)
         dtype = _compute_dtype(hidden.dtype)
