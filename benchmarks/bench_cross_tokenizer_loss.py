@@ -44,7 +44,7 @@ def _make_inputs(impl: str, num_tokens: int, hidden_size: int, vocab_size: int, 
     import numpy as np
     import torch
 
-    from kd_pipeline.core.cross_tokenizer.loss import AlignedGroupBatch
+    from kd_pipeline.core.cross_tokenizer.groups import AlignedGroupBatch
     from kd_pipeline.core.cross_tokenizer.vocab_map import VocabMap
 
     gen = torch.Generator().manual_seed(seed)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from kd_pipeline.core.cross_tokenizer.loss import AlignedGroupBatch, CrossTokenizerOptions, cross_tokenizer_kd_loss
+from kd_pipeline.core.cross_tokenizer.groups import AlignedGroupBatch
+from kd_pipeline.core.cross_tokenizer.loss import CrossTokenizerOptions, cross_tokenizer_kd_loss
 from kd_pipeline.core.cross_tokenizer.reference import cross_tokenizer_loss_reference
 from kd_pipeline.core.cross_tokenizer.vocab_map import VocabMap
 from kd_pipeline.core.losses import IGNORE_INDEX, KDLossConfig, fused_topk_kd_loss

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from kd_pipeline.core.cross_tokenizer.alignment import encode_with_byte_ends
-from kd_pipeline.core.cross_tokenizer.loss import AlignedGroupBatch
+from kd_pipeline.core.cross_tokenizer.groups import AlignedGroupBatch
 from kd_pipeline.core.cross_tokenizer.targets import SampleGroups, sample_groups
 from kd_pipeline.core.cross_tokenizer.token_bytes import TokenBytes, backend_of, token_bytes
 

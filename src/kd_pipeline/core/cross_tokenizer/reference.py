@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from kd_pipeline.core.cross_tokenizer.loss import AlignedGroupBatch, CrossTokenizerOptions
+from kd_pipeline.core.cross_tokenizer.groups import AlignedGroupBatch
+from kd_pipeline.core.cross_tokenizer.loss import CrossTokenizerOptions
 from kd_pipeline.core.cross_tokenizer.vocab_map import VocabMap
 from kd_pipeline.core.losses.config import IGNORE_INDEX, TEACHER_TAIL_MIN_MASS, KDLossConfig
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from kd_pipeline.core.cross_tokenizer.alignment import align_by_byte_ends
-from kd_pipeline.core.cross_tokenizer.loss import AlignedGroupBatch
+from kd_pipeline.core.cross_tokenizer.groups import AlignedGroupBatch
 
 
 @dataclass(frozen=True)

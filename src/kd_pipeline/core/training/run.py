@@ -20,6 +20,7 @@ from transformers.trainer_callback import ProgressCallback
 from kd_pipeline.core.atomic import atomic_dir, canonical_json, write_json_atomic
 from kd_pipeline.core.losses import KDLossConfig
 from kd_pipeline.core.models.identity import tokenizer_hash
+from kd_pipeline.core.models.loading import load_tokenizer
 from kd_pipeline.core.models.student import init_student
 from kd_pipeline.core.plots import plot_training_curves
 from kd_pipeline.core.topk_store import ArtifactMismatchError, check_artifact_compatibility, manifest_sha256
@@ -88,25 +89,16 @@ def train_student(
                                     cross_tokenizer.student_tokenizer if cross_tokenizer else None)
     # The corpus and the artifact are the teacher's tokens: with its own tokenizer the student is
     # checked against the teacher's tokenizer and vocabulary instead of its own.
-    corpus_tokenizer = _teacher_tokenizer(teacher_dir) if cross_tokenizer else tokenizer
+    corpus_tokenizer = load_tokenizer(teacher_dir) if cross_tokenizer else tokenizer
     corpus_tokenizer_hash = tokenizer_hash(corpus_tokenizer)
     _check_corpus_tokenizer(corpus, corpus_tokenizer_hash, "teacher" if cross_tokenizer else "student")
     vocab_size = (_model_vocab_size(teacher_dir) if cross_tokenizer
                   else model.get_output_embeddings().weight.shape[0])
     targets, used_k, manifest_id = _open_targets(loss, targets, topk_dir, corpus, corpus_tokenizer_hash,
                                                  vocab_size, k)
-    validation = corpus.split("validation")
-    cross = None
-    if cross_tokenizer is not None:
-        cross = _cross_tokenizer_setup(cross_tokenizer, vocab_map_path, corpus_tokenizer, tokenizer)
-        from kd_pipeline.core.cross_tokenizer.data import CrossTokenizerCollator, CrossTokenizerDataset
-
-        train_set = CrossTokenizerDataset(corpus.split("train"), targets, tokenizer, used_k, split="train")
-        eval_set = (CrossTokenizerDataset(validation, targets, tokenizer, used_k, split="validation")
-                    if validation.num_rows else None)
-    else:
-        train_set = DistillDataset(corpus.split("train"), targets, used_k, split="train")
-        eval_set = DistillDataset(validation, targets, used_k, split="validation") if validation.num_rows else None
+    cross = (_cross_tokenizer_setup(cross_tokenizer, vocab_map_path, corpus_tokenizer, tokenizer)
+             if cross_tokenizer is not None else None)
+    train_set, eval_set = _datasets(corpus, targets, used_k, tokenizer if cross else None)
 
     args = training_arguments(train, checkpoint_dir, eval_set is not None, report_to, model.config.model_type)
     identity = {"train": train.identity(), "loss": asdict(loss), "student_init": asdict(student_init),
@@ -117,14 +109,9 @@ def train_student(
                                        "student_tokenizer_hash": tokenizer_hash(tokenizer)}
     resume_from = prepare_checkpoint_dir(checkpoint_dir, identity, train.resume, args.process_index == 0)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    common = dict(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
-                  loss_config=loss, reduction=train.reduction, callbacks=list(callbacks))
-    if cross is not None:
-        trainer = CrossTokenizerTrainer(
-            data_collator=CrossTokenizerCollator(pad_id, train.pad_to_multiple_of),
-            projection=cross["projection"], options=cross_tokenizer.options, **common)
-    else:
-        trainer = DistillationTrainer(data_collator=DistillCollator(pad_id, train.pad_to_multiple_of), **common)
+    trainer = _make_trainer(cross, cross_tokenizer, pad_id, train.pad_to_multiple_of, model=model, args=args,
+                            train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
+                            loss_config=loss, reduction=train.reduction, callbacks=list(callbacks))
     if not args.disable_tqdm:
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(DistillProgressCallback())
@@ -150,10 +137,26 @@ def _check_corpus_tokenizer(corpus, tokenizer_hash_: str, whose: str = "student"
         )
 
 
-def _teacher_tokenizer(teacher_dir):
-    from kd_pipeline.core.models.loading import load_tokenizer
+def _datasets(corpus, targets, k: int | None, student_tokenizer=None):
+    """(train, validation or None) datasets; re-tokenized by `student_tokenizer` when given."""
+    validation = corpus.split("validation")
+    if student_tokenizer is None:
+        train_set = DistillDataset(corpus.split("train"), targets, k, split="train")
+        return train_set, DistillDataset(validation, targets, k, split="validation") if validation.num_rows else None
+    from kd_pipeline.core.cross_tokenizer.data import CrossTokenizerDataset
 
-    return load_tokenizer(teacher_dir)
+    train_set = CrossTokenizerDataset(corpus.split("train"), targets, student_tokenizer, k, split="train")
+    eval_set = CrossTokenizerDataset(validation, targets, student_tokenizer, k, split="validation")
+    return train_set, eval_set if validation.num_rows else None
+
+
+def _make_trainer(cross: dict | None, cross_tokenizer, pad_id: int, pad_to_multiple_of: int | None, **kwargs):
+    if cross is None:
+        return DistillationTrainer(data_collator=DistillCollator(pad_id, pad_to_multiple_of), **kwargs)
+    from kd_pipeline.core.cross_tokenizer.data import CrossTokenizerCollator
+
+    return CrossTokenizerTrainer(data_collator=CrossTokenizerCollator(pad_id, pad_to_multiple_of),
+                                 projection=cross["projection"], options=cross_tokenizer.options, **kwargs)
 
 
 def _model_vocab_size(model_dir) -> int:
