@@ -12,7 +12,11 @@ given too, and process CPU time alongside wall time.
 - `extract (no write)`: the production loop (`core.extraction.run_batches`): decoder, LM head
   on trained rows only, top-k and in-place logsumexp, host copy; samples dropped;
 - `extract`: the same plus encoding and writing shards (`TopKShardWriter`, the configured codec),
-  i.e. what `extract_teacher_topk` spends per batch.
+  i.e. what `extract_teacher_topk` spends per batch;
+- `extract (no write, no logz)`: `extract (no write)` with log-normalizers at the capture
+  temperature only: the headline `logz_overhead` is the paired median of `extract (no write)` ÷
+  this, minus 1 (the cost of the per-row log-normalizers at `--logz-temperatures`), and
+  `logz_bytes_per_trained_token` what they add to the encoded payload per codec.
 
 Teacher: `--teacher` or data/06_models/teacher when present, else the SmolLM2-135M architecture
 with random weights. Samples: `--corpus` or data/03_primary/tokenized_corpus when present (and
@@ -43,11 +47,12 @@ import torch  # noqa: E402
 from kd_pipeline.core.devices import dtype_name  # noqa: E402
 from kd_pipeline.core.extraction.config import ExtractionConfig  # noqa: E402
 from kd_pipeline.core.extraction.encode import PrecomputedCodec  # noqa: E402
-from kd_pipeline.core.extraction.head import TopKHead, bare_forward  # noqa: E402
+from kd_pipeline.core.extraction.head import TopKHead, bare_forward, teacher_rows  # noqa: E402
 from kd_pipeline.core.extraction.plan import CorpusArrays  # noqa: E402
 from kd_pipeline.core.extraction.run import run_batches  # noqa: E402
 from kd_pipeline.core.models.configs import SMOLLM2_135M_CONFIG  # noqa: E402
 from kd_pipeline.core.models.head import decoder_and_head  # noqa: E402
+from kd_pipeline.core.models.head import decoder_and_head as ex_decoder_and_head  # noqa: E402
 from kd_pipeline.core.models.loading import random_causal_lm  # noqa: E402
 
 
@@ -117,6 +122,64 @@ def load_samples(args, vocab_size: int, quick: bool) -> tuple[CorpusArrays, str,
     return CorpusArrays.from_lists(names, ids, masks), "synthetic chat-like (prompt 15-35% masked)", "synthetic"
 
 
+def logz_payload_bytes(model, head, samples, batches, device, trained: int) -> dict:
+    """Encoded bytes per trained token with and without the log-normalizer columns, per codec."""
+    from kd_pipeline.core.topk_store import LogQuantZstdCodec, RawCodec, TopKArrays
+
+    sizes: dict[str, list[int]] = {}
+    with torch.inference_mode():
+        for batch in batches:
+            inputs = samples.batch(batch)
+            rows = teacher_rows(model, head, inputs, device)
+            ids, lp, tgt, logz = (t.cpu().numpy() for t in (rows.topk_ids, rows.topk_logprobs, rows.target_logprobs,
+                                                             rows.logz))
+            start = 0
+            for positions in inputs.positions:
+                stop = start + len(positions)
+                with_logz = TopKArrays.from_any(positions, ids[start:stop], lp[start:stop], tgt[start:stop],
+                                                logz[start:stop], head.logz_scales)
+                without = TopKArrays.from_any(positions, ids[start:stop], lp[start:stop], tgt[start:stop])
+                for codec in (RawCodec(), LogQuantZstdCodec()):
+                    for label, arrays in (("with", with_logz), ("without", without)):
+                        payload = sum(len(v) for v in codec.encode(arrays).values())
+                        sizes.setdefault(f"{codec.name} {label}", []).append(payload)
+                start = stop
+    per_token = {name: sum(values) / trained for name, values in sizes.items()}
+    return {codec: {"with_logz": round(per_token[f"{codec} with"], 2),
+                    "without_logz": round(per_token[f"{codec} without"], 2),
+                    "logz_bytes": round(per_token[f"{codec} with"] - per_token[f"{codec} without"], 2)}
+            for codec in ("raw", "logquant_zstd")}
+
+
+def head_logz_seconds(model, head, plain_head, samples, batches, device, repeats: int) -> dict:
+    """The head alone on each batch's trained hidden rows, with and without the log-normalizers,
+    alternated `repeats` times: the logz cost isolated from the decoder's (noisier) time.
+    Returns summed per-batch minima (wall and process CPU seconds)."""
+    decoder, _ = ex_decoder_and_head(model)
+    rows = []
+    with torch.inference_mode():
+        for batch in batches:
+            inputs = samples.batch(batch)
+            hidden = decoder(input_ids=inputs.input_ids.to(device), use_cache=False).last_hidden_state
+            rows.append((hidden.reshape(-1, hidden.shape[-1]).index_select(0, inputs.flat_positions.to(device)),
+                         inputs.labels.to(device)))
+    best = {key: [float("inf")] * len(rows) for key in ("with", "without", "with_cpu", "without_cpu")}
+    with torch.inference_mode():
+        for rep in range(repeats):
+            for index, (hidden, labels) in enumerate(rows):
+                order = (("with", head), ("without", plain_head)) if rep % 2 == 0 else (("without", plain_head), ("with", head))
+                for key, which in order:
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    t0, c0 = time.perf_counter(), time.process_time()
+                    which(hidden, labels)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    best[key][index] = min(best[key][index], time.perf_counter() - t0)
+                    best[f"{key}_cpu"][index] = min(best[f"{key}_cpu"][index], time.process_time() - c0)
+    return {key: round(sum(values), 4) for key, values in best.items()}
+
+
 def pick_batches(plan: list, count: int) -> list:
     """`count` batches spread over the length-sorted plan (short to long)."""
     if len(plan) <= count:
@@ -139,6 +202,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=None)
     parser.add_argument("--encode-workers", type=int, default=-1)
     parser.add_argument("--no-naive", action="store_true", help="skip the naive full-logits pass")
+    parser.add_argument("--logz-temperatures", type=float, nargs="*", default=[0.5, 1.0, 2.0],
+                        help="teacher_logits.logz_temperatures of the extract passes")
     args = parser.parse_args(argv)
 
     started = time.perf_counter()
@@ -147,14 +212,16 @@ def main(argv=None) -> int:
                                          else (512 if args.quick else 2048))
     config = ExtractionConfig(k=args.k, codec=args.codec, batch_tokens=batch_tokens, max_batch_size=64,
                                  dtype=args.dtype, device=args.device, encode_workers=args.encode_workers,
-                                 progress=False)
+                                 logz_temperatures=args.logz_temperatures, progress=False)
     device = config.resolved_device()
     dtype = config.resolved_dtype(device)
     num_batches = args.batches or (2 if args.quick else 4)
     repeats = args.repeats or (2 if args.quick else 3)
 
     model, teacher_desc, identity = load_teacher(args, device, dtype)
-    head = TopKHead(model, config.k, config.temperature, config.resolved_head_chunk_rows(device))
+    head = TopKHead(model, config.k, config.temperature, config.resolved_head_chunk_rows(device),
+                    logz_scales=config.logz_scales)
+    plain_head = TopKHead(model, config.k, config.temperature, config.resolved_head_chunk_rows(device))
     samples, samples_desc, fingerprint = load_samples(args, head.vocab_size, args.quick)
     batches = pick_batches(samples.plan(config), num_batches)
     inputs = [samples.batch(b) for b in batches]
@@ -167,7 +234,8 @@ def main(argv=None) -> int:
     source = ArtifactSource(teacher_path="bench", teacher_config_sha256=identity["config_sha256"],
                             teacher_weights_sha256=identity["weights_sha256"], tokenizer_sha256="bench",
                             vocab_size=head.vocab_size, k=config.k, capture_dtype=dtype_name(dtype),
-                            capture_temperature=1.0, corpus_fingerprint=fingerprint)
+                            capture_temperature=1.0, corpus_fingerprint=fingerprint,
+                            logz_temperatures=config.logz_temperatures)
     workers = config.resolved_encode_workers(device)
 
     def sync():
@@ -194,6 +262,9 @@ def main(argv=None) -> int:
                 target = logprobs[:, :-1].gather(-1, batch.input_ids[:, 1:, None].to(device))
                 values.cpu(), ids.cpu(), target.cpu()
 
+    def plain_extract_pass(sel):
+        run_batches(model, plain_head, samples, [batches[i] for i in sel], _NullWriter(), device)
+
     def extract_pass(sel, write: bool):
         encoder = PrecomputedCodec(config.codec_object(), workers) if (write and workers) else None
         with tempfile.TemporaryDirectory() as tmp:
@@ -206,7 +277,7 @@ def main(argv=None) -> int:
             encoder.shutdown()
 
     passes = {"bare": bare_pass, "extract (no write)": lambda sel: extract_pass(sel, False),
-              "extract": lambda sel: extract_pass(sel, True)}
+              "extract (no write, no logz)": plain_extract_pass, "extract": lambda sel: extract_pass(sel, True)}
     if not args.quick:  # context passes: the floor and the naive approach
         passes["decoder"] = decoder_pass
         if not args.no_naive:
@@ -241,6 +312,14 @@ def main(argv=None) -> int:
                                  for rep in range(repeats) for i in range(len(inputs)))
 
     paired = {name: round(paired_median(name), 4) for name in names}
+    logz_ratio = statistics.median(times["extract (no write)"][rep][i] / times["extract (no write, no logz)"][rep][i]
+                                   for rep in range(repeats) for i in range(len(inputs)))
+    logz_bytes = logz_payload_bytes(model, head, samples, batches, device, trained)
+    head_seconds = head_logz_seconds(model, head, plain_head, samples, batches, device, max(5, repeats))
+    # The head's extra seconds against the whole (no-write) extraction of the same batches.
+    logz_head_overhead = (head_seconds["with"] - head_seconds["without"]) / best["extract (no write, no logz)"]
+    logz_head_overhead_cpu = ((head_seconds["with_cpu"] - head_seconds["without_cpu"])
+                              / best_cpu["extract (no write, no logz)"])
     paired_cpu = {name: round(paired_median(name, cpu_times), 4) for name in names}
     results = {
         "benchmark": "bench_extraction",
@@ -268,6 +347,13 @@ def main(argv=None) -> int:
         # Process CPU seconds (all threads): steadier than wall time on a loaded shared CPU box.
         "cpu_seconds_min": {name: round(value, 4) for name, value in best_cpu.items()},
         "load_average": list(os.getloadavg()),
+        "logz_temperatures": list(config.logz_temperatures),
+        "logz_overhead": round(logz_ratio - 1.0, 4),
+        "logz_head_seconds": head_seconds,
+        "logz_overhead_from_head": round(logz_head_overhead, 4),
+        "logz_overhead_from_head_cpu": round(logz_head_overhead_cpu, 4),
+        "logz_bytes_per_trained_token": logz_bytes,
+        "logz_goal_overhead": 0.02,
         "goal_ratio": 1.10,
         "wall_seconds": round(time.perf_counter() - started, 1),
     }
@@ -284,6 +370,12 @@ def main(argv=None) -> int:
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     print(f"\nextract ÷ bare: {paired['extract']:.3f} (median of back-to-back pairs), "
           f"{best['extract'] / best['bare']:.3f} (fastest repeat per batch); goal <= 1.10")
+    print(f"log-normalizers at {list(config.logz_temperatures)}: +{100 * (logz_ratio - 1):.2f}% extraction time "
+          f"(paired median, goal <= 2%); head alone: {head_seconds['without']:.3f} -> {head_seconds['with']:.3f} s = "
+          f"+{100 * logz_head_overhead:.2f}% of the extraction (CPU time +{100 * logz_head_overhead_cpu:.2f}%); "
+          f"bytes per trained token "
+          + ", ".join(f"{codec} +{v['logz_bytes']:.2f} ({v['without_logz']:.1f} -> {v['with_logz']:.1f})"
+                      for codec, v in logz_bytes.items()))
     if args.out:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -286,3 +286,40 @@ def test_plots_accept_a_bare_history_list_and_empty_history(tmp_path):
     assert plot_loss_curves([], tmp_path)[0].read_bytes()[:8] == PNG_MAGIC
     with pytest.raises(ValueError, match="log_history"):
         curves({"steps": 3})
+
+
+@pytest.mark.parametrize("family", ["gemma2", "cohere", "granite", "qwen2-padded"])
+def test_student_metrics_follow_the_models_own_head_for_each_family(family):
+    """Soft-cap / logit scale / logits scaling are applied as the model's forward does, and head
+    rows past the tokenizer get no mass: the NLL equals the float64 one from `model(...).logits`."""
+    import copy
+
+    from kd_pipeline.core.tiny import tiny_family_lm
+
+    model, num_tokens = tiny_family_lm(family)
+    samples = make_samples(seed=4, n=5, vocab=num_tokens)
+    actual = evaluate_student(model, samples, None, EvalConfig(batch_size=2), num_tokens=num_tokens)
+    double, nll = copy.deepcopy(model).double(), []
+    for ids, mask in zip(samples["input_ids"].to_pylist(), samples["loss_mask"].to_pylist()):
+        with torch.no_grad():
+            logprobs = torch.log_softmax(double(torch.tensor([ids])).logits[0, :, :num_tokens], dim=-1)
+        for t in np.flatnonzero(mask):
+            nll.append(-float(logprobs[t - 1, ids[t]]))
+    assert actual["num_tokens"] == len(nll)
+    assert actual["student_nll"] == pytest.approx(float(np.mean(nll)), rel=1e-5)
+
+
+def test_full_vocabulary_kl_against_the_teacher_run_again(student, teacher, samples):
+    """`kl_teacher_student_full`: KL(teacher || student) over the whole vocabulary, the teacher run
+    again on the same samples; float64 reference from both models' full log-softmax."""
+    actual = evaluate_student(student, samples, None, EvalConfig(batch_size=3, token_chunk_size=5),
+                              teacher_model=teacher)
+    kl = []
+    for ids, mask in zip(samples["input_ids"].to_pylist(), samples["loss_mask"].to_pylist()):
+        p, q = full_logprobs_f64(teacher, ids), full_logprobs_f64(student, ids)
+        for t in np.flatnonzero(mask):
+            kl.append(float((np.exp(p[t - 1]) * (p[t - 1] - q[t - 1])).sum()))
+    assert actual["kl_teacher_student_full"] == pytest.approx(float(np.mean(kl)), rel=1e-5)
+    assert actual["kl_teacher_student_full"] > 0.1
+    same = evaluate_student(teacher, samples, None, EvalConfig(batch_size=3), teacher_model=teacher)
+    assert abs(same["kl_teacher_student_full"]) < 1e-6

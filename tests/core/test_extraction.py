@@ -4,6 +4,7 @@ only, resume after SIGKILL (byte-identical shards), corruption detection and rep
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -22,12 +23,14 @@ from kd_pipeline.core.corpus import CorpusConfig, TokenizedCorpus, build_corpus
 from kd_pipeline.core.corpus_sources import source_rows
 from kd_pipeline.core.extraction.compat import TeacherCorpusMismatchError
 from kd_pipeline.core.extraction.config import ExtractionConfig
-from kd_pipeline.core.extraction.plan import plan_batches, rank_share
+from kd_pipeline.core.extraction.head import TopKHead, check_head_path, teacher_rows
+from kd_pipeline.core.extraction.plan import make_batch, plan_batches, rank_share
 from kd_pipeline.core.extraction.report import last_runs
 from kd_pipeline.core.extraction.run import extract_teacher_topk
 from kd_pipeline.core.models.identity import tokenizer_hash
 from kd_pipeline.core.models.loading import load_causal_lm, load_tokenizer
 from kd_pipeline.core.models.teacher import TeacherSource, prepare_teacher
+from kd_pipeline.core.tiny import TINY_HEAD_FAMILIES, tiny_family_lm
 from kd_pipeline.core.topk_store import MANIFEST_NAME, Manifest, ShardCorruptError, TopKReader
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -101,7 +104,7 @@ def reference(tmp_path_factory, teacher_dir, corpus_dir) -> Path:
 def _all_samples(reader: TopKReader) -> dict[str, dict]:
     batch = reader.get_many(reader.sample_ids())
     return {sample.sample_id: {name: getattr(sample, name).numpy().copy()
-                               for name in ("positions", "topk_ids", "topk_logprobs", "target_logprobs")}
+                               for name in ("positions", "topk_ids", "topk_logprobs", "target_logprobs", "logz")}
             for sample in batch}
 
 
@@ -132,6 +135,10 @@ def test_rows_describe_the_next_token_like_a_naive_full_forward(teacher_dir, cor
                               np.sort(top.indices[clear, :K].numpy(), axis=1))
         targets = reference_rows.gather(1, ids[positions + 1][:, None]).squeeze(1)
         np.testing.assert_allclose(rows["target_logprobs"], targets.numpy(), atol=2e-5, rtol=0)
+        # Log-normalizers at the default temperatures 0.5, 1, 2: log sum_v p(v)**s, s = 1/t.
+        expected_logz = torch.stack([(s * reference_rows).logsumexp(-1) for s in (2.0, 1.0, 0.5)], -1)
+        np.testing.assert_allclose(rows["logz"], expected_logz.numpy(), atol=2e-5, rtol=0)
+        assert np.abs(rows["logz"][:, 0]).max() > 0.1  # tempering by 2 moves real mass
         # The same comparison one position off must fail: the test would catch a j -> j shift.
         shifted = logprobs[positions + 1].gather(1, ids[positions + 1][:, None]).squeeze(1) if positions[-1] + 1 < len(ids) else None
         if shifted is not None:
@@ -398,3 +405,39 @@ def test_bf16_teacher_head_runs_in_float32(teacher_dir):
     assert check_head_path(model, head, np.arange(3, 27), torch.device("cpu")) <= 0.25
     rounded = TopKHead(model, K, fp32_logits=False)(hidden, labels)
     assert float((rounded.topk_logprobs.double() - reference.gather(1, rounded.topk_ids.long())).abs().max()) > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
+# Model families whose head is not a plain linear layer
+
+
+@pytest.mark.parametrize("family", sorted(TINY_HEAD_FAMILIES))
+def test_head_rows_equal_the_models_own_logits_for_each_family(family):
+    """Gemma 2 soft-cap, Cohere logit_scale, Granite logits_scaling, a Qwen2 head padded past the
+    tokenizer: the trained-row head equals `log_softmax(model(...).logits)` in float64 (padded
+    rows excluded: they never get mass), log-normalizers included."""
+    model, num_tokens = tiny_family_lm(family)
+    ids = np.random.default_rng(1).integers(3, num_tokens, size=20)
+    mask = np.ones(20, dtype=np.int8)
+    mask[:4] = 0
+    batch = make_batch([ids], [mask])
+    head = TopKHead(model, 8, logz_scales=(2.0, 1.0, 0.5), chunk_rows=5, num_tokens=num_tokens)
+    rows = teacher_rows(model, head, batch, torch.device("cpu"))
+    check_head_path(model, head, ids, torch.device("cpu"))  # the run's own check agrees
+
+    with torch.no_grad():
+        logits = copy.deepcopy(model).double()(input_ids=torch.from_numpy(ids)[None]).logits[0]
+    positions = torch.from_numpy(batch.positions[0].astype(np.int64))
+    reference = torch.log_softmax(logits[positions, :num_tokens], dim=-1)
+    assert int(rows.topk_ids.max()) < num_tokens
+    top = reference.topk(8, dim=-1)
+    torch.testing.assert_close(rows.topk_logprobs.double(), top.values, rtol=0, atol=1e-4)
+    torch.testing.assert_close(rows.target_logprobs.double(),
+                               reference.gather(1, batch.labels[:, None]).squeeze(1), rtol=0, atol=1e-4)
+    expected_logz = torch.stack([(s * reference).logsumexp(-1) for s in (2.0, 1.0, 0.5)], -1)
+    torch.testing.assert_close(rows.logz.double(), expected_logz, rtol=0, atol=1e-4)
+    # The transform matters here: the bare head's log-softmax is far from the model's.
+    bare = torch.log_softmax(logits.new_tensor(0) + (model.get_output_embeddings().weight.double()
+                             @ model.model(input_ids=torch.from_numpy(ids)[None]).last_hidden_state[0, positions]
+                             .double().t()).t(), dim=-1)
+    assert (bare.max(-1).values - reference.max(-1).values).abs().max() > 0.05

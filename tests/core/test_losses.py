@@ -26,6 +26,7 @@ from kd_pipeline.core.losses import (
     fused_topk_kd_loss,
     topk_kd_loss_reference,
 )
+from kd_pipeline.core.models.head import HeadTransform
 
 METRICS = ("kd", "sft", "teacher_coverage", "student_topk_mass", "weight_sum")
 F64 = dict(rtol=1e-9, atol=1e-10)
@@ -50,6 +51,11 @@ class Batch:
     topk_logprobs: torch.Tensor  # (N, K)
     labels: torch.Tensor  # (N,)
     token_weights: torch.Tensor  # (N,)
+    teacher_full: torch.Tensor | None = None  # (N, V) full teacher log-probs, for log Z_s
+
+    def teacher_logz(self, target_scale: float) -> torch.Tensor | None:
+        """log sum_v p(v)**s per row: what the artifact stores for temperature T_capture / s."""
+        return None if self.teacher_full is None else (target_scale * self.teacher_full).logsumexp(-1)
 
     def to(self, dtype: torch.dtype) -> Batch:
         cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
@@ -83,7 +89,16 @@ def make_batch(
         topk_logprobs=topk_logprobs,
         labels=labels,
         token_weights=token_weights,
+        teacher_full=teacher_logprobs,
     )
+
+
+def with_logz(batch: Batch, config: KDLossConfig, inputs: dict) -> dict:
+    """The loss inputs with the batch's exact teacher_logz at the config's target scale (the
+    default of every call, as the trainer passes the artifact's column), unless given."""
+    if "teacher_logz" not in inputs and inputs.get("topk_ids", batch.topk_ids) is not None:
+        inputs = {**inputs, "teacher_logz": batch.teacher_logz(config.target_logits_scale)}
+    return inputs
 
 
 def leaves(batch: Batch) -> list[torch.Tensor]:
@@ -101,7 +116,7 @@ def run_fused(batch: Batch, config: KDLossConfig, **inputs) -> tuple[LossOutput,
         labels=batch.labels,
         token_weights=batch.token_weights,
     )
-    kwargs.update(inputs)
+    kwargs.update(with_logz(batch, config, inputs))
     out = fused_topk_kd_loss(hidden, weight, bias, config=config, **kwargs)
     out.loss.backward()
     return out, [p.grad for p in params]
@@ -118,7 +133,7 @@ def run_reference(batch: Batch, config: KDLossConfig, **inputs) -> tuple[LossOut
         labels=batch.labels,
         token_weights=batch.token_weights.to(torch.float64),
     )
-    kwargs.update(inputs)
+    kwargs.update(with_logz(batch, config, inputs))
     out = topk_kd_loss_reference(logits, config=config, **kwargs)
     out.loss.backward()
     return out, [p.grad for p in params]
@@ -275,7 +290,8 @@ def test_gradcheck(config):
 
     def loss_of(hidden, weight, bias):
         return fused_topk_kd_loss(
-            hidden, weight, bias, batch.topk_ids, batch.topk_logprobs, batch.labels, batch.token_weights, config
+            hidden, weight, bias, batch.topk_ids, batch.topk_logprobs, batch.labels, batch.token_weights, config,
+            teacher_logz=batch.teacher_logz(config.target_logits_scale),
         ).loss
 
     assert torch.autograd.gradcheck(loss_of, tuple(leaves(batch)))
@@ -371,7 +387,7 @@ def identity_head_batch(student_logits: torch.Tensor, k: int, teacher_logprobs: 
     return Batch(
         hidden=student_logits, weight=torch.eye(v, dtype=torch.float64), bias=None, topk_ids=topk_ids,
         topk_logprobs=topk_logprobs, labels=torch.zeros(n, dtype=torch.long),
-        token_weights=torch.full((n,), 1.0 / n, dtype=torch.float64),
+        token_weights=torch.full((n,), 1.0 / n, dtype=torch.float64), teacher_full=teacher_logprobs,
     )
 
 
@@ -426,6 +442,7 @@ def test_micro_batches_with_global_weights_add_up_to_the_full_batch():
         out = fused_topk_kd_loss(
             hidden[rows], weight, bias, batch.topk_ids[rows], batch.topk_logprobs[rows],
             batch.labels[rows], batch.token_weights[rows], config,
+            teacher_logz=batch.teacher_logz(config.target_logits_scale)[rows],
         )
         out.loss.backward()  # gradient accumulation
         for name in totals:
@@ -553,3 +570,202 @@ def test_compiled_chunk_step_matches_eager():
     compiled = run_fused(batch, replace(config, compiled=True))
     eager_f64 = eager[0]._replace(**{name: getattr(eager[0], name).double() for name in ("loss", *METRICS)})
     assert_matches(compiled, (eager_f64, [grad.double() for grad in eager[1]]), rtol=1e-5, atol=1e-6)
+
+
+# --- temperature: exact against the full teacher distribution -------------------------------
+
+
+def full_vocabulary_bucket_kd(student_logits, teacher_logits, topk_ids, logits_scale, target_scale,
+                              normalization, kind, beta=0.5):
+    """Per-token KD from the *full* tempered teacher `softmax(s * a)` and student
+    `softmax(logits_scale * u)`, bucketed over the K ids (+ one tail bucket), float64.
+
+    Independent of the stored top-k log-probs and of log Z: what `tail_bucket` and
+    `renormalize` mean at any temperature."""
+    p_full = (target_scale * teacher_logits).softmax(-1)
+    q_full = (logits_scale * student_logits).softmax(-1)
+    in_topk = torch.zeros_like(p_full, dtype=torch.bool).scatter(1, topk_ids, True)
+    p, q = p_full.gather(1, topk_ids), q_full.gather(1, topk_ids)
+    if normalization == "tail_bucket":
+        p = torch.cat([p, (p_full * ~in_topk).sum(-1, keepdim=True)], -1)
+        q = torch.cat([q, (q_full * ~in_topk).sum(-1, keepdim=True)], -1)
+    else:
+        p, q = p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
+
+    def kl(a, b):
+        return (a * (a.log() - b.log())).sum(-1)
+
+    if kind == "fwd_kl":
+        return kl(p, q)
+    if kind == "bwd_kl":
+        return kl(q, p)
+    m = beta * p + (1 - beta) * q
+    return beta * kl(p, m) + (1 - beta) * kl(q, m)
+
+
+@pytest.mark.parametrize("kind", ["fwd_kl", "bwd_kl", "jsd"])
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("target_scale", [0.5, 1.0, 2.0, 0.7], ids=lambda s: f"s{s}")
+def test_tempered_teacher_is_exact_against_the_full_vocabulary(target_scale, normalization, kind):
+    """The issue's measurement at small size: the tail is not one token, so `tail_bucket` at
+    s != 1 must use the stored log Z_s; fused and reference both match the full teacher,
+    gradients included."""
+    gen = torch.Generator().manual_seed(11)
+    n, v, k = 12, 400, 8
+    teacher_logits = 2.5 * torch.randn(n, v, generator=gen, dtype=torch.float64)
+    student_logits = 2.0 * torch.randn(n, v, generator=gen, dtype=torch.float64)
+    batch = identity_head_batch(student_logits, k, teacher_logits.log_softmax(-1))
+    config = KDLossConfig(kd_loss=kind, beta=0.5, topk_normalization=normalization, logits_scale=0.8,
+                          target_logits_scale=target_scale, kd_loss_weight=1.0, sft_loss_weight=0.0, chunk_size=5)
+    ref_logits = student_logits.clone().requires_grad_()
+    expected = full_vocabulary_bucket_kd(ref_logits, teacher_logits, batch.topk_ids, 0.8, target_scale,
+                                         normalization, kind).mean()
+    expected.backward()
+    for run in (run_fused, run_reference):
+        out, grads = run(batch, config)
+        torch.testing.assert_close(out.kd, expected.detach(), rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(grads[0], ref_logits.grad, rtol=1e-9, atol=1e-12)  # H = V, weight = I
+    if normalization == "renormalize":  # log Z_s cancels: not needed at any temperature
+        out, _ = run_fused(batch, config, teacher_logz=None)
+        torch.testing.assert_close(out.kd, expected.detach(), rtol=1e-10, atol=1e-12)
+
+
+def test_minimal_case_of_the_issue_is_exactly_zero():
+    """p = [.3, .1, 100 x .006], K = 2, logits_scale = target_logits_scale = 0.5, student = teacher:
+    the tempered tail is 0.90 (not the 0.57-nat error of tempering it like one token)."""
+    p = torch.tensor([0.3, 0.1] + [0.006] * 100, dtype=torch.float64)
+    teacher = p.log()[None]
+    batch = identity_head_batch(teacher.clone(), 2, teacher)
+    for normalization in NORMALIZATIONS:
+        config = KDLossConfig(topk_normalization=normalization, logits_scale=0.5, target_logits_scale=0.5,
+                              kd_loss_weight=1.0, sft_loss_weight=0.0)
+        for run in (run_fused, run_reference):
+            out, grads = run(batch, config)
+            assert abs(out.kd.item()) < 1e-14, (normalization, run.__name__, out.kd.item())
+            assert grads[0].norm() < 1e-14
+    tempered_tail = 1 - (p[:2] ** 0.5).sum() / (p**0.5).sum()
+    assert 0.89 < tempered_tail < 0.91
+
+
+def test_tail_bucket_off_one_without_logz_is_refused_by_name():
+    batch = make_batch()
+    config = KDLossConfig(topk_normalization="tail_bucket", target_logits_scale=0.5)
+    for run in (run_fused, run_reference):
+        with pytest.raises(ValueError, match="tail_bucket' at target_logits_scale 0.5 needs teacher_logz"):
+            run(batch, config, teacher_logz=None)
+    with pytest.raises(ValueError, match=r"teacher_logz must be a float tensor of shape \(37,\)"):
+        run_fused(batch, config, teacher_logz=torch.zeros(36, dtype=torch.float64))
+    # At s = 1 log Z_1 = 0: no column needed.
+    out, _ = run_fused(batch, replace(config, target_logits_scale=1.0), teacher_logz=None)
+    assert torch.isfinite(out.kd)
+
+
+# --- the model's head transform (soft-cap, logit multiplier, padded vocabulary) ---------------
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize(
+    "head", [HeadTransform(softcap=3.0), HeadTransform(multiply_by=0.0625), HeadTransform(divide_by=4.0),
+             HeadTransform(multiply_by=1.7, softcap=5.0), HeadTransform(vocab_size=70),
+             HeadTransform(softcap=4.0, vocab_size=61)],
+    ids=["gemma-softcap", "cohere-scale", "granite-scaling", "scale+softcap", "padded-vocab", "softcap+padded"])
+def test_head_transform_matches_the_transformed_logits_reference(head, normalization):
+    """Gemma's `cap * tanh(r / cap)`, Cohere's `r * logit_scale`, Granite's `r / logits_scaling`,
+    and a head padded past the tokenizer (rows >= vocab_size are not tokens): the fused loss on
+    (hidden, weight) equals the reference on the transformed logits, gradients included."""
+    batch = make_batch(logit_std=6.0)  # large raw logits: the soft-cap is far from linear
+    real = head.vocab_size or 83
+    batch.topk_ids = batch.topk_ids % real
+    batch.labels = torch.where(batch.labels >= 0, batch.labels % real, batch.labels)
+    config = KDLossConfig(kd_loss="jsd", beta=0.3, topk_normalization=normalization, logits_scale=0.8,
+                          sft_loss_weight=0.7, chunk_size=8)
+    params = leaves(batch)
+    kwargs = dict(topk_ids=batch.topk_ids, topk_logprobs=batch.topk_logprobs, labels=batch.labels,
+                  token_weights=batch.token_weights)
+    out = fused_topk_kd_loss(*params, config=config, head=head, **kwargs)
+    out.loss.backward()
+
+    ref_params = [p.detach().clone().requires_grad_() for p in leaves(batch)]
+    raw = ref_params[0] @ ref_params[1].t() + ref_params[2]
+    logits = raw * (head.multiply_by or 1.0) / (head.divide_by or 1.0)
+    if head.softcap is not None:
+        logits = head.softcap * torch.tanh(logits / head.softcap)
+    ref = topk_kd_loss_reference(logits[:, :real], config=config, **kwargs)
+    ref.loss.backward()
+    assert_matches((out, [p.grad for p in params]), (ref, [p.grad for p in ref_params]))
+    if real < 83:  # padded rows: no gradient into their weights or biases
+        assert (params[1].grad[real:] == 0).all() and (params[2].grad[real:] == 0).all()
+
+
+def test_head_transform_gradcheck():
+    batch = make_batch(n=5, h=3, v=7, k=3, logit_std=3.0)
+    config = KDLossConfig(topk_normalization="tail_bucket", sft_loss_weight=0.5, chunk_size=2)
+    head = HeadTransform(multiply_by=1.3, softcap=2.0)
+
+    def loss_of(hidden, weight, bias):
+        return fused_topk_kd_loss(hidden, weight, bias, batch.topk_ids, batch.topk_logprobs, batch.labels,
+                                  batch.token_weights, config, head=head).loss
+
+    assert torch.autograd.gradcheck(loss_of, tuple(leaves(batch)))
+
+
+def _model_logits_from_hidden(model, input_ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    """`model(input_ids).logits` with the decoder's output replaced by `hidden` (a leaf), so the
+    model's own forward (head + its transform) is differentiated w.r.t. it."""
+    from kd_pipeline.core.models.head import decoder_and_head
+
+    decoder, _ = decoder_and_head(model)
+
+    def swap(module, args, output):
+        output.last_hidden_state = hidden
+        return output
+
+    handle = decoder.register_forward_hook(swap)
+    try:
+        return model(input_ids=input_ids).logits
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("family", ["gemma2", "cohere", "granite", "qwen2-padded"])
+def test_fused_loss_with_the_models_head_transform_equals_its_own_logits(family, normalization):
+    """The fused loss on (hidden, lm_head) with `head_transform(model, len(tokenizer))` equals
+    the float64 reference on `model(...).logits` (padded rows cut off), gradients w.r.t. the
+    hidden states and the lm_head weight included."""
+    from kd_pipeline.core.models.head import decoder_and_head, head_transform
+    from kd_pipeline.core.tiny import tiny_family_lm
+
+    model, num_tokens = tiny_family_lm(family)
+    model = model.double()
+    gen = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(3, num_tokens, (1, 18), generator=gen)
+    decoder, head = decoder_and_head(model)
+    with torch.no_grad():
+        hidden0 = decoder(input_ids=input_ids).last_hidden_state
+    teacher = (3 * torch.randn(18, num_tokens, generator=gen, dtype=torch.float64)).log_softmax(-1)
+    topk_logprobs, topk_ids = teacher.topk(6, dim=-1)
+    labels = torch.roll(input_ids[0], -1)
+    weights = torch.full((18,), 1 / 18, dtype=torch.float64)
+    config = KDLossConfig(kd_loss="fwd_kl", topk_normalization=normalization, logits_scale=0.7,
+                          target_logits_scale=0.5, sft_loss_weight=0.5, chunk_size=5)
+    logz = (0.5 * teacher).logsumexp(-1)
+
+    hidden = hidden0.clone().requires_grad_()
+    logits = _model_logits_from_hidden(model, input_ids, hidden)[0, :, :num_tokens]
+    reference = topk_kd_loss_reference(logits, topk_ids, topk_logprobs, labels, weights, config, teacher_logz=logz)
+    reference.loss.backward()
+    ref_hidden_grad, ref_weight_grad = hidden.grad[0].clone(), head.weight.grad.clone()
+    head.weight.grad = None
+
+    fused_hidden = hidden0[0].clone().requires_grad_()
+    out = fused_topk_kd_loss(fused_hidden, head.weight, getattr(head, "bias", None), topk_ids, topk_logprobs,
+                             labels, weights, config, teacher_logz=logz,
+                             head=head_transform(model, num_tokens))
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, reference.loss, **F64)
+    torch.testing.assert_close(out.kd, reference.kd, **F64)
+    torch.testing.assert_close(fused_hidden.grad, ref_hidden_grad, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(head.weight.grad, ref_weight_grad, rtol=1e-8, atol=1e-12)
+    if num_tokens < head.weight.shape[0]:  # padded rows: no mass, so no gradient
+        assert (head.weight.grad[num_tokens:] == 0).all()

@@ -789,7 +789,7 @@ def test_real_embedded_teacher_converts_and_reloads(real_teacher_dir):
 def test_head_transform_reproduces_the_models_own_logits(model_type, setting):
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from kd_pipeline.core.models.head import decoder_and_head, head_transform, require_plain_head
+    from kd_pipeline.core.models.head import decoder_and_head, head_transform
 
     config = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                   num_attention_heads=2, num_key_value_heads=1, head_dim=8, **setting)
@@ -802,8 +802,45 @@ def test_head_transform_reproduces_the_models_own_logits(model_type, setting):
         got = head_transform(model).apply_(head(decoder(input_ids=ids).last_hidden_state[0]))
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-10)
     assert head_transform(model).settings == setting
-    if setting:
-        with pytest.raises(ValueError, match=f"sets config.{next(iter(setting))}; the fused loss applies the plain"):
-            require_plain_head(model, "the fused loss")
-    else:
-        require_plain_head(model, "the fused loss")
+
+
+def _edited_tokenizer(tmp_path, name: str, edit) -> "object":
+    """The tiny tokenizer with its tokenizer.json edited by `edit(data)`, saved and loaded."""
+    import shutil
+
+    folder = tmp_path / name
+    shutil.copytree(TINY_TOKENIZER_DIR, folder)
+    data = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
+    edit(data)
+    (folder / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    if name == "rename":  # the config names that token as a special token too
+        config = folder / "tokenizer_config.json"
+        config.write_text(config.read_text(encoding="utf-8").replace("<|endoftext|>", "<|endoftext_|>"),
+                          encoding="utf-8")
+    return load_tokenizer(folder)
+
+
+def test_tokenizer_hash_covers_the_whole_token_to_id_map(tmp_path):
+    """Equal-size tokenizers that differ in one token, or in which of two tokens has which id,
+    are told apart; so is a renamed added (special) token."""
+    original = load_tokenizer(TINY_TOKENIZER_DIR)
+    vocab = original.get_vocab()
+    plain = sorted(token for token, index in vocab.items() if index >= 300)[:2]
+
+    def swap_ids(data):
+        model_vocab = data["model"]["vocab"]
+        model_vocab[plain[0]], model_vocab[plain[1]] = model_vocab[plain[1]], model_vocab[plain[0]]
+
+    def rename_added(data):  # the same id, another text (tokenizer_config.json follows, see below)
+        entry = next(token for token in data["added_tokens"] if token["content"] == "<|endoftext|>")
+        entry["content"] = "<|endoftext_|>"
+        data["model"]["vocab"]["<|endoftext_|>"] = data["model"]["vocab"].pop("<|endoftext|>")
+
+    hashes = {"original": tokenizer_hash(original)}
+    for name, edit in (("swap", swap_ids), ("rename", rename_added)):
+        edited = _edited_tokenizer(tmp_path, name, edit)
+        assert len(edited) == len(original), name
+        hashes[name] = tokenizer_hash(edited)
+    assert _edited_tokenizer(tmp_path, "same", lambda data: None).get_vocab() == vocab
+    assert tokenizer_hash(_edited_tokenizer(tmp_path, "same2", lambda data: None)) == hashes["original"]
+    assert len(set(hashes.values())) == 3, hashes

@@ -60,13 +60,16 @@ def log_softmax64(logits: np.ndarray) -> np.ndarray:
     return logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
 
 
-def make_sample(rng: np.random.Generator, num_rows: int, vocab: int = VOCAB, k: int = K) -> TopKArrays:
+def make_sample(rng: np.random.Generator, num_rows: int, vocab: int = VOCAB, k: int = K,
+                scales: tuple[float, ...] = ()) -> TopKArrays:
     logprobs = log_softmax64(llm_like_logits(rng, num_rows, vocab))
     ids = np.argsort(-logprobs, axis=1, kind="stable")[:, :k]
     targets = rng.integers(0, vocab, num_rows)
     positions = np.sort(rng.choice(4 * num_rows + 8, size=num_rows, replace=False))
+    # log Z_s = log sum_v p(v)**s over the full vocabulary, per row and scale.
+    logz = np.stack([np.logaddexp.reduce(s * logprobs, axis=1) for s in scales], 1) if scales else None
     return TopKArrays.from_any(positions, ids, np.take_along_axis(logprobs, ids, 1),
-                               logprobs[np.arange(num_rows), targets])
+                               logprobs[np.arange(num_rows), targets], logz, scales)
 
 
 @functools.lru_cache(maxsize=None)  # tests only read the arrays
@@ -321,7 +324,7 @@ def test_manifest_is_exactly_what_was_written(tmp_path):
                       for name, value in zip(("p05", "p25", "p50", "p75", "p95"), quantiles)},
     }
     assert data == {
-        "schema_version": 1,
+        "schema_version": 2, "logz_temperatures": [1.0],
         "teacher_path": "/models/teacher", "teacher_config_sha256": "c" * 64, "teacher_weights_sha256": "w" * 64,
         "tokenizer_sha256": "t" * 64, "vocab_size": VOCAB, "k": K,
         "capture_dtype": "float32", "capture_temperature": 1.0, "corpus_fingerprint": "f" * 32,
@@ -415,7 +418,7 @@ KILLED_WRITER = textwrap.dedent("""
     import numpy as np
     from kd_pipeline.core.topk_store import ArtifactSource, LogQuantZstdCodec, TopKShardWriter
     directory, data = pathlib.Path(sys.argv[1]), np.load(sys.argv[2])
-    source = ArtifactSource(**{{name: data["source_" + name].item() for name in {source_fields!r}}})
+    source = ArtifactSource(**{{name: data["source_" + name].tolist() for name in {source_fields!r}}})
     writer = TopKShardWriter(directory, source, LogQuantZstdCodec(), shard_tokens=100, samples_per_row_group=3)
     for index in range(int(data["count"])):
         fields = ("positions", "ids", "logprobs", "target")
@@ -571,8 +574,8 @@ def test_unknown_schema_version_or_codec_is_rejected(tmp_path):
     write(tmp_path, make_samples(4))
     path = tmp_path / "manifest.json"
     original = json.loads(path.read_text())
-    path.write_text(json.dumps(original | {"schema_version": 2}))
-    with pytest.raises(TopKStoreError, match="unsupported schema_version 2 .*reads version 1"):
+    path.write_text(json.dumps(original | {"schema_version": 3}))
+    with pytest.raises(TopKStoreError, match="unsupported schema_version 3 .*reads version 2"):
         TopKReader(tmp_path)
     path.write_text(json.dumps(original | {"codec_name": "fp8"}))
     with pytest.raises(TopKStoreError, match=r"manifest.json: unknown top-k codec 'fp8'; known codecs"):
@@ -638,3 +641,89 @@ def test_reader_survives_pickling_for_dataloader_workers(tmp_path):
     clone = pickle.loads(pickle.dumps(reader))
     assert torch.equal(clone.get(samples[1][0]).topk_ids, reader.get(samples[1][0]).topk_ids)
 
+
+
+# -- per-row log-normalizers (exact tempering) ---------------------------------------------------
+
+TEMPERATURES = (0.5, 1.0, 2.0)
+SCALES = (2.0, 1.0, 0.5)  # capture temperature 1 / each temperature, in column order
+
+
+def tempered_tail(logprobs: np.ndarray, logz: np.ndarray, scales) -> np.ndarray:
+    """(n, T) 1 - sum_k p_s(k): the teacher mass outside the top-k at each scale (float64)."""
+    logprobs, logz = logprobs.astype(np.float64), logz.astype(np.float64)
+    return np.stack([1 - np.exp(s * logprobs - logz[:, [j]]).sum(1) for j, s in enumerate(scales)], 1)
+
+
+def test_codecs_keep_the_log_normalizers_and_the_exact_tempered_tail():
+    rng = np.random.default_rng(21)
+    sample = make_sample(rng, 150, scales=SCALES)
+    raw = RawCodec().decode(RawCodec().encode(sample), 150, K, SCALES)
+    assert raw.logz.dtype == np.float32 and raw.logz.tobytes() == sample.logz.tobytes()
+    np.testing.assert_allclose(sample.logz[:, 1], 0.0, atol=1e-5)  # log Z_1 = log sum p = 0
+    exact = tempered_tail(sample.topk_logprobs, sample.logz, SCALES)
+    assert exact[:, 0].mean() < 0.1 < exact[:, 2].mean()  # tempering moves real mass in and out
+    codec = LogQuantZstdCodec()
+    decoded = codec.decode(codec.encode(sample), 150, K, SCALES)
+    got = tempered_tail(decoded.topk_logprobs, decoded.logz, SCALES)
+    # float16 of the tempered top-k log-mass: relative precision on the tail too.
+    np.testing.assert_allclose(got, exact, rtol=3e-3, atol=1e-7)
+    with pytest.raises(ValueError, match="frames left over"):
+        codec.decode(codec.encode(sample), 150, K, SCALES[:2])
+    with pytest.raises(ValueError, match=r"logz must be \(n=3, one column per temperature = 2\)"):
+        TopKArrays.from_any(np.arange(3), sample.topk_ids[:3], sample.topk_logprobs[:3],
+                            sample.target_logprobs[:3], np.zeros((3, 3)), (2.0, 0.5))
+
+
+@pytest.mark.parametrize("codec", [RawCodec(), LogQuantZstdCodec()], ids=lambda c: c.name)
+def test_artifact_stores_log_normalizers_at_the_manifest_temperatures(tmp_path, codec):
+    rng = np.random.default_rng(22)
+    samples = [(f"s{index}", make_sample(rng, 10 + index, scales=SCALES)) for index in range(5)]
+    with TopKShardWriter(tmp_path, source(logz_temperatures=[2.0, 0.5]), codec, shard_tokens=30) as writer:
+        for sample_id, sample in samples:
+            writer.add(sample_id, sample.positions, sample.topk_ids, sample.topk_logprobs, sample.target_logprobs,
+                       sample.logz)
+    data = json.loads((tmp_path / "manifest.json").read_text())
+    assert data["logz_temperatures"] == [0.5, 1.0, 2.0]  # sorted, the capture temperature added
+    reader = TopKReader(tmp_path)
+    assert reader.manifest.source.logz_scales == SCALES
+    batch = reader.get_many(["s3", "s1"])
+    expected = np.concatenate([samples[3][1].logz, samples[1][1].logz])
+    assert batch.logz.shape == (expected.shape[0], 3) and batch[1].logz.shape == (11, 3)
+    atol = 0 if codec.name == "raw" else 0.05  # logquant: log Z follows its decoded entries
+    np.testing.assert_allclose(batch.logz.numpy(), expected, rtol=0, atol=atol)
+    got = tempered_tail(batch.topk_logprobs.numpy(), batch.logz.numpy(), SCALES)
+    want = np.concatenate([tempered_tail(s.topk_logprobs, s.logz, SCALES) for s in (samples[3][1], samples[1][1])])
+    np.testing.assert_allclose(got, want, rtol=3e-3, atol=1e-7)
+
+
+def test_writer_needs_the_log_normalizers_it_was_configured_for(tmp_path):
+    sample = make_sample(np.random.default_rng(23), 4, scales=SCALES)
+    with TopKShardWriter(tmp_path, source(logz_temperatures=TEMPERATURES), RawCodec()) as writer:
+        with pytest.raises(ValueError, match=r"sample a: logz is missing: the artifact stores log-normalizers at "
+                                             r"temperatures \[0.5, 1.0, 2.0\]"):
+            writer.add("a", sample.positions, sample.topk_ids, sample.topk_logprobs, sample.target_logprobs)
+        with pytest.raises(ValueError, match="sample b: logz must be"):
+            writer.add("b", sample.positions, sample.topk_ids, sample.topk_logprobs, sample.target_logprobs,
+                       sample.logz[:, :2])
+
+
+def test_logz_column_for_a_training_temperature_or_a_message_naming_the_held_ones():
+    held = source(logz_temperatures=TEMPERATURES, capture_temperature=1.0)
+    assert [held.logz_column(scale) for scale in (2.0, 1.0, 0.5)] == [0, 1, 2]
+    with pytest.raises(ManifestMismatchError, match=r"tempers the teacher to temperature 1.42857 .*"
+                                                    r"only at temperatures \[0.5, 1.0, 2.0\].*re-extract"):
+        held.logz_column(0.7)
+    warm = source(capture_temperature=2.0)  # no list: only the capture temperature
+    assert warm.logz_temperatures == (2.0,) and warm.logz_column(1.0) == 0
+
+
+def test_schema_version_1_artifact_is_refused_with_a_re_extract_message(tmp_path):
+    write(tmp_path, make_samples(3))
+    path = tmp_path / "manifest.json"
+    old = json.loads(path.read_text())
+    old.pop("logz_temperatures")
+    path.write_text(json.dumps(old | {"schema_version": 1}))
+    with pytest.raises(ManifestMismatchError, match=r"unsupported schema_version 1 .*no per-row teacher "
+                                                    r"log-normalizers.*re-extract: `kedro run --pipelines teacher_logits`"):
+        TopKReader(tmp_path)

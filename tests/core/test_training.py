@@ -773,3 +773,70 @@ def test_trainer_uses_the_length_grouped_sampler(teacher_dir, fixture, tmp_path)
     assert sampler.lengths.tolist() == [len(ids) for ids in corpus.split("train")["input_ids"].to_pylist()]
     trainer.length_group_batches = 0
     assert not isinstance(trainer._get_train_sampler(), LengthGroupedSampler)
+
+
+# --------------------------------------------------------------------------------------------
+# Exact tempering: the artifact's log-normalizer column reaches the loss
+
+
+class TemperedTargets(FakeTargets):
+    """FakeTargets whose records also hold the exact log-normalizers `log sum_v p(v)**s` at the
+    temperatures 0.5, 1, 2 (scales 2, 1, 0.5), as an extraction with the default list writes."""
+
+    SCALES = (2.0, 1.0, 0.5)
+
+    def __init__(self, corpus, tokenizer_hash, teacher_identity: dict, k: int = K):
+        super().__init__(corpus, tokenizer_hash, teacher_identity, k)
+        self.manifest = Manifest.create(
+            dataclasses.replace(self.manifest.source, logz_temperatures=(0.5, 1.0, 2.0)), "raw", {},
+            shard_tokens=200, samples_per_row_group=4, world_size=1)
+        for row in corpus.samples.to_pylist():
+            ids, positions = np.asarray(row["input_ids"]), trained_positions(row["loss_mask"])
+            rng = np.random.default_rng(int(row["sample_id"][:8], 16))  # FakeTargets' logits again
+            logits = torch.tensor(rng.normal(size=(len(positions), TINY_VOCAB_SIZE)) * 2.0)
+            logits[torch.arange(len(positions)), torch.from_numpy(ids[positions + 1])] += 30.0
+            full = torch.log_softmax(logits, dim=-1)
+            self.data[row["sample_id"]]["logz"] = torch.stack(
+                [(s * full).logsumexp(-1) for s in self.SCALES], -1).float().numpy()
+
+
+def test_the_logz_column_of_the_loss_temperature_reaches_the_fused_loss(teacher_dir, fixture, tmp_path):
+    corpus, _, tokenizer_hash = fixture
+    targets = TemperedTargets(corpus, tokenizer_hash, model_identity(teacher_dir))
+    loss = KDLossConfig(kd_loss_weight=1.0, topk_normalization="tail_bucket", logits_scale=0.5,
+                        target_logits_scale=0.5)
+    column = targets.manifest.source.logz_column(loss.target_logits_scale)
+    assert column == 2  # temperature 1 / 0.5 = 2
+    dataset = DistillDataset(corpus.split("train"), targets, K, logz_column=column)
+    batch = DistillCollator(2)(dataset.__getitems__([0, 1, 2]))
+    ids = corpus.split("train")["sample_id"].to_pylist()[:3]
+    expected = np.concatenate([targets.data[sample_id]["logz"][:, 2] for sample_id in ids])
+    np.testing.assert_array_equal(batch["kd_teacher_logz"].numpy(), expected)
+
+    model, tokenizer = init_student(STUDENT, teacher_dir)
+    trainer = DistillationTrainer(
+        model=model, args=training_arguments(quick_config(), tmp_path / "ckpt", False, []), train_dataset=dataset,
+        data_collator=DistillCollator(tokenizer.pad_token_id), processing_class=tokenizer, loss_config=loss)
+    got = trainer.compute_loss(trainer.model, batch)
+    hidden = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    mask = batch["kd_positions_mask"]
+    n = int(mask.sum())
+    direct = fused_topk_kd_loss(hidden[mask], model.lm_head.weight, None, batch["kd_topk_ids"],
+                                batch["kd_topk_logprobs"], flat_labels(batch), torch.full((n,), 1.0 / n), loss,
+                                teacher_logz=batch["kd_teacher_logz"])
+    torch.testing.assert_close(got, direct.loss)
+    with pytest.raises(ValueError, match="needs teacher_logz"):  # without the column it would not be exact
+        fused_topk_kd_loss(hidden[mask], model.lm_head.weight, None, batch["kd_topk_ids"],
+                           batch["kd_topk_logprobs"], flat_labels(batch), torch.full((n,), 1.0 / n), loss)
+
+
+def test_tail_bucket_at_a_temperature_the_artifact_lacks_stops_before_training(teacher_dir, fixture, tmp_path,
+                                                                                monkeypatch):
+    corpus, targets, _ = fixture  # an artifact with the capture temperature 1 only
+    spy = BatchSpy(monkeypatch)
+    loss = KDLossConfig(kd_loss_weight=1.0, topk_normalization="tail_bucket", target_logits_scale=0.5)
+    with pytest.raises(ArtifactMismatchError, match=r"tempers the teacher to temperature 2 .*only at temperatures "
+                                                    r"\[1.0\].*re-extract"):
+        train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=loss,
+                      train=quick_config(), output_dir=tmp_path / "student", targets=targets)
+    assert not spy.batches

@@ -103,12 +103,14 @@ def pad_right(input_ids: Sequence[np.ndarray], loss_masks: Sequence[np.ndarray],
 @dataclass(frozen=True)
 class SampleTargets:
     """One sample's teacher rows: `positions [n]`, `topk_ids [n, K]`, `topk_logprobs [n, K]`
-    (descending), and `target_logprobs [n]` when the record has them."""
+    (descending), and `target_logprobs [n]` and the log-normalizers `logz [n, T]` (at the
+    manifest's `logz_temperatures`) when the record has them."""
 
     positions: np.ndarray
     topk_ids: np.ndarray
     topk_logprobs: np.ndarray
     target_logprobs: np.ndarray | None = None
+    logz: np.ndarray | None = None
 
 
 def _field(record: Any, name: str, required: bool = True) -> Any:
@@ -131,8 +133,10 @@ def sample_targets(record: Any, k: int | None = None) -> SampleTargets:
     if k is not None:
         topk_ids, topk_logprobs = topk_ids[:, :k], topk_logprobs[:, :k]
     target = _field(record, "target_logprobs", required=False)
+    logz = _field(record, "logz", required=False)
     return SampleTargets(_as_numpy(_field(record, "positions")).astype(np.int64, copy=False), topk_ids,
-                         topk_logprobs, None if target is None else _as_numpy(target))
+                         topk_logprobs, None if target is None else _as_numpy(target),
+                         None if logz is None else _as_numpy(logz).astype(np.float32, copy=False))
 
 
 def check_rows(sample_id: str, loss_mask: np.ndarray, target: SampleTargets) -> None:
@@ -149,9 +153,11 @@ def check_rows(sample_id: str, loss_mask: np.ndarray, target: SampleTargets) -> 
     n = len(expected)
     shapes_ok = (target.topk_ids.ndim == 2 and target.topk_ids.shape[0] == n
                  and target.topk_logprobs.shape == target.topk_ids.shape
-                 and (target.target_logprobs is None or target.target_logprobs.shape == (n,)))
+                 and (target.target_logprobs is None or target.target_logprobs.shape == (n,))
+                 and (target.logz is None or (target.logz.ndim == 2 and target.logz.shape[0] == n)))
     if not shapes_ok:
         target_shape = "" if target.target_logprobs is None else f" / target_logprobs {target.target_logprobs.shape}"
+        target_shape += "" if target.logz is None else f" / logz {target.logz.shape}"
         raise PositionMismatchError(
             f"sample {sample_id}: topk_ids {target.topk_ids.shape} / topk_logprobs {target.topk_logprobs.shape}"
             f"{target_shape} do not have one row per trained position ({n})"

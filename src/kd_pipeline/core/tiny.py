@@ -105,3 +105,34 @@ def kjv_training_text(num_verses: int = 3000) -> list[str]:
 
     verses = read_kjv_verses(kjv_database_path())
     return [text for _, text in verses[:num_verses]]
+
+
+#: Tiny configs of model families whose forward transforms the head's output or whose head is
+#: padded past the tokenizer: (config dict with `model_type`, real tokens `len(tokenizer)`).
+TINY_HEAD_FAMILIES: dict[str, tuple[dict, int]] = {
+    family: ({"vocab_size": 96, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 64,
+              "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0, **extra}, tokens)
+    for family, extra, tokens in (
+        ("gemma2", {"model_type": "gemma2", "final_logit_softcapping": 3.0, "query_pre_attn_scalar": 16,
+                    "sliding_window": 16}, 96),
+        ("cohere", {"model_type": "cohere", "logit_scale": 0.25}, 96),
+        ("granite", {"model_type": "granite", "logits_scaling": 4.0}, 96),
+        ("qwen2-padded", {"model_type": "qwen2", "vocab_size": 104, "tie_word_embeddings": False}, 90),
+    )
+}
+
+
+def tiny_family_lm(family: str, seed: int = 0, head_gain: float = 60.0):
+    """A seeded random model of `TINY_HEAD_FAMILIES[family]` and its real vocabulary size. The LM
+    head is scaled by `head_gain` so that its logits reach the soft-cap's non-linear range (the
+    initialization's are ~0.1)."""
+    import torch
+
+    from kd_pipeline.core.models.loading import random_causal_lm
+
+    config, num_tokens = TINY_HEAD_FAMILIES[family]
+    model = random_causal_lm(config, seed=seed)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(head_gain)
+    return model, num_tokens

@@ -28,7 +28,7 @@ from kd_pipeline.core.cross_tokenizer.data import CrossTokenizerCollator, CrossT
 from kd_pipeline.core.cross_tokenizer.loss import CrossTokenizerOptions, cross_tokenizer_kd_loss
 from kd_pipeline.core.evaluation.metrics import EvalConfig
 from kd_pipeline.core.losses import KDLossConfig
-from kd_pipeline.core.models.head import decoder_and_head, require_plain_head
+from kd_pipeline.core.models.head import decoder_and_head, head_transform
 from kd_pipeline.core.training.data import flat_labels
 
 
@@ -46,7 +46,10 @@ def evaluate_cross_tokenizer_student(model, tokenizer, samples, teacher, project
         config: batch sizes and `max_samples`.
     """
     model.eval()
-    require_plain_head(model, "cross-tokenizer evaluation")
+    transform = head_transform(model, len(tokenizer))
+    if not transform.is_identity:  # the cross-tokenizer loss scores the bare lm_head output
+        raise ValueError(f"cross-tokenizer evaluation scores the bare lm_head: {type(model).__name__}'s head "
+                         f"transform {transform.settings} (real vocabulary {transform.vocab_size}) is not supported")
     decoder, head = decoder_and_head(model)
     device = next(model.parameters()).device
     if config.max_samples is not None:

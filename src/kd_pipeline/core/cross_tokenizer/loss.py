@@ -66,14 +66,10 @@ from torch.autograd.function import once_differentiable
 
 from kd_pipeline.core.cross_tokenizer.groups import AlignedGroupBatch, check_group_batch, chunk_bounds, later_row_mask
 from kd_pipeline.core.cross_tokenizer.vocab_map import ProjectionTensors
+from kd_pipeline.core.losses.chunk import _chunk_logits, _log1mexp, _teacher_tail_logmass
+from kd_pipeline.core.losses.chunk import compute_dtype as _compute_dtype
 from kd_pipeline.core.losses.config import IGNORE_INDEX, KDLossConfig
-from kd_pipeline.core.losses.fused import (
-    _chunk_logits,
-    _compute_dtype,
-    _log1mexp,
-    _teacher_tail_logmass,
-    auto_chunk_size,
-)
+from kd_pipeline.core.losses.fused import auto_chunk_size
 from kd_pipeline.core.losses.reference import _divergence
 from kd_pipeline.core.params import dataclass_from_params, require, require_choice, require_number
 
@@ -356,6 +352,22 @@ class CrossTokenizerDistillationFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None, None, None)
 
 
+def require_supported_loss(config: KDLossConfig, where: str = "cross_tokenizer_kd_loss") -> None:
+    """Refuse a KD setting this loss cannot compute exactly: `tail_bucket` at a teacher
+    temperature other than the capture's (`target_logits_scale != 1`) needs the teacher's per-row
+    log-normalizers at that temperature (the fused loss reads them from the artifact), which the
+    aligned groups do not carry.
+
+    Raises:
+        ValueError: naming the setting.
+    """
+    if config.kd_loss_weight > 0 and config.topk_normalization == "tail_bucket" and config.target_logits_scale != 1.0:
+        raise ValueError(f"{where}: topk_normalization 'tail_bucket' at target_logits_scale "
+                         f"{config.target_logits_scale:g} is not supported with a student tokenizer (the tempered "
+                         "tail needs the teacher's log-normalizers, which the aligned groups do not carry); use "
+                         "target_logits_scale 1.0 or topk_normalization 'renormalize'")
+
+
 def cross_tokenizer_kd_loss(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -403,6 +415,7 @@ def cross_tokenizer_kd_loss(
             f"!= the lm_head's ({weight.shape[0]})"
         )
     check_group_batch(groups, labels, num_rows, int(projection.teacher_class.shape[0]))
+    require_supported_loss(config)
     grad_on = torch.is_grad_enabled()
     needs_grad = (
         grad_on and hidden.requires_grad,

@@ -121,6 +121,8 @@ def evaluate_student(
     samples: pa.Table,
     teacher: TargetsProvider | None = None,
     config: EvalConfig = EvalConfig(),
+    num_tokens: int | None = None,
+    teacher_model=None,
 ) -> dict[str, float]:
     """Student metrics on the trained tokens of `samples` (see the module docstring).
 
@@ -132,6 +134,11 @@ def evaluate_student(
             `positions [n]`, `topk_ids [n, K]`, `topk_logprobs [n, K]`, `target_logprobs [n]`
             (attributes or keys); None gives student metrics only.
         config: batch sizes, `overlap_k`, `max_samples`.
+        num_tokens: `len(tokenizer)` when the model's head is padded beyond it (those rows are
+            no tokens and get no probability mass), else None.
+        teacher_model: the teacher, run again on the same batches, for
+            `kl_teacher_student_full`: KL(teacher || student) over the **full** vocabulary, a
+            metric that does not depend on what the artifact stores (top-k or sparser).
 
     Returns:
         Flat `{name: float}`.
@@ -142,8 +149,13 @@ def evaluate_student(
     """
     model.eval()
     decoder, head = decoder_and_head(model)
-    transform = head_transform(model)
+    transform = head_transform(model, num_tokens)
     device = next(model.parameters()).device
+    full_teacher = None
+    if teacher_model is not None:
+        teacher_model.eval()
+        teacher_decoder, teacher_head = decoder_and_head(teacher_model)
+        full_teacher = (teacher_decoder, teacher_head, head_transform(teacher_model, num_tokens))
     if config.max_samples is not None:
         samples = samples.sort_by("sample_id").slice(0, config.max_samples)
     sample_ids: list[str] = samples["sample_id"].to_pylist()
@@ -171,7 +183,13 @@ def evaluate_student(
         hidden = decoder(input_ids=padded.input_ids.to(device),
                          attention_mask=padded.attention_mask.to(device)).last_hidden_state
         hidden = hidden[padded.positions_mask.to(device)]  # [N, H]: trained positions only
-        _add_chunk_sums(sums, head, transform, hidden, labels, teacher_batch, overlap_k, config.token_chunk_size)
+        teacher_hidden = None
+        if full_teacher is not None:
+            teacher_hidden = full_teacher[0](input_ids=padded.input_ids.to(device),
+                                             attention_mask=padded.attention_mask.to(device)).last_hidden_state
+            teacher_hidden = teacher_hidden[padded.positions_mask.to(device)]
+        _add_chunk_sums(sums, head, transform, hidden, labels, teacher_batch, overlap_k, config.token_chunk_size,
+                        None if full_teacher is None else (full_teacher[1], full_teacher[2], teacher_hidden))
         num_tokens += n
 
     if num_tokens == 0:
@@ -220,11 +238,12 @@ def evaluate_on_artifact(student_dir: str | os.PathLike, corpus, topk_dir: str |
     reader = TopKReader(topk_dir, verify=config.topk_verify)
     teacher_identity = model_identity(teacher_dir)
     model = load_causal_lm(student_dir, device=resolve_device(config.device))
+    tokenizer = load_tokenizer(student_dir)
     check_artifact_compatibility(reader.manifest, corpus_fingerprint=corpus.fingerprint,
-                                 tokenizer_hash=tokenizer_hash(load_tokenizer(student_dir)),
+                                 tokenizer_hash=tokenizer_hash(tokenizer),
                                  vocab_size=int(model.get_output_embeddings().weight.shape[0]),
                                  teacher_identity=teacher_identity, teacher_dir=teacher_dir)
-    return evaluate_student(model, corpus.split(config.split), reader, config)
+    return evaluate_student(model, corpus.split(config.split), reader, config, num_tokens=len(tokenizer))
 
 
 def _overlap_k(config: EvalConfig, artifact_k: int) -> int:
@@ -253,8 +272,9 @@ def _teacher_batch(teacher: TargetsProvider, sample_ids: list[str], loss_masks: 
 
 
 def _add_chunk_sums(sums: _Sums, head, transform: HeadTransform, hidden: torch.Tensor, labels: torch.Tensor,
-                    teacher_batch, overlap_k: int | None, chunk_size: int) -> None:
-    """The head on `chunk_size` trained rows at a time: student NLL, and the teacher comparisons."""
+                    teacher_batch, overlap_k: int | None, chunk_size: int, full_teacher=None) -> None:
+    """The head on `chunk_size` trained rows at a time: student NLL, the teacher comparisons,
+    and with `full_teacher = (head, transform, hidden)` the full-vocabulary KL."""
     n = hidden.shape[0]
     for lo in range(0, n, chunk_size):
         hi = min(lo + chunk_size, n)
@@ -263,6 +283,17 @@ def _add_chunk_sums(sums: _Sums, head, transform: HeadTransform, hidden: torch.T
         sums.add("student_nll", log_z - logits.gather(1, labels[lo:hi, None])[:, 0])
         if teacher_batch is not None:
             _teacher_sums(sums, logits, log_z, teacher_batch[0][lo:hi], teacher_batch[1][lo:hi], overlap_k)
+        if full_teacher is not None:
+            teacher_head, teacher_transform, teacher_hidden = full_teacher
+            teacher_logits = teacher_transform.apply_(teacher_head(teacher_hidden[lo:hi]).float())
+            if teacher_logits.shape != logits.shape:
+                raise ValueError(f"full-vocabulary KL: teacher logits {tuple(teacher_logits.shape)} vs student "
+                                 f"{tuple(logits.shape)}: the vocabularies differ")
+            log_p = torch.log_softmax(teacher_logits, dim=-1)
+            log_q = logits - log_z[:, None]
+            # 0 * log(0 / q) = 0 for tokens the teacher gives no mass (padded rows: both -inf).
+            sums.add("kl_teacher_student_full", torch.where(log_p > -math.inf, log_p.exp() * (log_p - log_q), 0.0)
+                     .sum(-1))
 
 
 def _metrics(sums: _Sums, num_tokens: int, num_samples: int, overlap_k: int | None) -> dict[str, float]:
@@ -274,6 +305,8 @@ def _metrics(sums: _Sums, num_tokens: int, num_samples: int, overlap_k: int | No
         "student_nll": mean["student_nll"],
         "student_ppl": math.exp(mean["student_nll"]),
     }
+    if "kl_teacher_student_full" in mean:
+        metrics["kl_teacher_student_full"] = mean["kl_teacher_student_full"]
     if overlap_k is not None:
         metrics.update({
             "teacher_nll": mean["teacher_nll"],

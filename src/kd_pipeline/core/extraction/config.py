@@ -30,6 +30,12 @@ class ExtractionConfig:
             float32), `float32`, `bfloat16` or `float16`. The LM head, log-softmax and top-k run
             in float32 either way.
         temperature: Capture temperature: logits are divided by it before normalization.
+        logz_temperatures: Teacher temperatures at which every trained row also stores its
+            full-vocabulary log-normalizer (a few bytes per row), so that training can temper
+            the stored top-k exactly, tail included, at `target_logits_scale =
+            temperature / t` for each `t` here. Normalized to a sorted tuple that includes
+            `temperature`. Ratios 2, 1 and 1/2 to `temperature` cost one fused reduction each;
+            others one `pow` pass over the row's logits each (see docs/benchmarks.md).
         device: `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
         head_chunk_rows: Trained rows per LM-head chunk; 0 = auto (CPU 1024, CUDA 8192).
         check_head: Check once, on a short slice, that the head path equals the model's own
@@ -57,6 +63,7 @@ class ExtractionConfig:
     shard_trained_tokens: int = 32768
     dtype: str = "auto"
     temperature: float = 1.0
+    logz_temperatures: tuple[float, ...] = (0.5, 1.0, 2.0)
     device: str = "auto"
     head_chunk_rows: int = 0
     check_head: bool = True
@@ -78,6 +85,10 @@ class ExtractionConfig:
                 self.dtype)
         require(is_number(self.temperature) and math.isfinite(self.temperature) and self.temperature > 0, what,
                 "temperature", "a finite number > 0", self.temperature)
+        temperatures = self.logz_temperatures
+        require(not isinstance(temperatures, (str, bytes, Mapping)) and hasattr(temperatures, "__iter__")
+                and all(is_number(t) and math.isfinite(t) and t > 0 for t in temperatures),
+                what, "logz_temperatures", "a list of finite numbers > 0", temperatures)
         require(is_device_spec(self.device), what, "device", "'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
         require_int(what, "encode_workers", self.encode_workers, minimum=-1)
         for name in ("check_head", "resume", "progress"):
@@ -92,6 +103,8 @@ class ExtractionConfig:
         object.__setattr__(self, "codec", DEFAULT_CODEC if self.codec == "compact" else self.codec)
         object.__setattr__(self, "codec_settings", dict(self.codec_settings))
         object.__setattr__(self, "temperature", float(self.temperature))
+        object.__setattr__(self, "logz_temperatures",
+                           tuple(sorted({float(t) for t in temperatures} | {self.temperature})))
         try:
             get_codec(self.codec, self.codec_settings)
         except ValueError as error:
@@ -110,6 +123,12 @@ class ExtractionConfig:
 
     def resolved_dtype(self, device: torch.device) -> torch.dtype:
         return resolve_dtype(self.dtype, device)
+
+    @property
+    def logz_scales(self) -> tuple[float, ...]:
+        """`temperature / t` per `logz_temperatures` entry: the scale that tempers the stored
+        distribution to `t` (the same as the manifest's `ArtifactSource.logz_scales`)."""
+        return tuple(self.temperature / t for t in self.logz_temperatures)
 
     def resolved_head_chunk_rows(self, device: torch.device) -> int:
         if self.head_chunk_rows:

@@ -29,8 +29,8 @@ class PrecomputedCodec:
             raise RuntimeError("encode queue out of order")
         return future.result()
 
-    def decode(self, payload, num_positions: int, k: int):
-        return self.inner.decode(payload, num_positions, k)
+    def decode(self, payload, num_positions: int, k: int, logz_scales: tuple[float, ...] = ()):
+        return self.inner.decode(payload, num_positions, k, logz_scales)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

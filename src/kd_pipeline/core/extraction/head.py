@@ -3,12 +3,16 @@
 The head is applied only to the hidden rows of trained positions (prompt and padding positions
 never get logits), in row chunks written into one reused buffer; top-k comes first, its first
 value is the row max, and logsumexp is then computed in place on the chunk (`sub_`, `exp_`,
-`sum`): no extra full-vocabulary copy and no separate max pass.
+`sum`): no extra full-vocabulary copy and no separate max pass. The same exp-shifted buffer
+gives each row's log-normalizer at every configured temperature (`tempered_log_sums`): one
+fused reduction per temperature, a few bytes per row, so that training can temper the stored
+top-k exactly.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -25,6 +29,32 @@ class HeadRows:
     topk_ids: torch.Tensor  # [N, k] int32
     topk_logprobs: torch.Tensor  # [N, k] float32
     target_logprobs: torch.Tensor  # [N] float32
+    logz: torch.Tensor  # [N, T] float32: log sum_v p(v)**s per scale s (`TopKArrays.logz`)
+
+
+def tempered_log_sums(exp_shifted: torch.Tensor, scales: Sequence[float], log_sum: torch.Tensor) -> torch.Tensor:
+    """`(C, T)` `log sum_v e_v**s` per scale, from `e = exp(a - max a)` (every row's max entry is
+    1, so no sum is 0; entries that underflowed in `e` are below `exp(-87 s)` of the sum).
+
+    Scale 1 is the given `log_sum` (`(C, 1)`, already computed); 2 is a squared 2-norm, one
+    fused reduction; 1/2 takes the square root in place, last (so `exp_shifted` is overwritten
+    when 0.5 is among the scales); any other scale is a `pow` reduction (several times slower
+    than the exp pass).
+    """
+    out = torch.empty(exp_shifted.shape[0], len(scales), dtype=torch.float32, device=exp_shifted.device)
+    halves = []
+    for column, scale in enumerate(scales):
+        if scale == 1.0:
+            out[:, column] = log_sum[:, 0]
+        elif scale == 2.0:
+            out[:, column] = torch.linalg.vector_norm(exp_shifted, 2, dim=-1).log().mul(2.0)
+        elif scale == 0.5:
+            halves.append(column)
+        else:
+            out[:, column] = torch.linalg.vector_norm(exp_shifted, scale, dim=-1).log().mul(scale)
+    if halves:
+        out[:, halves] = exp_shifted.sqrt_().sum(dim=-1).log().unsqueeze(1)
+    return out
 
 
 class TopKHead:
@@ -38,7 +68,11 @@ class TopKHead:
     device for each call (accelerate's `align_module_device`), as its own forward would.
     """
 
-    def __init__(self, model, k: int, temperature: float = 1.0, chunk_rows: int = 1024, fp32_logits: bool = True):
+    def __init__(self, model, k: int, temperature: float = 1.0, chunk_rows: int = 1024, fp32_logits: bool = True,
+                 logz_scales: Sequence[float] = (1.0,), num_tokens: int | None = None):
+        """`logz_scales`: `temperature / t` for each log-normalizer temperature `t` (the
+        artifact's `logz_scales`); `num_tokens`: `len(tokenizer)`, when the head is padded
+        beyond it (padded rows never get probability mass)."""
         _, self.head = decoder_and_head(model)
         self.weight = self.head.weight
         self.bias = getattr(self.head, "bias", None)
@@ -54,7 +88,10 @@ class TopKHead:
         self.k = k
         self.temperature = float(temperature)
         self.chunk_rows = chunk_rows
-        self.transform = head_transform(model)
+        self.logz_scales = tuple(float(scale) for scale in logz_scales)
+        self.transform = head_transform(model, num_tokens)
+        if k > (self.transform.vocab_size or self.vocab_size):
+            raise ValueError(f"teacher_logits.k = {k} exceeds the tokenizer's {self.transform.vocab_size} tokens")
         self._buffer: torch.Tensor | None = None
 
     def _head_parameters(self) -> tuple:
@@ -100,6 +137,8 @@ class TopKHead:
         out_ids = torch.empty(n, self.k, dtype=torch.int32, device=device)
         out_lp = torch.empty(n, self.k, dtype=torch.float32, device=device)
         out_tgt = torch.empty(n, dtype=torch.float32, device=device)
+        out_logz = torch.empty(n, len(self.logz_scales), dtype=torch.float32, device=device)
+        scales = torch.tensor(self.logz_scales, dtype=torch.float32, device=device)
         for start in range(0, n, self.chunk_rows):
             stop = min(start + self.chunk_rows, n)
             logits = self._logits_into_buffer(hidden[start:stop])
@@ -110,11 +149,15 @@ class TopKHead:
             target = logits.gather(1, labels[start:stop, None].long())
             row_max = values[:, :1]
             # In place: logits <- exp(logits - max); lse = max + log(sum).
-            lse = logits.sub_(row_max).exp_().sum(dim=-1, keepdim=True).log_().add_(row_max)
+            exp_shifted = logits.sub_(row_max).exp_()
+            log_sum = exp_shifted.sum(dim=-1, keepdim=True).log_()
+            lse = log_sum + row_max
             out_ids[start:stop] = ids
             out_lp[start:stop] = values - lse
             out_tgt[start:stop] = (target - lse).squeeze(1)
-        return HeadRows(out_ids, out_lp, out_tgt)
+            # log Z_s = log sum exp(s (a - max)) - s log sum exp(a - max): the max cancels.
+            out_logz[start:stop] = tempered_log_sums(exp_shifted, self.logz_scales, log_sum) - scales * log_sum
+        return HeadRows(out_ids, out_lp, out_tgt, out_logz)
 
 
 @torch.no_grad()
@@ -147,11 +190,13 @@ def check_head_path(model, head: TopKHead, input_ids: np.ndarray, device: torch.
     got = teacher_rows(model, head, batch, device)
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids.to(device), use_cache=False).logits[0, :-1].float()
-    logits = logits / head.temperature
+    logits = logits[:, : head.transform.vocab_size or logits.shape[-1]] / head.temperature
     reference = torch.log_softmax(logits, dim=-1)
     ref_lp = reference.gather(1, got.topk_ids.long())
     ref_tgt = reference.gather(1, batch.labels.to(device)[:, None]).squeeze(1)
-    error = max(float((ref_lp - got.topk_logprobs).abs().max()), float((ref_tgt - got.target_logprobs).abs().max()))
+    ref_logz = torch.stack([(scale * reference).logsumexp(-1) for scale in head.logz_scales], -1)
+    error = max(float((ref_lp - got.topk_logprobs).abs().max()), float((ref_tgt - got.target_logprobs).abs().max()),
+                float((ref_logz - got.logz).abs().max()))
     ref_top = reference.max(dim=-1).values
     error = max(error, float((ref_top - got.topk_logprobs[:, 0]).abs().max()))
     if atol is None:

@@ -89,6 +89,7 @@ def artifact_report(topk_dir: str | os.PathLike) -> dict:
         "codec_settings": dict(manifest.codec_settings),
         "capture_dtype": source.capture_dtype,
         "capture_temperature": source.capture_temperature,
+        "logz_temperatures": list(source.logz_temperatures),
         "vocab_size": source.vocab_size,
         "topk_coverage": manifest.topk_coverage(),
         # The latest run (a re-run with nothing to do computes no tokens) and the latest run

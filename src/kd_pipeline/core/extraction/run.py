@@ -54,13 +54,14 @@ def run_batches(model, head: TopKHead, corpus: CorpusArrays, batches: Sequence[P
     cuda = device.type == "cuda"
 
     def emit(batch: PlannedBatch, inputs: BatchInputs, host) -> list:
-        ids, logprobs, targets = (t.numpy() for t in host)
+        ids, logprobs, targets, logz = (t.numpy() for t in host)
         labels = inputs.labels.numpy()
         out, start = [], 0
         for row, positions in zip(batch.rows, inputs.positions):
             stop = start + len(positions)
             if sample_ids[row] not in done:
-                arrays = TopKArrays.from_any(positions, ids[start:stop], logprobs[start:stop], targets[start:stop])
+                arrays = TopKArrays.from_any(positions, ids[start:stop], logprobs[start:stop], targets[start:stop],
+                                             logz[start:stop], head.logz_scales)
                 if encoder is not None:
                     encoder.submit(arrays)
                 out.append((sample_ids[row], arrays))
@@ -78,7 +79,8 @@ def run_batches(model, head: TopKHead, corpus: CorpusArrays, batches: Sequence[P
 
     def write(samples: list) -> None:
         for sample_id, arrays in samples:
-            writer.add(sample_id, arrays.positions, arrays.topk_ids, arrays.topk_logprobs, arrays.target_logprobs)
+            writer.add(sample_id, arrays.positions, arrays.topk_ids, arrays.topk_logprobs, arrays.target_logprobs,
+                       arrays.logz)
 
     started = time.perf_counter()
     in_flight: list = []  # computed (maybe still running on the GPU), not yet on the host
@@ -87,7 +89,8 @@ def run_batches(model, head: TopKHead, corpus: CorpusArrays, batches: Sequence[P
         for batch in batches:
             inputs = corpus.batch(batch)
             rows = teacher_rows(model, head, inputs, device)
-            host = tuple(t.to("cpu", non_blocking=cuda) for t in (rows.topk_ids, rows.topk_logprobs, rows.target_logprobs))
+            host = tuple(t.to("cpu", non_blocking=cuda)
+                         for t in (rows.topk_ids, rows.topk_logprobs, rows.target_logprobs, rows.logz))
             event = None
             if cuda:
                 event = torch.cuda.Event()
@@ -110,16 +113,19 @@ def run_batches(model, head: TopKHead, corpus: CorpusArrays, batches: Sequence[P
     return stats
 
 
-def load_teacher_for_extraction(teacher_dir: str | os.PathLike, config: ExtractionConfig):
+def load_teacher_for_extraction(teacher_dir: str | os.PathLike, config: ExtractionConfig,
+                                num_tokens: int | None = None):
     """(model, head, device, dtype) for a teacher folder with the config's device/dtype; with
-    `device_map`, split across devices, `device` being where its inputs go (the embeddings')."""
+    `device_map`, split across devices, `device` being where its inputs go (the embeddings');
+    `num_tokens`: `len(tokenizer)` (a head padded beyond it gives its padded rows no mass)."""
     device = config.resolved_device()
     dtype = config.resolved_dtype(device)
     model = load_causal_lm(teacher_dir, dtype=dtype, device=device, device_map=config.device_map,
                            max_memory=config.max_memory, offload_folder=config.offload_folder)
     if config.device_map is not None:
         device = execution_device(model.get_input_embeddings())
-    head = TopKHead(model, config.k, config.temperature, config.resolved_head_chunk_rows(device))
+    head = TopKHead(model, config.k, config.temperature, config.resolved_head_chunk_rows(device),
+                    logz_scales=config.logz_scales, num_tokens=num_tokens)
     return model, head, device, dtype
 
 
@@ -166,7 +172,8 @@ def _extract(teacher_dir: Path, corpus, out_dir: Path, config: ExtractionConfig,
     # Refuse a mismatched teacher before spending time on its weights.
     teacher_vocab, teacher_tokenizer_hash = check_teacher_for_corpus(teacher_dir, corpus.meta, corpus_where)
     identity = model_identity(teacher_dir)
-    model, head, device, dtype = load_teacher_for_extraction(teacher_dir, config)
+    # The corpus's vocab_size is len(tokenizer) (checked above): head rows past it are padding.
+    model, head, device, dtype = load_teacher_for_extraction(teacher_dir, config, int(corpus.meta["vocab_size"]))
     if head.vocab_size != teacher_vocab:
         raise TeacherCorpusMismatchError("vocab_size", f"the teacher's LM head has {head.vocab_size} rows, its "
                                                        f"config.json says vocab_size {teacher_vocab}")
@@ -208,6 +215,7 @@ def _artifact_source(teacher_dir: Path, identity: dict, tokenizer_hash: str, hea
         capture_dtype=dtype_name(dtype),
         capture_temperature=config.temperature,
         corpus_fingerprint=corpus.fingerprint,
+        logz_temperatures=config.logz_temperatures,
     )
 
 

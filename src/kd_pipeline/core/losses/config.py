@@ -5,20 +5,27 @@ Semantics in one place (both `reference.py` and `fused.py` implement exactly thi
 * Student logits `u` (one row per trained token) are multiplied by `logits_scale` for the KD
   term: `z = logits_scale * u`. NeMo-Aligner's scales are *inverse temperatures*, so the student
   temperature is `T = 1 / logits_scale`.
-* Teacher targets are stored full-vocabulary log-probs `l_k` of the teacher's top-k ids. They are
-  multiplied by `target_logits_scale` and renormalized; for log-probs this equals scaling the
-  teacher's logits, whatever its log-partition was.
+* Teacher targets are stored full-vocabulary log-probs `l_k` of the teacher's top-k ids, the
+  log-probs of the stored (capture-temperature) distribution `p`. `target_logits_scale` `s` tempers
+  that distribution: `p_s(v) = p(v)**s / Z_s` with the per-row log-normalizer
+  `teacher_logz = log Z_s = log sum_v p(v)**s` over the **full** vocabulary, so the tempered
+  top-k log-probs are exactly `s * l_k - teacher_logz` (in terms of the teacher's logits `a`,
+  `log Z_s = logsumexp(s * a) - s * logsumexp(a)`, i.e. `s*lp + s*logZ(1) - logZ(s)`). The
+  artifact stores `log Z_s` per row at a list of temperatures (`core.topk_store`). At `s == 1`
+  it is 0.
 * `topk_normalization`:
     - `renormalize` (NeMo-Aligner parity): student and teacher are both renormalized over the
       teacher's K ids, `q = softmax_k(z[ids])`, `p = softmax_k(s * l)`. Student mass outside the
-      K ids is not seen by the KD term.
+      K ids is not seen by the KD term, and `teacher_logz` cancels (not needed at any `s`).
     - `tail_bucket`: K+1 buckets. The student bucket log-probs are its full-vocabulary
       log-softmax gathered at the K ids plus the tail `log sum_{v not in ids} softmax(z)_v`. The
-      teacher's tail is `log(1 - sum_k exp(l_k))` (floored at `TEACHER_TAIL_MIN_MASS`, so a
-      teacher whose stored top-k mass rounds to 1 still gives reverse KL a finite value). The
-      K+1 teacher log-probs are all multiplied by `target_logits_scale` and renormalized over
-      the K+1 buckets, i.e. the tail is tempered like one more token. When the ids cover the
-      whole vocabulary the tail is empty on both sides and drops out.
+      teacher's buckets are the exact tempered top-k log-probs `s * l_k - teacher_logz` and the
+      exact tempered tail `log(1 - sum_k exp(s * l_k - teacher_logz))` (floored at
+      `TEACHER_TAIL_MIN_MASS`, so a teacher whose stored top-k mass rounds to 1 still gives
+      reverse KL a finite value), renormalized over the K+1 buckets (a no-op up to the floor and
+      rounding). `s != 1` therefore needs `teacher_logz`; without it the loss refuses (tempering
+      the tail as if it were one token is wrong by up to nats per token). When the ids cover
+      the whole vocabulary the tail is empty on both sides and drops out.
 * `kd_loss`: `fwd_kl` = KL(p || q), `bwd_kl` = KL(q || p), `jsd` = the generalized JSD of TRL and
   Liger, `beta * KL(p || m) + (1 - beta) * KL(q || m)` with `m = beta * p + (1 - beta) * q`;
   `beta == 0` is special-cased to `fwd_kl` and `beta == 1` to `bwd_kl` (the general formula
@@ -74,8 +81,9 @@ class KDLossConfig:
         sft_loss_weight: weight of the SFT (cross-entropy on labels) term, >= 0. At least one of
             the two weights must be > 0.
         logits_scale: multiplies the student logits (inverse student temperature), > 0.
-        target_logits_scale: multiplies the teacher log-probs before renormalization (inverse
-            teacher temperature), > 0.
+        target_logits_scale: tempers the stored teacher distribution, `p**s / Z_s` (inverse
+            teacher temperature relative to the capture temperature), > 0. `tail_bucket` with
+            `s != 1` needs the per-row `teacher_logz` at `s`.
         temperature_squared: multiply the KD term of `loss` by `T**2`, `T = 1 / logits_scale`.
         topk_normalization: `renormalize` (over the teacher's K ids, NeMo-Aligner parity) or
             `tail_bucket` (full-vocabulary student, K+1 buckets).
@@ -183,6 +191,7 @@ def check_loss_inputs(
     labels: torch.Tensor | None,
     token_weights: torch.Tensor,
     config: KDLossConfig,
+    teacher_logz: torch.Tensor | None = None,
 ) -> None:
     """Checks the shapes, dtypes and presence of the non-logit loss inputs (no device sync).
 
@@ -195,6 +204,8 @@ def check_loss_inputs(
             `sft_loss_weight == 0`.
         token_weights: (N,) float per-token reduction weights.
         config: the loss config.
+        teacher_logz: (N,) float `log sum_v p(v)**s` at `s = target_logits_scale`, or None
+            (then 0 is assumed at `s == 1`; `tail_bucket` with `s != 1` refuses).
 
     Raises:
         ValueError: naming the offending argument.
@@ -209,6 +220,8 @@ def check_loss_inputs(
     if (topk_ids is None) != (topk_logprobs is None):
         raise ValueError("topk_ids and topk_logprobs must be given together (or both be None)")
     if topk_ids is None:
+        if teacher_logz is not None:
+            raise ValueError("teacher_logz was given without topk_ids/topk_logprobs")
         if config.kd_loss_weight > 0:
             raise ValueError("topk_ids/topk_logprobs are None but KDLossConfig.kd_loss_weight > 0")
     else:
@@ -226,6 +239,24 @@ def check_loss_inputs(
             )
         if not topk_logprobs.is_floating_point():
             raise ValueError(f"topk_logprobs must be floating point, got {topk_logprobs.dtype}")
+        if teacher_logz is not None and (
+            tuple(teacher_logz.shape) != (num_tokens,) or not teacher_logz.is_floating_point()
+        ):
+            raise ValueError(
+                f"teacher_logz must be a float tensor of shape ({num_tokens},), "
+                f"got {teacher_logz.dtype} {tuple(teacher_logz.shape)}"
+            )
+        if (
+            teacher_logz is None
+            and config.topk_normalization == "tail_bucket"
+            and config.target_logits_scale != 1.0
+        ):
+            raise ValueError(
+                f"topk_normalization 'tail_bucket' at target_logits_scale "
+                f"{config.target_logits_scale} needs teacher_logz, the teacher's per-row "
+                "log-normalizer at that temperature (without it the tempered tail mass is not "
+                "known); pass the artifact's logz column for it, or use 'renormalize'"
+            )
     if labels is None:
         if config.sft_loss_weight > 0:
             raise ValueError("labels is None but KDLossConfig.sft_loss_weight > 0")

@@ -10,31 +10,33 @@ are thus produced during the forward pass (the pattern of Liger-Kernel's `chunke
 caller needs anyway (V*H + N*H) plus about one [C, V] float32 buffer.
 
 Three faces: `TopKDistillationFunction` (autograd.Function), `fused_topk_kd_loss` (functional),
-`TopKDistillationLoss` (nn.Module).
+`TopKDistillationLoss` (nn.Module). The per-chunk math is `chunk.chunk_step`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from kd_pipeline.core.losses.chunk import IDENTITY_HEAD, chunk_step, compute_dtype
 from kd_pipeline.core.losses.config import (
-    IGNORE_INDEX,
-    TEACHER_TAIL_MIN_MASS,
     KDLossConfig,
     LossOutput,
     check_loss_inputs,
 )
+from kd_pipeline.core.models.head import HeadTransform
 
 CHUNK_MEMORY_FRACTION = 1 / 8
 """Auto chunk size keeps one [C, V] float32 buffer at about this fraction of the V*H gradient."""
 
 MIN_AUTO_CHUNK = 16
 MAX_AUTO_CHUNK = 4096
+
+
 
 
 def auto_chunk_size(num_tokens: int, vocab_size: int, hidden_size: int) -> int:
@@ -61,282 +63,10 @@ def auto_chunk_size(num_tokens: int, vocab_size: int, hidden_size: int) -> int:
     return max(1, min(chunk, num_tokens))
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # float32 for bf16/fp16/fp32 inputs, float64 stays float64 (gradcheck).
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _first_occurrence(ids: torch.Tensor) -> torch.Tensor:
-    """(C, K) bool, True for the first slot holding each distinct id of a row.
-
-    Duplicate ids only come from degenerate rows (e.g. padding), but the full-vocabulary
-    log-partition must count each vocabulary entry once.
-    """
-    sorted_ids, order = ids.sort(dim=1)
-    is_new = torch.ones_like(ids, dtype=torch.bool)
-    is_new[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
-    return torch.empty_like(is_new).scatter_(1, order, is_new)
-
-
-def _log1mexp(x: torch.Tensor) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler 2012, "Accurately
-    Computing log(1 - exp(-|a|))")."""
-    near_zero = x > -math.log(2.0)
-    return torch.where(
-        near_zero,
-        torch.log(-torch.expm1(x.clamp_max(0.0))),
-        torch.log1p(-torch.exp(x.where(~near_zero, -1.0))),
-    )
-
-
-def _teacher_tail_logmass(teacher_logprobs: torch.Tensor) -> torch.Tensor:
-    """(C,) log(max(1 - sum_k exp(l_k), TEACHER_TAIL_MIN_MASS)).
-
-    The top term is split off the log-sum-exp and the rest goes through log1p, so that a tail
-    of 1e-6 next to a top-1 probability of ~1 keeps its relative precision in float32.
-    """
-    top, top_slot = teacher_logprobs.max(dim=1, keepdim=True)  # (C, 1)
-    safe_top = torch.where(torch.isfinite(top), top, 0.0)
-    rest = teacher_logprobs.scatter(1, top_slot, -math.inf)
-    log_mass = top.squeeze(1) + torch.log1p((rest - safe_top).exp().sum(1))
-    return _log1mexp(log_mass.clamp_max(0.0)).clamp_min(math.log(TEACHER_TAIL_MIN_MASS))
-
-
-def _divergence_and_grad(
-    log_p: torch.Tensor, log_q: torch.Tensor, kind: str, beta: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token divergence and its gradient w.r.t. the student bucket log-probs `log_q`.
-
-    With q = exp(log_q) treated as a function of log_q:
-      fwd_kl  sum p (log p - log q)                      d/dlog_q = -p
-      bwd_kl  sum q (log q - log p)                      d/dlog_q = q (log q - log p + 1)
-      jsd     b KL(p||m) + (1-b) KL(q||m), m = b p + (1-b) q
-                                                         d/dlog_q = (1-b) q (log q - log m)
-    (for jsd the terms through m cancel because sum_b d m_b = 0 weighted by p/m and q/m).
-
-    Args:
-        log_p: (C, B) teacher bucket log-probs (may hold -inf).
-        log_q: (C, B) student bucket log-probs (may hold -inf).
-        kind: `fwd_kl`, `bwd_kl` or `jsd` (endpoints already resolved).
-        beta: jsd teacher weight in (0, 1).
-
-    Returns:
-        (per_token (C,), grad_log_q (C, B)).
-    """
-    p, q = log_p.exp(), log_q.exp()
-    if kind == "fwd_kl":
-        per_token = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(1)
-        return per_token, -p
-    if kind == "bwd_kl":
-        log_ratio = torch.where(q > 0, log_q - log_p, 0.0)
-        return (q * log_ratio).sum(1), q * (log_ratio + 1.0)
-    log_m = torch.logaddexp(log_p + math.log(beta), log_q + math.log1p(-beta))
-    teacher_term = torch.where(p > 0, p * (log_p - log_m), 0.0).sum(1)
-    student_log_ratio = torch.where(q > 0, log_q - log_m, 0.0)
-    per_token = beta * teacher_term + (1.0 - beta) * (q * student_log_ratio).sum(1)
-    return per_token, (1.0 - beta) * q * student_log_ratio
-
-
-def _weighted_sum(weights: torch.Tensor, per_token: torch.Tensor) -> torch.Tensor:
-    # Zero-weight (padding) rows contribute exactly 0 even if their value is not finite.
-    return torch.where(weights != 0, weights * per_token, 0.0).sum()
-
-
-def _scale_rows(coef: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """coef[:, None] * values, exactly 0 on rows with coef == 0 (padding may be non-finite)."""
-    coef = coef.unsqueeze(1) if values.dim() == 2 else coef
-    return torch.where(coef != 0, coef * values, 0.0)
-
-
-def _chunk_logits(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-) -> torch.Tensor:
-    """(C, V) logits of a chunk; on CPU a transposed view of a vocabulary-major (V, C) buffer.
-
-    For a few dozen rows, MKL computes (V, H) @ (H, C) about 1.5x faster than (C, H) @ (H, V)
-    (it packs the large operand differently), and the later `grad_weight.addmm_` then reads the
-    gradient as a contiguous (V, C) matrix. The elementwise steps work on either layout. On GPU
-    the row-major layout is kept (cuBLAS has no such asymmetry; reductions stay row-contiguous).
-    """
-    if hidden.device.type != "cpu":
-        return F.linear(hidden, weight, bias)
-    if bias is None:
-        return torch.mm(weight, hidden.t()).t()
-    return torch.addmm(bias.unsqueeze(1), weight, hidden.t()).t()
-
-
-def _chunk_step(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    topk_ids: torch.Tensor | None,
-    topk_logprobs: torch.Tensor | None,
-    labels: torch.Tensor | None,
-    token_weights: torch.Tensor,
-    config: KDLossConfig,
-    compute_grad: bool,
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """Loss sums of one chunk and the gradient of the weighted loss w.r.t. its logits.
-
-    Pure function of its inputs (in-place ops touch only its own buffers), so it can be wrapped
-    in `torch.compile`.
-
-    Args:
-        hidden: (C, H) student hidden states of the chunk.
-        weight: (V, H) lm_head weight.
-        bias: (V,) lm_head bias or None.
-        topk_ids: (C, K) int64 or None.
-        topk_logprobs: (C, K) float or None.
-        labels: (C,) int64 or None.
-        token_weights: (C,) float.
-        config: loss hyperparameters.
-        compute_grad: whether to build the logits gradient.
-
-    Returns:
-        (grad_logits, sums): grad_logits is (C, V) in the compute dtype (d loss / d logits of the
-        unscaled logits, already weighted) or None; sums is (5,) float64:
-        [sum w*KD, sum w*SFT, sum w*coverage, sum w*student_topk_mass, sum w].
-    """
-    compute_dtype = _compute_dtype(hidden.dtype)
-    scale = config.logits_scale
-    has_kd = topk_ids is not None
-    has_sft = labels is not None
-    tail_mode = has_kd and config.topk_normalization == "tail_bucket"
-    # SFT on the unscaled logits needs a second softmax; when scale == 1 both are the same.
-    sft_on_scaled = config.scale_sft_logits or scale == 1.0
-    weights = token_weights.to(compute_dtype)
-    kd_coef = (
-        weights * (config.kd_loss_weight * config.kd_factor)
-        if compute_grad and has_kd and config.kd_loss_weight > 0
-        else None
-    )
-
-    # (C, V) buffer: logits, then exp-shifted logits, then the gradient, all in place.
-    work = _chunk_logits(hidden, weight, bias).to(compute_dtype)  # .to keeps the layout
-
-    # Everything that needs the raw logits is read before the buffer is overwritten.
-    if has_kd:
-        topk_logits = work.gather(1, topk_ids)  # (C, K) unscaled
-        first_slot = _first_occurrence(topk_ids)
-    if has_sft:
-        label_valid = labels != IGNORE_INDEX
-        safe_labels = torch.where(label_valid, labels, 0).unsqueeze(1)  # (C, 1)
-        label_logits = work.gather(1, safe_labels).squeeze(1)  # (C,) unscaled
-        sft_coef = (
-            torch.where(label_valid, weights * config.sft_loss_weight, 0.0)
-            if compute_grad and config.sft_loss_weight > 0
-            else None
-        )
-    else:
-        sft_coef = None
-    unscaled_lse = None
-    unscaled_copy = None
-    if scale != 1.0 and (has_kd or (has_sft and not sft_on_scaled)):
-        # The metric (and SFT without scaling) use the T = 1 distribution.
-        unscaled_lse = torch.logsumexp(work, dim=1)
-        if sft_coef is not None and not sft_on_scaled:
-            unscaled_copy = work.clone()
-    if scale != 1.0:
-        work.mul_(scale)
-    scaled_topk = topk_logits * scale if has_kd else None
-
-    # Full-vocabulary log-partition of the scaled logits; tail mode also needs the partition of
-    # the entries outside the top-k, each with its own max shift so neither underflows.
-    if tail_mode:
-        work.scatter_(1, topk_ids, -math.inf)
-        tail_max = work.amax(dim=1)  # -inf when the ids cover the vocabulary
-        tail_nonempty = torch.isfinite(tail_max)
-        tail_shift = torch.where(tail_nonempty, tail_max, 0.0)
-        work.sub_(tail_shift.unsqueeze(1)).exp_()  # tail: exp(z - tail_max); top-k: 0
-        exp_sum = work.sum(dim=1)
-        tail_lse = tail_shift + exp_sum.log()  # -inf for an empty tail
-        topk_lse = scaled_topk.masked_fill(~first_slot, -math.inf).logsumexp(dim=1)
-        scaled_lse = torch.logaddexp(tail_lse, topk_lse)
-    else:
-        row_max = work.amax(dim=1)
-        work.sub_(row_max.unsqueeze(1)).exp_()  # exp(z - max)
-        exp_sum = work.sum(dim=1)
-        scaled_lse = row_max + exp_sum.log()
-    if unscaled_lse is None:
-        unscaled_lse = scaled_lse
-
-    sums = torch.zeros(5, dtype=torch.float64, device=hidden.device)
-    sums[4] = weights.sum()
-    grad_topk = None  # (C, K) d loss / d scaled top-k logits
-    grad_tail_lse = None  # (C,) d loss / d tail_lse
-    grad_scaled_lse = torch.zeros_like(scaled_lse)  # (C,) d loss / d scaled_lse
-    if has_kd:
-        teacher = topk_logprobs.to(compute_dtype)
-        target_scale = config.target_logits_scale
-        sums[2] = _weighted_sum(weights, teacher.exp().sum(1))
-        unique_topk_lse = topk_logits.masked_fill(~first_slot, -math.inf).logsumexp(dim=1)
-        sums[3] = _weighted_sum(weights, (unique_topk_lse - unscaled_lse).exp())
-        if tail_mode:
-            teacher_tail = torch.where(tail_nonempty, _teacher_tail_logmass(teacher), -math.inf)
-            log_p = (target_scale * torch.cat([teacher, teacher_tail[:, None]], 1)).log_softmax(1)
-            log_q = torch.cat([scaled_topk, tail_lse[:, None]], 1) - scaled_lse[:, None]
-        else:
-            log_p = (target_scale * teacher).log_softmax(1)
-            log_q = scaled_topk.log_softmax(1)
-        per_token, grad_log_q = _divergence_and_grad(
-            log_p, log_q, config.effective_kd_loss, config.beta
-        )
-        sums[0] = _weighted_sum(weights, per_token)
-        if kd_coef is not None:
-            grad_log_q = _scale_rows(kd_coef, grad_log_q)
-            if tail_mode:
-                # log_q_k = z_k - lse, log_q_tail = tail_lse - lse.
-                grad_topk = grad_log_q[:, :-1]
-                grad_tail_lse = grad_log_q[:, -1]
-                grad_scaled_lse -= grad_log_q.sum(1)
-            else:
-                # log_q = log_softmax over the K slots: the Jacobian is (I - q 1^T).
-                grad_topk = grad_log_q - log_q.exp() * grad_log_q.sum(1, keepdim=True)
-    if has_sft:
-        if sft_on_scaled:
-            per_token = scaled_lse - scale * label_logits
-        else:
-            per_token = unscaled_lse - label_logits
-        sums[1] = _weighted_sum(weights, torch.where(label_valid, per_token, 0.0))
-        if sft_coef is not None and sft_on_scaled:
-            grad_scaled_lse += sft_coef
-
-    if not compute_grad:
-        return None, sums
-
-    # d loss / d z = grad_scaled_lse * softmax(z) [+ grad_tail_lse * softmax_tail(z)]
-    #                + scatter(grad_topk at ids) - scatter(sft_coef at label)
-    if tail_mode:
-        # Tail entries of `work` hold exp(z - tail_max); softmax(z)_v = work_v / exp_sum * Q_tail
-        # with Q_tail = exp(tail_lse - lse) <= 1, and softmax_tail(z)_v = work_v / exp_sum.
-        tail_mass = (tail_lse - scaled_lse).exp()
-        tail_coef = grad_scaled_lse * tail_mass
-        if grad_tail_lse is not None:
-            tail_coef = tail_coef + grad_tail_lse
-        safe_exp_sum = torch.where(tail_nonempty, exp_sum, 1.0)
-        work.mul_((tail_coef / safe_exp_sum).unsqueeze(1))
-        # Top-k entries are 0 in `work`; assignment (not add) counts duplicate ids once.
-        topk_softmax = (scaled_topk - scaled_lse[:, None]).exp()
-        work.scatter_(1, topk_ids, grad_scaled_lse[:, None] * topk_softmax)
-    else:
-        work.mul_((grad_scaled_lse / exp_sum).unsqueeze(1))
-    if grad_topk is not None:
-        work.scatter_add_(1, topk_ids, grad_topk)
-    if sft_coef is not None and sft_on_scaled:
-        work.scatter_add_(1, safe_labels, -sft_coef[:, None])
-    if scale != 1.0:
-        work.mul_(scale)  # z = scale * u
-    if unscaled_copy is not None:
-        unscaled_copy.sub_(unscaled_lse.unsqueeze(1)).exp_().mul_(sft_coef.unsqueeze(1))
-        unscaled_copy.scatter_add_(1, safe_labels, -sft_coef[:, None])
-        work.add_(unscaled_copy)
-    return work, sums
-
-
 @lru_cache(maxsize=1)
 def _compiled_chunk_step():
     # Dynamic shapes: the last chunk is usually ragged, and N differs between batches.
-    return torch.compile(_chunk_step, dynamic=True)
+    return torch.compile(chunk_step, dynamic=True)
 
 
 def _accumulate_chunk(
@@ -347,6 +77,7 @@ def _accumulate_chunk(
     bias: torch.Tensor | None,
     topk_ids: torch.Tensor | None,
     topk_logprobs: torch.Tensor | None,
+    teacher_logz: torch.Tensor | None,
     labels: torch.Tensor | None,
     token_weights: torch.Tensor,
     config: KDLossConfig,
@@ -355,6 +86,7 @@ def _accumulate_chunk(
     grad_hidden: torch.Tensor | None,
     grad_weight: torch.Tensor | None,
     grad_bias: torch.Tensor | None,
+    head: HeadTransform,
 ) -> None:
     """Runs `step` on the chunk `rows` and folds its results into the accumulators in place."""
     hidden_chunk = hidden[rows]  # (C, H)
@@ -364,10 +96,12 @@ def _accumulate_chunk(
         bias,
         None if topk_ids is None else topk_ids[rows],
         None if topk_logprobs is None else topk_logprobs[rows],
+        None if teacher_logz is None else teacher_logz[rows],
         None if labels is None else labels[rows],
         token_weights[rows],
         config,
         compute_grad,
+        head,
     )
     sums += chunk_sums
     if grad_logits is None:
@@ -392,15 +126,17 @@ class TopKDistillationFunction(torch.autograd.Function):
         bias: torch.Tensor | None,
         topk_ids: torch.Tensor | None,
         topk_logprobs: torch.Tensor | None,
+        teacher_logz: torch.Tensor | None,
         labels: torch.Tensor | None,
         token_weights: torch.Tensor,
         config: KDLossConfig,
         needs_grad: tuple[bool, bool, bool],
+        head: HeadTransform = IDENTITY_HEAD,
     ):
         num_tokens, hidden_size = hidden.shape
         vocab_size = weight.shape[0]
         chunk_size = config.chunk_size or auto_chunk_size(num_tokens, vocab_size, hidden_size)
-        step = _compiled_chunk_step() if config.compiled else _chunk_step
+        step = _compiled_chunk_step() if config.compiled else chunk_step
         needs_hidden, needs_weight, needs_bias = needs_grad
         compute_grad = any(needs_grad)
         # grad_weight / grad_bias accumulate in the parameter dtype (as autograd would); the
@@ -420,20 +156,20 @@ class TopKDistillationFunction(torch.autograd.Function):
             for start in range(0, num_tokens, chunk_size):
                 _accumulate_chunk(
                     step, slice(start, min(start + chunk_size, num_tokens)), hidden, weight, bias,
-                    topk_ids, topk_logprobs, labels, token_weights, config, compute_grad,
-                    sums, grad_hidden, grad_weight, grad_bias,
+                    topk_ids, topk_logprobs, teacher_logz, labels, token_weights, config, compute_grad,
+                    sums, grad_hidden, grad_weight, grad_bias, head,
                 )
 
-        compute_dtype = _compute_dtype(hidden.dtype)
+        dtype = compute_dtype(hidden.dtype)
         # Separate (non-view) tensors: they become distinct outputs of the Function.
         kd_sum, sft_sum, coverage_sum, mass_sum, weight_sum = (
-            value.clone() for value in sums.to(compute_dtype).unbind()
+            value.clone() for value in sums.to(dtype).unbind()
         )
 
         def nan():
-            return torch.full((), math.nan, dtype=compute_dtype, device=hidden.device)
+            return torch.full((), math.nan, dtype=dtype, device=hidden.device)
 
-        loss = torch.zeros((), dtype=compute_dtype, device=hidden.device)
+        loss = torch.zeros((), dtype=dtype, device=hidden.device)
         if topk_ids is not None and config.kd_loss_weight > 0:
             loss = loss + config.kd_loss_weight * config.kd_factor * kd_sum
         if labels is not None and config.sft_loss_weight > 0:
@@ -469,10 +205,12 @@ class TopKDistillationFunction(torch.autograd.Function):
             grad_bias,
             None,  # topk_ids
             None,  # topk_logprobs
+            None,  # teacher_logz
             None,  # labels
             None,  # token_weights
             None,  # config
             None,  # needs_grad
+            None,  # head
         )
 
 
@@ -485,8 +223,11 @@ def fused_topk_kd_loss(
     labels: torch.Tensor | None,
     token_weights: torch.Tensor,
     config: KDLossConfig,
+    *,
+    teacher_logz: torch.Tensor | None = None,
+    head: HeadTransform | None = None,
 ) -> LossOutput:
-    """Top-k KD + SFT loss of `hidden @ weight.T + bias`, chunked over tokens.
+    """Top-k KD + SFT loss of the student logits `head(hidden @ weight.T + bias)`, chunked over tokens.
 
     Args:
         hidden: (N, H) float student final hidden states of the trained tokens.
@@ -498,6 +239,12 @@ def fused_topk_kd_loss(
             `sft_loss_weight == 0`.
         token_weights: (N,) float reduction weights; `loss = sum_i w_i * loss_i`.
         config: loss hyperparameters (`chunk_size`, `compiled` are used here).
+        teacher_logz: (N,) float `log sum_v p(v)**s`, the stored teacher distribution's
+            log-normalizer at `s = target_logits_scale` (the artifact's column for that
+            temperature); needed by `tail_bucket` when `s != 1`, ignored by `renormalize`.
+        head: the model's logit transform (`models.head.head_transform(model, len(tokenizer))`:
+            soft-cap, scaling, real vocabulary size), so the loss scores what
+            `model(...).logits` would; None = the plain linear head.
 
     Returns:
         `LossOutput`; `loss` is differentiable w.r.t. `hidden`, `weight` and `bias`. The
@@ -519,8 +266,19 @@ def fused_topk_kd_loss(
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias must be ({weight.shape[0]},), got {tuple(bias.shape)}")
+    head = IDENTITY_HEAD if head is None else head
+    if head.vocab_size is not None:
+        if not 1 <= head.vocab_size <= weight.shape[0]:
+            raise ValueError(f"head.vocab_size must be in [1, {weight.shape[0]}] (the head's rows), "
+                             f"got {head.vocab_size}")
+        # Rows past the tokenizer are not tokens: without them they get no mass, and autograd
+        # gives their weight rows a zero gradient.
+        weight = weight[: head.vocab_size]
+        bias = None if bias is None else bias[: head.vocab_size]
+        head = dataclasses.replace(head, vocab_size=None)
     check_loss_inputs(
-        hidden.shape[0], weight.shape[0], topk_ids, topk_logprobs, labels, token_weights, config
+        hidden.shape[0], weight.shape[0], topk_ids, topk_logprobs, labels, token_weights, config,
+        teacher_logz,
     )
     grad_on = torch.is_grad_enabled()
     needs_grad = (
@@ -529,7 +287,8 @@ def fused_topk_kd_loss(
         grad_on and bias is not None and bias.requires_grad,
     )
     outputs = TopKDistillationFunction.apply(
-        hidden, weight, bias, topk_ids, topk_logprobs, labels, token_weights, config, needs_grad
+        hidden, weight, bias, topk_ids, topk_logprobs, teacher_logz, labels, token_weights, config,
+        needs_grad, head,
     )
     return LossOutput(*outputs)
 
@@ -550,10 +309,13 @@ class TopKDistillationLoss(torch.nn.Module):
         topk_logprobs: torch.Tensor | None,
         labels: torch.Tensor | None,
         token_weights: torch.Tensor,
+        teacher_logz: torch.Tensor | None = None,
+        head: HeadTransform | None = None,
     ) -> LossOutput:
-        """See `fused_topk_kd_loss`; shapes (N, H), (V, H), (V,), (N, K), (N, K), (N,), (N,)."""
+        """See `fused_topk_kd_loss`; shapes (N, H), (V, H), (V,), (N, K), (N, K), (N,), (N,), (N,)."""
         return fused_topk_kd_loss(
-            hidden, weight, bias, topk_ids, topk_logprobs, labels, token_weights, self.config
+            hidden, weight, bias, topk_ids, topk_logprobs, labels, token_weights, self.config,
+            teacher_logz=teacher_logz, head=head,
         )
 
     def extra_repr(self) -> str:

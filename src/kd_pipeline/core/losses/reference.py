@@ -28,6 +28,8 @@ def topk_kd_loss_reference(
     labels: torch.Tensor | None,
     token_weights: torch.Tensor,
     config: KDLossConfig,
+    *,
+    teacher_logz: torch.Tensor | None = None,
 ) -> LossOutput:
     """Computes the top-k KD + SFT loss from full student logits.
 
@@ -41,13 +43,16 @@ def topk_kd_loss_reference(
             `sft_loss_weight == 0`.
         token_weights: (N,) float reduction weights; `loss = sum_i w_i * loss_i`.
         config: loss hyperparameters.
+        teacher_logz: (N,) float `log sum_v p(v)**s` of the stored teacher distribution at
+            `s = target_logits_scale` (needed by `tail_bucket` when `s != 1`).
 
     Returns:
         `LossOutput`; `loss` is differentiable w.r.t. `student_logits`.
     """
     num_tokens, vocab_size = student_logits.shape
     check_loss_inputs(
-        num_tokens, vocab_size, topk_ids, topk_logprobs, labels, token_weights, config
+        num_tokens, vocab_size, topk_ids, topk_logprobs, labels, token_weights, config,
+        teacher_logz,
     )
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     unscaled = student_logits.to(dtype)
@@ -68,7 +73,8 @@ def topk_kd_loss_reference(
             loss = loss + config.sft_loss_weight * sft
     if topk_ids is not None:
         teacher = topk_logprobs.to(dtype)
-        log_p, log_q = _bucket_logprobs(scaled, topk_ids, teacher, config)
+        logz = None if teacher_logz is None else teacher_logz.to(dtype)
+        log_p, log_q = _bucket_logprobs(scaled, topk_ids, teacher, logz, config)
         kd_per_token = _divergence(log_p, log_q, config.effective_kd_loss, config.beta)
         kd = _weighted_sum(weights, kd_per_token)
         if config.kd_loss_weight > 0:
@@ -91,6 +97,7 @@ def _bucket_logprobs(
     scaled_logits: torch.Tensor,
     topk_ids: torch.Tensor,
     teacher_logprobs: torch.Tensor,
+    teacher_logz: torch.Tensor | None,
     config: KDLossConfig,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Teacher and student log-probs over the buckets the divergence compares.
@@ -113,9 +120,13 @@ def _bucket_logprobs(
     log_q_tail = torch.where(tail_nonempty, tail_terms.logsumexp(-1), -math.inf)
     log_q = torch.cat([log_q_vocab.gather(1, topk_ids), log_q_tail[:, None]], dim=-1)
 
-    teacher_tail = (1 - teacher_logprobs.exp().sum(-1)).clamp_min(TEACHER_TAIL_MIN_MASS)
+    # Exact tempered teacher: p_s = p**s / Z_s over the full vocabulary, known on the K ids.
+    tempered = target_scale * teacher_logprobs
+    if teacher_logz is not None:
+        tempered = tempered - teacher_logz[:, None]
+    teacher_tail = (1 - tempered.exp().sum(-1)).clamp_min(TEACHER_TAIL_MIN_MASS)
     log_teacher_tail = torch.where(tail_nonempty, teacher_tail.log(), -math.inf)
-    log_p = (target_scale * torch.cat([teacher_logprobs, log_teacher_tail[:, None]], -1)).log_softmax(-1)
+    log_p = torch.cat([tempered, log_teacher_tail[:, None]], -1).log_softmax(-1)
     return log_p, log_q
 
 

@@ -5,13 +5,16 @@ Extraction, evaluation and training all take the final hidden states and apply t
 themselves (to trained rows only), so they must reproduce whatever `model.forward` does to the
 head's output. Hugging Face causal LMs do one of: Granite divides by `config.logits_scaling`,
 Cohere multiplies by `config.logit_scale`, Gemma 2/3 soft-cap with
-`config.final_logit_softcapping` (`tanh(z / cap) * cap`). `head_transform` reads these;
-extraction and evaluation apply it, and the training loss, which runs the bare head inside its
-fused kernel, refuses a model that needs one (`require_plain_head`), naming the setting.
+`config.final_logit_softcapping` (`tanh(z / cap) * cap`). Some heads are also padded past the
+tokenizer (`config.vocab_size > len(tokenizer)`): those rows are not tokens, and no stage may
+give them probability mass. `head_transform` reads all of this; extraction and evaluation
+apply it to their chunk of logits (`apply_`), and the fused training loss applies the same
+`apply_` inside its kernel, with the chain rule through `linear_factor` and `softcap_slope`.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +38,7 @@ class HeadTransform:
     divide_by: float | None = None  # Granite: config.logits_scaling
     multiply_by: float | None = None  # Cohere: config.logit_scale
     softcap: float | None = None  # Gemma 2/3: config.final_logit_softcapping
+    vocab_size: int | None = None  # real tokens (len(tokenizer)) of a head padded beyond them
 
     @property
     def settings(self) -> dict[str, float]:
@@ -43,33 +47,52 @@ class HeadTransform:
                  "final_logit_softcapping": self.softcap}
         return {name: value for name, value in named.items() if value is not None}
 
+    @property
+    def is_identity(self) -> bool:
+        return not self.settings and self.vocab_size is None
+
+    @property
+    def linear_factor(self) -> float:
+        """The scaling before the soft-cap, `multiply_by / divide_by` (1.0 when neither is set)."""
+        return (self.multiply_by or 1.0) / (self.divide_by or 1.0)
+
     def apply_(self, logits: torch.Tensor) -> torch.Tensor:
-        """Transform float logits in place (as the model's forward does) and return them."""
+        """Transform float logits in place (as the model's forward does) and return them; the
+        columns of padded rows (>= vocab_size) become -inf (no probability mass)."""
         if self.divide_by is not None:
             logits.div_(self.divide_by)
         if self.multiply_by is not None:
             logits.mul_(self.multiply_by)
         if self.softcap is not None:
             logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        if self.vocab_size is not None and logits.shape[-1] > self.vocab_size:
+            logits[..., self.vocab_size:] = -math.inf
         return logits
 
+    def softcap_slope(self, transformed: torch.Tensor) -> torch.Tensor | None:
+        """d(soft-cap output) / d(its input) from the output `u = cap * tanh(x / cap)`:
+        `1 - (u / cap)**2` (a new tensor); None without a soft-cap."""
+        if self.softcap is None:
+            return None
+        ratio = transformed / self.softcap
+        return 1.0 - ratio * ratio
 
-def head_transform(model) -> HeadTransform:
-    """The transform `model.forward` applies to the head's output (identity for Llama-likes)."""
+
+def head_transform(model, num_tokens: int | None = None) -> HeadTransform:
+    """The transform `model.forward` applies to the head's output (identity for Llama-likes),
+    plus the real vocabulary: with `num_tokens = len(tokenizer)` below the head's rows, the
+    rows from `num_tokens` on are padding (never a token, never given probability mass)."""
     config = model.config
     scaling = getattr(config, "logits_scaling", None)
     scale = getattr(config, "logit_scale", None)
     softcap = getattr(config, "final_logit_softcapping", None)
+    rows = int(model.get_output_embeddings().weight.shape[0])
+    if num_tokens is not None and not 1 <= int(num_tokens) <= rows:
+        raise ValueError(f"{type(model).__name__}: the tokenizer has {num_tokens} tokens but the LM head only "
+                         f"{rows} rows")
     return HeadTransform(
         divide_by=None if scaling in (None, 1, 1.0) else float(scaling),
         multiply_by=None if scale in (None, 1, 1.0) else float(scale),
         softcap=float(softcap) if softcap else None,
+        vocab_size=None if num_tokens is None or int(num_tokens) == rows else int(num_tokens),
     )
-
-
-def require_plain_head(model, what: str) -> None:
-    """Refuse a model whose forward transforms the head's output, for a `what` that cannot."""
-    settings = head_transform(model).settings
-    if settings:
-        names = ", ".join(f"config.{name}" for name in settings)
-        raise ValueError(f"{type(model).__name__} sets {names}; {what} applies the plain lm_head only")

@@ -52,10 +52,13 @@ def model_identity(path: str | os.PathLike) -> dict:
 def tokenizer_hash(tokenizer) -> str:
     """sha256 of what decides how a tokenizer turns chats into ids.
 
-    Hashes the backend tokenizer's JSON (vocabulary, merges, normalizer, pre-tokenizer,
-    post-processor, added tokens), the special tokens map and the chat template. The backend's
-    truncation/padding state is left out: calling the tokenizer with `truncation=True` changes it
-    at run time without changing the tokenizer. Equal across save/reload.
+    Hashes the whole token -> id map as the tokenizer resolves it (`get_vocab()`: the model's
+    vocabulary plus added and special tokens, with each added token's flags), the backend
+    tokenizer's JSON (merges, normalizer, pre-tokenizer, post-processor), the special tokens map
+    and the chat template: two tokenizers of equal size that differ in one token, or in which
+    token has which id, hash differently. The backend's truncation/padding state is left out:
+    calling the tokenizer with `truncation=True` changes it at run time without changing the
+    tokenizer. Equal across save/reload.
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
@@ -63,7 +66,15 @@ def tokenizer_hash(tokenizer) -> str:
     backend_state = json.loads(backend.to_str())
     backend_state.pop("truncation", None)
     backend_state.pop("padding", None)
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
     parts = {
+        "token_ids": sorted([token, int(index)] for token, index in tokenizer.get_vocab().items()),
+        "added_tokens": {str(index): {"content": str(token), "special": bool(getattr(token, "special", False)),
+                                      "lstrip": bool(getattr(token, "lstrip", False)),
+                                      "rstrip": bool(getattr(token, "rstrip", False)),
+                                      "normalized": bool(getattr(token, "normalized", True)),
+                                      "single_word": bool(getattr(token, "single_word", False))}
+                         for index, token in sorted(added.items())},
         "backend": backend_state,
         "special_tokens": {key: str(value) for key, value in tokenizer.special_tokens_map.items()},
         "chat_template": tokenizer.chat_template,

@@ -1,13 +1,15 @@
 """Codecs that turn one sample's teacher top-k rows into Parquet column payloads and back.
 
 A codec encodes a `TopKArrays` (one sample: `positions [n]`, `topk_ids [n, k]`,
-`topk_logprobs [n, k]` sorted descending per row, `target_logprobs [n]`) into a dict of
+`topk_logprobs [n, k]` sorted descending per row, `target_logprobs [n]`, and the per-row
+log-normalizers `logz [n, T]` of the teacher tempered at `T` temperatures) into a dict of
 `column name -> bytes`, and decodes those bytes back into a `TopKArrays`. Codecs are registered
 by name (`get_codec(name, settings)`); the name and `settings()` go into the artifact manifest so
 that a reader rebuilds exactly the codec that wrote the shards.
 
 - `raw` (here): the exact reference. Little-endian `uint32` ids, `float32` log-probs, `int32`
-  positions, `float32` target log-probs, one binary column each. Decoding is bit-exact.
+  positions, `float32` target log-probs, `float32` log-normalizers, one binary column each.
+  Decoding is bit-exact.
 - `logquant_zstd` (`topk_store.logquant`): the compact default.
 """
 
@@ -39,24 +41,39 @@ class TopKArrays:
         topk_ids: (n, k) int64 teacher token ids, distinct within a row.
         topk_logprobs: (n, k) float32 full-vocabulary log-probs, descending within a row.
         target_logprobs: (n,) float32 teacher log-prob of the actual next token.
+        logz: (n, T) float32; `logz[i, j] = log sum_v p_i(v) ** logz_scales[j]` over the full
+            vocabulary, the log-normalizer of row i's stored distribution tempered by scale
+            `s_j` (exact tempered log-probs are `s_j * topk_logprobs - logz[:, j]`). Default:
+            no columns.
+        logz_scales: (T,) the tempering scales `s_j` (capture temperature / temperature j).
     """
 
     positions: np.ndarray
     topk_ids: np.ndarray
     topk_logprobs: np.ndarray
     target_logprobs: np.ndarray
+    logz: np.ndarray | None = None
+    logz_scales: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.logz is None:
+            object.__setattr__(self, "logz", np.zeros((self.positions.shape[0], 0), dtype=np.float32))
+        object.__setattr__(self, "logz_scales", tuple(float(s) for s in self.logz_scales))
 
     @property
     def num_positions(self) -> int:
         return int(self.positions.shape[0])
 
     @classmethod
-    def from_any(cls, positions: Any, topk_ids: Any, topk_logprobs: Any, target_logprobs: Any) -> "TopKArrays":
+    def from_any(cls, positions: Any, topk_ids: Any, topk_logprobs: Any, target_logprobs: Any,
+                 logz: Any = None, logz_scales: Any = ()) -> "TopKArrays":
         """Convert array-likes (numpy, torch CPU tensors, lists) to the canonical dtypes and check shapes.
 
+        `logz` None means no log-normalizer columns (then `logz_scales` must be empty).
+
         Raises:
-            ValueError: shapes disagree, positions are not strictly increasing, or the ids do
-                not fit in 31 bits.
+            ValueError: shapes disagree, positions are not strictly increasing, the ids do
+                not fit in 31 bits, or `logz` does not have one finite column per scale.
         """
         positions = np.ascontiguousarray(_to_numpy(positions), dtype=np.int64)
         topk_ids = np.ascontiguousarray(_to_numpy(topk_ids), dtype=np.int64)
@@ -75,7 +92,15 @@ class TopKArrays:
             raise ValueError("positions must be non-negative, strictly increasing and below 2**31")
         if topk_ids.size and (topk_ids.min() < 0 or topk_ids.max() >= 2**31):
             raise ValueError("topk_ids must lie in [0, 2**31)")
-        return cls(positions.astype(np.int32), topk_ids, topk_logprobs, target_logprobs)
+        logz_scales = tuple(float(scale) for scale in logz_scales)
+        logz = (np.zeros((n, 0), np.float32) if logz is None
+                else np.ascontiguousarray(_to_numpy(logz), dtype=np.float32))
+        if logz.shape != (n, len(logz_scales)):
+            raise ValueError(f"logz must be (n={n}, one column per temperature = {len(logz_scales)}), "
+                             f"got shape {logz.shape}")
+        if not np.isfinite(logz).all():
+            raise ValueError("logz must be finite")
+        return cls(positions.astype(np.int32), topk_ids, topk_logprobs, target_logprobs, logz, logz_scales)
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -106,8 +131,10 @@ class TopKCodec(abc.ABC):
         """Payload bytes of each column in `columns` for one sample."""
 
     @abc.abstractmethod
-    def decode(self, payload: Mapping[str, Any], num_positions: int, k: int) -> TopKArrays:
+    def decode(self, payload: Mapping[str, Any], num_positions: int, k: int,
+               logz_scales: tuple[float, ...] = ()) -> TopKArrays:
         """Inverse of `encode`. `payload` values may be bytes or any buffer (memoryview, pyarrow Buffer).
+        `logz_scales`: the scales the sample was encoded with (from the manifest).
 
         Raises:
             ValueError: the payload is inconsistent with `num_positions` and `k`.
@@ -144,7 +171,7 @@ class RawCodec(TopKCodec):
     """Exact reference: fixed-width little-endian arrays, one binary column per field."""
 
     name = "raw"
-    columns = ("positions", "topk_ids", "topk_logprobs", "target_logprobs")
+    columns = ("positions", "topk_ids", "topk_logprobs", "target_logprobs", "logz")
 
     def settings(self) -> dict[str, Any]:
         return {}
@@ -155,19 +182,24 @@ class RawCodec(TopKCodec):
             "topk_ids": sample.topk_ids.astype("<u4").tobytes(),
             "topk_logprobs": sample.topk_logprobs.astype("<f4").tobytes(),
             "target_logprobs": sample.target_logprobs.astype("<f4").tobytes(),
+            "logz": sample.logz.astype("<f4").tobytes(),
         }
 
-    def decode(self, payload: Mapping[str, Any], num_positions: int, k: int) -> TopKArrays:
+    def decode(self, payload: Mapping[str, Any], num_positions: int, k: int,
+               logz_scales: tuple[float, ...] = ()) -> TopKArrays:
         n = num_positions
         positions = _frombuffer(payload["positions"], "<i4", (n,), "positions")
         topk_ids = _frombuffer(payload["topk_ids"], "<u4", (n, k), "topk_ids")
         topk_logprobs = _frombuffer(payload["topk_logprobs"], "<f4", (n, k), "topk_logprobs")
         target_logprobs = _frombuffer(payload["target_logprobs"], "<f4", (n,), "target_logprobs")
+        logz = _frombuffer(payload["logz"], "<f4", (n, len(logz_scales)), "logz")
         return TopKArrays(
             positions.astype(np.int32),
             topk_ids.astype(np.int64),
             topk_logprobs.astype(np.float32),  # a copy: the buffer may be a read-only mmap
             target_logprobs.astype(np.float32),
+            logz.astype(np.float32),
+            tuple(logz_scales),
         )
 
 
@@ -177,3 +209,4 @@ def _frombuffer(buffer: Any, dtype: str, shape: tuple[int, ...], column: str) ->
         raise ValueError(f"column {column!r} holds {array.size} values, expected {int(np.prod(shape))} "
                          f"for shape {shape}")
     return array.reshape(shape)
+

@@ -2,7 +2,7 @@
 `raw` reference are in `topk_store.codec`).
 
 About 12 bits per top-k entry (~195 bytes per trained token at k=128) on LLM-like distributions
-over a 128k vocabulary, ~10 bits on real SmolLM2 outputs (docs/benchmarks.md). Three ideas:
+over a 128k vocabulary, ~10 bits on real SmolLM2 outputs (docs/benchmarks.md). Four ideas:
 
 1. *Token-major ids.* Instead of storing each row's k ids (rank order costs ~5.6 bits per
    entry just for the permutation), the sample is stored as occurrence lists: the sorted
@@ -22,6 +22,12 @@ over a 128k vocabulary, ~10 bits on real SmolLM2 outputs (docs/benchmarks.md). T
    value that gives the decoded row the captured top-k mass `sum_k p_k`, so that mass, and a
    "rest of the vocabulary" bucket `1 - sum_k p_k`, survive the quantization; the price is a
    small shift of the whole row (the p-weighted mean rounding error, typically < 0.02 nats).
+
+4. *Exact tempered top-k mass.* For each tempering scale `s` the row stores (float16) the
+   tempered top-k log-mass `log sum_k p_s(k)` rather than `log Z_s`; the decoder derives
+   `log Z_s = logsumexp_k(s * decoded l_k) - that mass`, so the tempered tail
+   `1 - sum_k p_s(k)` decodes with float16 *relative* precision whatever the quantization of
+   the individual entries (2 bytes per row and temperature before zstd).
 
 Every integer stream is split into LEB128 byte planes (low 7 bits of every value, then the
 next 7 bits of the values that need them, ...) and each plane is compressed by its own zstd
@@ -121,6 +127,12 @@ def _from_float16_planes(high: np.ndarray, low: np.ndarray, count: int) -> np.nd
     return bits.view("<f2").astype(np.float32)
 
 
+def _row_logsumexp(values: np.ndarray) -> np.ndarray:
+    """(n, k) -> (n,) log sum_k exp, max-shifted (rows have a finite max)."""
+    top = values.max(axis=1, keepdims=True)
+    return top[:, 0] + np.log(np.exp(values - top).sum(axis=1))
+
+
 def _varint_bytes(value: int) -> bytes:
     """LEB128 bytes of one non-negative int (header fields)."""
     out = bytearray()
@@ -158,6 +170,9 @@ class _FrameCursor:
         frame = self._frames[self._next]
         self._next += 1
         return frame
+
+    def remaining(self) -> int:
+        return len(self._frames) - self._next
 
     def varint(self, count: int) -> np.ndarray:
         """Decode one varint stream of `count` values; its plane count follows from the data."""
@@ -262,6 +277,7 @@ class LogQuantZstdCodec(TopKCodec):
         mass = logprobs64[:, 0] + np.log(np.exp(logprobs64 - logprobs64[:, :1]).sum(axis=1))
         top = mass - np.log(self._code_weight[codes].sum(axis=1))
         position_steps = np.diff(sample.positions.astype(np.int64), prepend=-1) - 1
+        tempered_mass = self._tempered_topk_logmass(logprobs64, sample.logz, sample.logz_scales)
 
         streams: list[np.ndarray] = [
             *_varint_planes(position_steps),
@@ -273,6 +289,7 @@ class LogQuantZstdCodec(TopKCodec):
             *_varint_planes(rows_sorted[first_index]),
             *_varint_planes(row_gaps),
             residuals,
+            *(plane for column in tempered_mass for plane in _float16_planes(column)),
         ]
         # Each stream is a zstd frame, or its raw bytes when zstd would not make it smaller
         # (short per-row streams of short samples). The header lists, per stream, a varint of
@@ -290,7 +307,17 @@ class LogQuantZstdCodec(TopKCodec):
 
     # -- decoding -------------------------------------------------------------------------------
 
-    def decode(self, payload: Mapping[str, Any], num_positions: int, k: int) -> TopKArrays:
+    @staticmethod
+    def _tempered_topk_logmass(logprobs64: np.ndarray, logz: np.ndarray, scales: tuple[float, ...]) -> list:
+        """Per scale s, (n,) `log sum_k p_s(k) = logsumexp_k(s * l_k) - log Z_s` (float64). Kept at
+        s = 1 too: there it repairs the float16 rounding of the row offset, so that a tail of
+        1e-4 next to a top log-prob of -1 still decodes to 1e-4 (the decoded `log Z_1` is then
+        that small correction instead of 0)."""
+        return [_row_logsumexp(scale * logprobs64) - logz[:, j].astype(np.float64)
+                for j, scale in enumerate(scales)]
+
+    def decode(self, payload: Mapping[str, Any], num_positions: int, k: int,
+               logz_scales: tuple[float, ...] = ()) -> TopKArrays:
         buffer = memoryview(payload["payload"]).cast("B")
         n, stored_k, num_distinct, num_frames = _HEADER.unpack_from(buffer, 0)
         if n != num_positions or stored_k != k:
@@ -324,11 +351,16 @@ class LogQuantZstdCodec(TopKCodec):
         first_rows = streams.varint(num_distinct)
         row_gaps = streams.varint(entries - num_distinct)
         residuals = streams.take()
+        tempered_mass = [_from_float16_planes(streams.take(), streams.take(), n) for _ in logz_scales]
+        if streams.remaining():
+            raise ValueError(f"corrupt logquant_zstd payload: {streams.remaining()} frames left over "
+                             f"(expected log-normalizers at {len(logz_scales)} temperatures)")
         if reference.size != n or residuals.size != entries or int(counts.sum()) != entries:
             raise ValueError("corrupt logquant_zstd payload: stream sizes do not match rows * k")
         if entries == 0:
             return TopKArrays(positions.astype(np.int32), np.zeros((0, k), np.int64),
-                              np.zeros((0, k), np.float32), target_logprobs)
+                              np.zeros((0, k), np.float32), target_logprobs,
+                              np.zeros((0, len(logz_scales)), np.float32), tuple(logz_scales))
 
         # Row of every occurrence, in token-major order: each id's run starts at its first row
         # and advances by gap + 1; one cumulative sum with a per-run correction does all runs.
@@ -366,4 +398,9 @@ class LogQuantZstdCodec(TopKCodec):
         row_codes = keys.astype(np.uint8)  # the low 8 bits: the code
         topk_logprobs = self._code_value[row_codes]
         topk_logprobs += top[:, None]
-        return TopKArrays(positions.astype(np.int32), topk_ids, topk_logprobs, target_logprobs)
+        logz = np.empty((n, len(logz_scales)), dtype=np.float32)
+        decoded64 = topk_logprobs.astype(np.float64) if logz_scales else None
+        for j, scale in enumerate(logz_scales):  # the decoded row carries the exact tempered mass
+            logz[:, j] = _row_logsumexp(scale * decoded64) - tempered_mass[j]
+        return TopKArrays(positions.astype(np.int32), topk_ids, topk_logprobs, target_logprobs, logz,
+                          tuple(logz_scales))

@@ -10,6 +10,7 @@ trainer refuses an artifact whose teacher/tokenizer/corpus fields do not match i
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -34,7 +35,9 @@ __all__ = [
     "manifest_sha256",
 ]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: per-row teacher log-normalizers at `logz_temperatures` (exact tempered tail mass).
+1: top-k log-probs only; such artifacts are refused (re-extract), they cannot be tempered exactly."""
 MANIFEST_NAME = "manifest.json"
 # Teacher top-k coverage (sum of p over the stored top-k, per trained token) is kept as counts in
 # this many equal bins over [0, 1]: counts add up across shards and ranks, unlike quantiles.
@@ -68,6 +71,10 @@ class ArtifactSource:
         capture_dtype: dtype of the teacher forward that produced the logits ("bfloat16", ...).
         capture_temperature: temperature applied before the log-softmax (1.0: none).
         corpus_fingerprint: fingerprint of the tokenized corpus the rows belong to.
+        logz_temperatures: the teacher temperatures at which every row stores its
+            log-normalizer (the `logz` columns, in this order): sorted, distinct, always
+            including `capture_temperature` (whose column is 0 up to rounding). A training
+            temperature outside this list cannot use `tail_bucket` exactly.
     """
 
     teacher_path: str
@@ -79,6 +86,7 @@ class ArtifactSource:
     capture_dtype: str
     capture_temperature: float
     corpus_fingerprint: str
+    logz_temperatures: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("teacher_path", "teacher_config_sha256", "teacher_weights_sha256", "tokenizer_sha256",
@@ -92,6 +100,39 @@ class ArtifactSource:
         if not (isinstance(self.capture_temperature, (int, float)) and self.capture_temperature > 0):
             raise ValueError(f"ArtifactSource.capture_temperature must be > 0, got {self.capture_temperature!r}")
         object.__setattr__(self, "capture_temperature", float(self.capture_temperature))
+        temperatures = self.logz_temperatures
+        if isinstance(temperatures, (str, bytes)) or not all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t) and t > 0
+                for t in temperatures):
+            raise ValueError(f"ArtifactSource.logz_temperatures must be finite numbers > 0, got {temperatures!r}")
+        object.__setattr__(self, "logz_temperatures",
+                           tuple(sorted({float(t) for t in temperatures} | {self.capture_temperature})))
+
+    @property
+    def logz_scales(self) -> tuple[float, ...]:
+        """Per `logz` column, the scale `s = capture_temperature / temperature` that tempers the
+        stored distribution to that temperature (`p**s / Z_s`)."""
+        return tuple(self.capture_temperature / t for t in self.logz_temperatures)
+
+    def logz_column(self, target_logits_scale: float, needed_by: str = "training") -> int:
+        """Index of the `logz` column for a loss that tempers the stored log-probs by
+        `target_logits_scale` (teacher temperature `capture_temperature / target_logits_scale`).
+
+        Raises:
+            ArtifactMismatchError: the artifact holds no log-normalizer at that temperature;
+                the message names the temperatures it has.
+        """
+        temperature = self.capture_temperature / float(target_logits_scale)
+        for column, held in enumerate(self.logz_temperatures):
+            if math.isclose(held, temperature, rel_tol=1e-6):
+                return column
+        raise ArtifactMismatchError(
+            f"{needed_by} tempers the teacher to temperature {temperature:g} (capture temperature "
+            f"{self.capture_temperature:g} / target_logits_scale {float(target_logits_scale):g}), but the artifact "
+            f"holds teacher log-normalizers only at temperatures {list(self.logz_temperatures)}: use a "
+            f"target_logits_scale of {[round(self.capture_temperature / t, 6) for t in self.logz_temperatures]}, "
+            "topk_normalization 'renormalize' (exact at any temperature), or re-extract with that temperature in "
+            "teacher_logits.logz_temperatures")
 
 
 @dataclass(frozen=True)
@@ -263,8 +304,12 @@ class Manifest:
         data = dict(data)
         version = data.get("schema_version")
         if version != SCHEMA_VERSION:
-            raise TopKStoreError(f"{origin}: unsupported schema_version {version!r} (this code reads "
-                                 f"version {SCHEMA_VERSION}); re-run `kedro run --pipelines teacher_logits`")
+            why = (" (version 1 artifacts have no per-row teacher log-normalizers, so the tempered tail is "
+                   "not known)" if version == 1 else "")
+            # A mismatch (not just a bad file): a resumed extraction over it starts over.
+            raise ManifestMismatchError(
+                f"{origin}: unsupported schema_version {version!r} (this code reads version {SCHEMA_VERSION})"
+                f"{why}; re-extract: `kedro run --pipelines teacher_logits`")
         derived = {name: data.pop(name, None) for name in ("num_samples", "num_trained_tokens", "num_bytes",
                                                            "topk_coverage")}
         source_names = [f.name for f in fields(ArtifactSource)]

@@ -61,6 +61,8 @@ class TopKSample:
         topk_ids: (n, k) int64 teacher ids, by descending log-prob.
         topk_logprobs: (n, k) float32 full-vocabulary teacher log-probs, descending per row.
         target_logprobs: (n,) float32 teacher log-prob of the actual next token.
+        logz: (n, T) float32 log-normalizers at the manifest's `logz_temperatures`
+            (`log sum_v p(v)**s`, see `TopKArrays.logz`).
     """
 
     sample_id: str
@@ -68,6 +70,7 @@ class TopKSample:
     topk_ids: torch.Tensor
     topk_logprobs: torch.Tensor
     target_logprobs: torch.Tensor
+    logz: torch.Tensor
 
     @property
     def num_positions(self) -> int:
@@ -85,7 +88,7 @@ class TopKBatch(Sequence):
         sample_ids: the B sample ids.
         offsets: (B + 1,) int64; sample b owns rows `offsets[b]:offsets[b + 1]`.
         positions: (N,) int64; topk_ids: (N, k) int64; topk_logprobs: (N, k) float32;
-        target_logprobs: (N,) float32.
+        target_logprobs: (N,) float32; logz: (N, T) float32.
     """
 
     sample_ids: tuple[str, ...]
@@ -94,6 +97,7 @@ class TopKBatch(Sequence):
     topk_ids: torch.Tensor
     topk_logprobs: torch.Tensor
     target_logprobs: torch.Tensor
+    logz: torch.Tensor
 
     @property
     def num_positions(self) -> torch.Tensor:
@@ -109,7 +113,8 @@ class TopKBatch(Sequence):
         index %= len(self)
         start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
         return TopKSample(self.sample_ids[index], self.positions[start:stop], self.topk_ids[start:stop],
-                          self.topk_logprobs[start:stop], self.target_logprobs[start:stop])
+                          self.topk_logprobs[start:stop], self.target_logprobs[start:stop],
+                          self.logz[start:stop])
 
 
 class TopKReader:
@@ -228,8 +233,10 @@ class TopKReader:
         topk_ids = torch.empty((total, k), dtype=torch.int64)
         topk_logprobs = torch.empty((total, k), dtype=torch.float32)
         target_logprobs = torch.empty(total, dtype=torch.float32)
+        scales = self._manifest.source.logz_scales
+        logz = torch.empty((total, len(scales)), dtype=torch.float32)
         # numpy views of the output tensors: decoded arrays are copied in once, no concatenation.
-        out = (positions.numpy(), topk_ids.numpy(), topk_logprobs.numpy(), target_logprobs.numpy())
+        out = (positions.numpy(), topk_ids.numpy(), topk_logprobs.numpy(), target_logprobs.numpy(), logz.numpy())
         order = np.lexsort((self._row_of[where], self._group_of[where], self._shard_of[where]))
         for slot in order:
             entry = where[slot]
@@ -237,7 +244,7 @@ class TopKReader:
             payload = self._row_group(shard, group)
             columns = {column: data[offsets_[row]:offsets_[row + 1]] for column, (offsets_, data) in payload.items()}
             try:
-                decoded = self._codec.decode(columns, int(counts[slot]), k)
+                decoded = self._codec.decode(columns, int(counts[slot]), k, scales)
             except ValueError as error:
                 raise ShardCorruptError(f"top-k shard {self._paths[shard]}: sample {sample_ids[slot]} does not "
                                         f"decode ({error}); {_REPAIR_HINT}") from error
@@ -246,7 +253,9 @@ class TopKReader:
             out[1][start:stop] = decoded.topk_ids
             out[2][start:stop] = decoded.topk_logprobs
             out[3][start:stop] = decoded.target_logprobs
-        return TopKBatch(sample_ids, torch.from_numpy(offsets), positions, topk_ids, topk_logprobs, target_logprobs)
+            out[4][start:stop] = decoded.logz
+        return TopKBatch(sample_ids, torch.from_numpy(offsets), positions, topk_ids, topk_logprobs, target_logprobs,
+                         logz)
 
     def close(self) -> None:
         """Release open shard files and cached row groups (the reader stays usable)."""

@@ -179,15 +179,18 @@ class TopKShardWriter:
         """This rank's manifest so far (finished shards only)."""
         return self._shardless_manifest.with_shards(self._shards[i] for i in sorted(self._shards))
 
-    def add(self, sample_id: str, positions: Any, topk_ids: Any, topk_logprobs: Any, target_logprobs: Any) -> None:
+    def add(self, sample_id: str, positions: Any, topk_ids: Any, topk_logprobs: Any, target_logprobs: Any,
+            logz: Any = None) -> None:
         """Encode one sample and append it to the current shard.
 
         Args:
             sample_id: the corpus sample id (unique in the artifact).
             positions: (n,) trained positions, increasing (docs/architecture.md).
             topk_ids: (n, k) teacher ids; topk_logprobs: (n, k) full-vocabulary log-probs,
-                descending per row; target_logprobs: (n,) log-prob of the actual next token.
-                numpy arrays or CPU torch tensors.
+                descending per row; target_logprobs: (n,) log-prob of the actual next token;
+                logz: (n, T) the rows' log-normalizers at `source.logz_temperatures` (see
+                `TopKArrays.logz`), or None when the only temperature is the capture one
+                (its column is 0). numpy arrays or CPU torch tensors.
 
         Raises:
             ValueError: bad shapes/values or a sample id already written; names the sample.
@@ -200,7 +203,13 @@ class TopKShardWriter:
             raise ValueError(f"sample {sample_id} was already written to {self.directory} "
                              "(skip writer.completed_sample_ids when resuming)")
         try:
-            sample = TopKArrays.from_any(positions, topk_ids, topk_logprobs, target_logprobs)
+            scales = self.source.logz_scales
+            if logz is None:
+                if len(scales) > 1:
+                    raise ValueError(f"logz is missing: the artifact stores log-normalizers at temperatures "
+                                     f"{list(self.source.logz_temperatures)}")
+                logz = np.zeros((len(positions), len(scales)), dtype=np.float32)
+            sample = TopKArrays.from_any(positions, topk_ids, topk_logprobs, target_logprobs, logz, scales)
             k, vocab_size = self.source.k, self.source.vocab_size
             if sample.topk_ids.shape[1] != k:
                 raise ValueError(f"topk_ids has k={sample.topk_ids.shape[1]}, the artifact has k={k}")

@@ -13,6 +13,8 @@ returns, for a batch of B samples padded to T tokens:
 - `kd_topk_ids [N, K]` long and `kd_topk_logprobs [N, K]` float32, N = trained tokens of the
   batch, in the row-major order of `kd_positions_mask.nonzero()`: row `i` at `(b, p)` describes
   the token `labels[b, p + 1]` (absent when the dataset has no targets: the SFT-only baseline);
+- `kd_teacher_logz [N]` float32, the rows' teacher log-normalizer at the loss's temperature
+  (the artifact's `logz` column `logz_column`; only when the dataset was given one);
 - `sample_index [B]` long and `sample_ids` (list of B str), for error messages.
 """
 
@@ -49,15 +51,21 @@ class DistillDataset(torch.utils.data.Dataset):
         targets: the artifact reader, or None for the SFT-only baseline (no KD targets).
         k: use the first `k` top-k columns (None: all the artifact has).
         split: the split name, for messages.
+        logz_column: the artifact's `logz` column the loss needs (its temperature,
+            `Manifest.source.logz_column`), or None.
+        logz_optional: a record without log-normalizers is taken without them (the loss then
+            assumes `log Z = 0`, exact at the capture temperature itself) instead of refused.
     """
 
     def __init__(self, samples: "pa.Table", targets: TargetsProvider | None = None, k: int | None = None,
-                 split: str = "train"):
+                 split: str = "train", logz_column: int | None = None, logz_optional: bool = False):
         if samples.num_rows == 0:
             raise ValueError(f"the corpus has no {split!r} samples")
         self.split = split
         self.targets = targets
         self.k = k
+        self.logz_column = logz_column
+        self.logz_optional = logz_optional
         self.sample_ids: list[str] = samples["sample_id"].to_pylist()
         self._ids = flat_list_column(samples["input_ids"], np.int64)
         self._mask = flat_list_column(samples["loss_mask"], np.int8)
@@ -88,6 +96,11 @@ class DistillDataset(torch.utils.data.Dataset):
                 target = sample_targets(record, self.k)
                 check_rows(sample_id, loss_mask, target)
                 item["topk_ids"], item["topk_logprobs"] = target.topk_ids, target.topk_logprobs
+                if self.logz_column is not None and not (self.logz_optional and target.logz is None):
+                    if target.logz is None or target.logz.shape[1] <= self.logz_column:
+                        raise ValueError(f"{self.split} sample {sample_id}: the artifact record has no logz column "
+                                         f"{self.logz_column} (log-normalizers at the loss's temperature)")
+                    item["teacher_logz"] = target.logz[:, self.logz_column]
             items.append(item)
         return items
 
@@ -177,6 +190,12 @@ class DistillCollator:
                 np.concatenate([np.asarray(item["topk_ids"], dtype=np.int64) for item in items]))
             batch["kd_topk_logprobs"] = torch.from_numpy(
                 np.concatenate([np.asarray(item["topk_logprobs"], dtype=np.float32) for item in items]))
+            with_logz = ["teacher_logz" in item for item in items]
+            if all(with_logz):
+                batch["kd_teacher_logz"] = torch.from_numpy(
+                    np.concatenate([np.asarray(item["teacher_logz"], dtype=np.float32) for item in items]))
+            elif any(with_logz):
+                raise ValueError("DistillCollator: some items of the batch have teacher_logz and some do not")
             trained = int(padded.positions_mask.sum())
             if batch["kd_topk_ids"].shape[0] != trained:
                 raise ValueError(

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from kd_pipeline.core.losses import KDLossConfig, LossOutput, fused_topk_kd_loss
+from kd_pipeline.core.models.head import head_transform
 from kd_pipeline.core.training.data import flat_labels
 
 #: Prefix of the student's parameters in `StudentWithLoss.state_dict()`.
@@ -42,6 +43,9 @@ class StudentWithLoss(torch.nn.Module):
     Args:
         student: the causal LM (a base model plus `get_output_embeddings()`).
         loss_config: the loss hyperparameters.
+        num_tokens: `len(tokenizer)`, when the student's head is padded beyond it (those rows get
+            no probability mass); the loss applies the student's own post-head transform
+            (`models.head.head_transform`).
 
     Attributes that HF `Trainer` / accelerate read are forwarded to the student: `config`,
     `_no_split_modules` (FSDP2 auto wrap: one group per decoder layer), gradient checkpointing,
@@ -51,7 +55,7 @@ class StudentWithLoss(torch.nn.Module):
     into a unit of its own.
     """
 
-    def __init__(self, student: torch.nn.Module, loss_config: KDLossConfig):
+    def __init__(self, student: torch.nn.Module, loss_config: KDLossConfig, num_tokens: int | None = None):
         super().__init__()
         if getattr(student, "base_model", student) is student:
             raise ValueError(f"{type(student).__name__} has no separate base model (decoder) to take the final "
@@ -60,6 +64,7 @@ class StudentWithLoss(torch.nn.Module):
             raise ValueError(f"{type(student).__name__} has no output embeddings (lm_head)")
         self.student = student
         self.loss_config = loss_config
+        self.head_transform = head_transform(student, num_tokens)
 
     # ---- what HF Trainer and accelerate look up on the model ----------------------------------
 
@@ -105,6 +110,7 @@ class StudentWithLoss(torch.nn.Module):
         labels: torch.Tensor | None = None,
         kd_topk_ids: torch.Tensor | None = None,
         kd_topk_logprobs: torch.Tensor | None = None,
+        kd_teacher_logz: torch.Tensor | None = None,
     ) -> LossOutput:
         """Fused KD + SFT loss of one micro-batch (a `DistillCollator` batch).
 
@@ -115,6 +121,8 @@ class StudentWithLoss(torch.nn.Module):
                 row-major order of `kd_positions_mask`.
             labels: (B, T) next-token labels, or None for KD only.
             kd_topk_ids, kd_topk_logprobs: (N, K) teacher top-k, or None for SFT only.
+            kd_teacher_logz: (N,) the teacher's log-normalizer at the loss's temperature (exact
+                tempered tail for `tail_bucket`), or None.
 
         Returns:
             `LossOutput` (see `fused_topk_kd_loss`).
@@ -124,7 +132,7 @@ class StudentWithLoss(torch.nn.Module):
         sft_labels = None if labels is None else flat_labels(
             {"labels": labels, "kd_positions_mask": kd_positions_mask})
         out = fused_topk_kd_loss(hidden, weight, bias, kd_topk_ids, kd_topk_logprobs, sft_labels, token_weights,
-                                 self.loss_config)
+                                 self.loss_config, teacher_logz=kd_teacher_logz, head=self.head_transform)
         return _touch_all_if_empty(out, hidden_states, hidden, weight, bias)
 
     def _trained_hidden_and_head(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -162,8 +170,14 @@ class CrossTokenizerStudentWithLoss(StudentWithLoss):
         options: the `CrossTokenizerOptions`.
     """
 
-    def __init__(self, student: torch.nn.Module, loss_config: KDLossConfig, projection, options):
-        super().__init__(student, loss_config)
+    def __init__(self, student: torch.nn.Module, loss_config: KDLossConfig, projection, options,
+                 num_tokens: int | None = None):
+        super().__init__(student, loss_config, num_tokens=num_tokens)
+        if not self.head_transform.is_identity:
+            # cross_tokenizer_kd_loss scores the bare lm_head output.
+            raise ValueError(f"the cross-tokenizer loss scores the bare lm_head: {type(student).__name__}'s head "
+                             f"transform {self.head_transform.settings} is not supported; use a student without "
+                             "logit soft-capping, scaling or padded head rows")
         # A plain attribute, not buffers: DDP would broadcast buffers and checkpoints would hold them.
         self.projection = projection
         self.options = options
@@ -177,6 +191,7 @@ class CrossTokenizerStudentWithLoss(StudentWithLoss):
         labels: torch.Tensor | None = None,
         kd_topk_ids: torch.Tensor | None = None,
         kd_topk_logprobs: torch.Tensor | None = None,
+        kd_teacher_logz: torch.Tensor | None = None,
         ct_row_start: torch.Tensor | None = None,
         ct_row_stop: torch.Tensor | None = None,
         ct_topk_ids: torch.Tensor | None = None,
@@ -188,7 +203,8 @@ class CrossTokenizerStudentWithLoss(StudentWithLoss):
         Args:
             input_ids, attention_mask, kd_positions_mask, token_weights, labels: as
                 `StudentWithLoss.forward`, in the student's tokens.
-            kd_topk_ids, kd_topk_logprobs: not used with groups (SFT-only batches pass None).
+            kd_topk_ids, kd_topk_logprobs, kd_teacher_logz: not used with groups (SFT-only batches
+                pass None).
             ct_*: the groups' (G,) row bounds, (G, K) teacher top-k rows and (G,) teacher chains.
 
         Returns:
@@ -196,7 +212,7 @@ class CrossTokenizerStudentWithLoss(StudentWithLoss):
         """
         if ct_row_start is None:
             return super().forward(input_ids, attention_mask, kd_positions_mask, token_weights, labels,
-                                   kd_topk_ids, kd_topk_logprobs)
+                                   kd_topk_ids, kd_topk_logprobs, kd_teacher_logz)
         from kd_pipeline.core.cross_tokenizer.data import group_batch
         from kd_pipeline.core.cross_tokenizer.loss import cross_tokenizer_kd_loss
 

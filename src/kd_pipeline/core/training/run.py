@@ -118,9 +118,12 @@ def train_student(
                       else model.get_output_embeddings().weight.shape[0])
         targets, used_k, manifest_id = _open_targets(loss, targets, topk_dir, corpus, corpus_tokenizer_hash,
                                                      vocab_size, k, teacher_dir, topk_verify)
-        cross = (_cross_tokenizer_setup(cross_tokenizer, vocab_map_path, corpus_tokenizer, tokenizer)
+        cross = (_cross_tokenizer_setup(cross_tokenizer, vocab_map_path, corpus_tokenizer, tokenizer, loss)
                  if cross_tokenizer is not None else None)
-        train_set, eval_set = _datasets(corpus, targets, used_k, tokenizer if cross else None)
+        # At the capture temperature itself log Z = 0: a provider without log-normalizers is exact too.
+        logz = (None if cross is not None else
+                dict(logz_column=_logz_column(loss, targets), logz_optional=loss.target_logits_scale == 1.0))
+        train_set, eval_set = _datasets(corpus, targets, used_k, tokenizer if cross else None, logz)
 
         args = training_arguments(train, checkpoint_dir, eval_set is not None, report_to, model.config.model_type)
         identity = {"train": train.identity(), "loss": asdict(loss), "student_init": asdict(student_init),
@@ -171,12 +174,15 @@ def _check_corpus_tokenizer(corpus, tokenizer_hash_: str, whose: str = "student"
         )
 
 
-def _datasets(corpus, targets, k: int | None, student_tokenizer=None):
-    """(train, validation or None) datasets; re-tokenized by `student_tokenizer` when given."""
+def _datasets(corpus, targets, k: int | None, student_tokenizer=None, logz: dict | None = None):
+    """(train, validation or None) datasets; re-tokenized by `student_tokenizer` when given;
+    `logz`: the `DistillDataset` log-normalizer arguments."""
     validation = corpus.split("validation")
     if student_tokenizer is None:
-        train_set = DistillDataset(corpus.split("train"), targets, k, split="train")
-        return train_set, DistillDataset(validation, targets, k, split="validation") if validation.num_rows else None
+        logz = logz or {}
+        train_set = DistillDataset(corpus.split("train"), targets, k, split="train", **logz)
+        eval_set = DistillDataset(validation, targets, k, split="validation", **logz) if validation.num_rows else None
+        return train_set, eval_set
     from kd_pipeline.core.cross_tokenizer.data import CrossTokenizerDataset
 
     train_set = CrossTokenizerDataset(corpus.split("train"), targets, student_tokenizer, k, split="train")
@@ -199,8 +205,12 @@ def _model_vocab_size(model_dir) -> int:
     return int(AutoConfig.from_pretrained(model_dir).vocab_size)
 
 
-def _cross_tokenizer_setup(config, vocab_map_path, teacher_tokenizer, student_tokenizer) -> dict:
-    """The stored vocabulary map, checked to be the one of this (teacher, student) pair."""
+def _cross_tokenizer_setup(config, vocab_map_path, teacher_tokenizer, student_tokenizer, loss: KDLossConfig) -> dict:
+    """The stored vocabulary map, checked to be the one of this (teacher, student) pair; a loss
+    the cross-tokenizer loss cannot compute exactly refused first."""
+    from kd_pipeline.core.cross_tokenizer.loss import require_supported_loss
+
+    require_supported_loss(loss, "distill.cross_tokenizer with distill.loss")  # before any step
     from kd_pipeline.core.cross_tokenizer.token_bytes import token_bytes
     from kd_pipeline.core.cross_tokenizer.vocab_map import VocabMap, fingerprint
 
@@ -238,6 +248,16 @@ def _open_targets(loss: KDLossConfig, targets, topk_dir, corpus, student_tokeniz
     if manifest_id is None:  # an in-memory provider: the hash of its manifest's content
         manifest_id = hashlib.sha256(canonical_json(targets.manifest.to_dict()).encode("utf-8")).hexdigest()
     return targets, used_k, manifest_id
+
+
+def _logz_column(loss: KDLossConfig, targets) -> int | None:
+    """The artifact's `logz` column at the loss's teacher temperature, checked before training:
+    `tail_bucket` needs it (the tempered tail is exact only with it) and is refused, naming the
+    temperatures the artifact holds, when it is missing; `renormalize` needs none."""
+    if targets is None or loss.topk_normalization != "tail_bucket":
+        return None
+    return targets.manifest.source.logz_column(
+        loss.target_logits_scale, f"distill.loss (tail_bucket, target_logits_scale {loss.target_logits_scale:g})")
 
 
 def _train(trainer: DistillationTrainer, resume_from: Path | None) -> dict:

@@ -23,7 +23,6 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from kd_pipeline.core.losses import KDLossConfig, LossOutput
-from kd_pipeline.core.models.head import require_plain_head
 from kd_pipeline.core.training.config import REDUCTIONS
 from kd_pipeline.core.training.data import LengthGroupedSampler
 from kd_pipeline.core.training.fsdp import unsharded_copy
@@ -72,11 +71,12 @@ class DistillationTrainer(Trainer):
                  **kwargs):
         if reduction not in REDUCTIONS:
             raise ValueError(f"reduction must be one of {list(REDUCTIONS)}, got {reduction!r}")
-        student = model.student if isinstance(model, StudentWithLoss) else model
-        # The fused loss runs the bare lm_head: a model whose forward transforms its output cannot train here.
-        require_plain_head(student, "the fused KD + SFT loss")
+        # The fused loss applies the student's own post-head transform (soft-cap, scaling) and drops
+        # head rows past the tokenizer, so it scores what student(...).logits would.
+        tokenizer = kwargs.get("processing_class")
+        num_tokens = len(tokenizer) if tokenizer is not None else None
         if not isinstance(model, StudentWithLoss):
-            model = StudentWithLoss(model, loss_config)
+            model = StudentWithLoss(model, loss_config, num_tokens=num_tokens)
         model.loss_config = loss_config
         super().__init__(model, *args, **kwargs)
         if self.args.n_gpu > 1:
@@ -186,7 +186,8 @@ class DistillationTrainer(Trainer):
         """The loss module's forward on a micro-batch with its reduction weights."""
         return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                      kd_positions_mask=inputs["kd_positions_mask"], token_weights=weights, labels=inputs["labels"],
-                     kd_topk_ids=inputs.get("kd_topk_ids"), kd_topk_logprobs=inputs.get("kd_topk_logprobs"))
+                     kd_topk_ids=inputs.get("kd_topk_ids"), kd_topk_logprobs=inputs.get("kd_topk_logprobs"),
+                     kd_teacher_logz=inputs.get("kd_teacher_logz"))
 
     # ---- saving: the student's own keys -------------------------------------------------------
 
@@ -359,7 +360,9 @@ class CrossTokenizerTrainer(DistillationTrainer):
         if not isinstance(model, CrossTokenizerStudentWithLoss):
             if isinstance(model, StudentWithLoss):
                 model = model.student
-            model = CrossTokenizerStudentWithLoss(model, loss_config, projection, options)
+            tokenizer = kwargs.get("processing_class")
+            model = CrossTokenizerStudentWithLoss(model, loss_config, projection, options,
+                                                  num_tokens=len(tokenizer) if tokenizer is not None else None)
         super().__init__(model, *args, loss_config=loss_config, **kwargs)
 
     def _forward_loss(self, model, inputs: dict, weights: torch.Tensor) -> LossOutput:
