@@ -28,6 +28,13 @@ def home_project_root(start: Path | None = None) -> Path:
     return root
 
 
+def data_dir(env_default: str = "data") -> str:
+    """The data folder of an env's catalog (`${data_dir:data/test}`): the env's own folder for
+    `kedro run`, and `data` when DVC runs the stage (it sets DVC_STAGE), so that every Kedro env
+    writes the outputs dvc.yaml declares and DVC versions them (`KEDRO_ENV=test dvc repro`)."""
+    return "data" if os.environ.get("DVC_STAGE") else env_default
+
+
 def mlflow_tracking_uri(db_name: str = "mlflow.db") -> str:
     """Absolute sqlite URI of the project's MLflow store; `KD_MLFLOW_TRACKING_URI` overrides."""
     override = os.environ.get("KD_MLFLOW_TRACKING_URI")

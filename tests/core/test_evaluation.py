@@ -323,3 +323,25 @@ def test_full_vocabulary_kl_against_the_teacher_run_again(student, teacher, samp
     assert actual["kl_teacher_student_full"] > 0.1
     same = evaluate_student(teacher, samples, None, EvalConfig(batch_size=3), teacher_model=teacher)
     assert abs(same["kl_teacher_student_full"]) < 1e-6
+
+
+def test_training_curves_panels_axes_title_and_integer_steps():
+    from kd_pipeline.core.plots import training_curves_figure, training_panels
+
+    history = [{"step": step, "loss": 3.0 - 0.1 * step, "total": 3.0 - 0.1 * step, "kd": 0.3 - 0.01 * step,
+                "sft": 2.8 - 0.1 * step, "learning_rate": 1e-3} for step in (1, 2, 3)]
+    history.append({"step": 3, "eval_loss": 2.9, "eval_total": 2.9, "eval_kd": 0.2, "eval_sft": 2.7})
+    panels = training_panels(curves(history))
+    # `loss` duplicates `total`: not drawn; KD on the right-hand axis of its panel.
+    assert panels == [("train loss", ["sft", "total"], ["kd"]), ("held-out loss", ["eval_sft", "eval_total"], ["eval_kd"]),
+                      ("learning rate", ["learning_rate"], [])]
+    assert training_panels(curves([{"step": 1, "loss": 2.0}])) == [("train loss", ["loss"], [])]
+
+    figure = training_curves_figure(history, title="KD+SFT: distill kd fwd_kl w0.5 T1 k64")
+    figure.canvas.draw()
+    left_axes = figure.axes[:3]
+    assert left_axes[0].get_title() == "KD+SFT: distill kd fwd_kl w0.5 T1 k64"
+    assert [line.get_label() for line in figure.axes[3].lines] == ["kd (right axis)"]  # the twin of panel 1
+    for ax in left_axes:
+        ticks = [tick for tick in ax.get_xticks() if 1 <= tick <= 3]
+        assert ticks and all(float(tick).is_integer() for tick in ticks), ticks

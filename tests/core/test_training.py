@@ -840,3 +840,34 @@ def test_tail_bucket_at_a_temperature_the_artifact_lacks_stops_before_training(t
         train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=loss,
                       train=quick_config(), output_dir=tmp_path / "student", targets=targets)
     assert not spy.batches
+
+
+def test_progress_bar_is_labelled_and_log_lines_replace_it_off_a_terminal(caplog, monkeypatch):
+    import io
+    import logging
+    from types import SimpleNamespace
+
+    from kd_pipeline.core.training.config import TrainConfig, show_progress_bar
+    from kd_pipeline.core.training.trainer import DistillLogCallback, DistillProgressCallback
+
+    monkeypatch.setattr("sys.stderr", io.StringIO())  # not a terminal
+    assert not show_progress_bar(TrainConfig())
+    state = SimpleNamespace(is_world_process_zero=True, global_step=0, max_steps=20)
+    log = DistillLogCallback()
+    with caplog.at_level(logging.INFO, logger="kd_pipeline.core.training.trainer"):
+        for step in range(1, 21):
+            state.global_step = step
+            log.on_log(None, state, None, logs={"loss": 2.0 + 1 / step, "kd": 0.5, "tokens_per_second": 1234.4})
+        log.on_log(None, state, None, logs={"eval_loss": 2.5, "eval_sft": 3.25, "eval_runtime": 0.1})
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 11 and lines[0] == "distill: step 2/20 loss 2.5000 kd 0.5000 tok/s 1234"
+    assert lines[-1] == "distill: step 20/20 held-out loss 2.5, sft 3.25"
+
+    bar = DistillProgressCallback()
+    state.global_step = 5
+    bar.on_train_begin(None, state, None)
+    bar.training_bar.fp = io.StringIO()
+    assert bar.training_bar.desc == "distill" and bar.training_bar.unit == "step" and bar.training_bar.n == 5
+    bar.on_log(None, state, None, logs={"loss": 2.0, "kd": 0.25, "tokens_per_second": 99.0})
+    assert bar.training_bar.postfix == "loss=2.0000, kd=0.2500, tok/s=99"
+    bar.training_bar.close()

@@ -81,7 +81,9 @@ def _new_figure(nrows: int, width: float = 7.0, height: float = 3.2):
 
     figure = Figure(figsize=(width, height * nrows), layout="constrained")
     FigureCanvasAgg(figure)
-    return figure, [figure.add_subplot(nrows, 1, row + 1) for row in range(nrows)]
+    axes = [figure.add_subplot(nrows, 1, 1)]
+    axes += [figure.add_subplot(nrows, 1, row + 1, sharex=axes[0]) for row in range(1, nrows)]  # one step axis
+    return figure, axes
 
 
 def _save_png(figure, path: Path) -> Path:
@@ -90,27 +92,59 @@ def _save_png(figure, path: Path) -> Path:
     return path
 
 
-def plot_training_curves(summary, path: str | os.PathLike, title: str = "training curves") -> Path:
-    """One PNG: train loss terms, held-out (eval) loss terms and learning rate vs step."""
+def training_panels(series: Mapping[str, Any]) -> list[tuple[str, list[str], list[str]]]:
+    """`(panel, left-axis keys, right-axis keys)` of the training-curves figure.
+
+    `loss` is HF's name for our `total` (the same numbers), so it is drawn only when `total`
+    is absent; the KD term (a KL, often ten times smaller than the cross-entropy) gets its own
+    right-hand axis, so that its decrease is visible next to the SFT term.
+    """
+    def loss_keys(held_out: bool) -> tuple[list[str], list[str]]:
+        keys = sorted(key for key in series if _is_loss(key) and _is_eval(key) == held_out)
+        prefix = "eval_" if held_out else ""
+        if f"{prefix}total" in keys and f"{prefix}loss" in keys:
+            keys.remove(f"{prefix}loss")
+        kd = [key for key in keys if key.rsplit("/", 1)[-1].removeprefix("eval_") == "kd"]
+        return [key for key in keys if key not in kd], kd
+
+    panels = [("train loss", *loss_keys(False)), ("held-out loss", *loss_keys(True)),
+              ("learning rate", [key for key in ("learning_rate", "lr") if key in series], [])]
+    return [panel for panel in panels if panel[1] or panel[2]] or [("(no curves logged)", [], [])]
+
+
+def training_curves_figure(summary, title: str = "training curves"):
+    """The training-curves figure: train and held-out loss terms (KD on a right-hand axis) and
+    the learning rate, against integer optimizer steps."""
+    from matplotlib.ticker import MaxNLocator
+
     series = curves(summary)
-    panels = [
-        ("train loss", sorted(key for key in series if _is_loss(key) and not _is_eval(key))),
-        ("held-out loss", sorted(key for key in series if _is_loss(key) and _is_eval(key))),
-        ("learning rate", [key for key in ("learning_rate", "lr") if key in series]),
-    ]
-    panels = [(name, keys) for name, keys in panels if keys] or [("(no curves logged)", [])]
+    panels = training_panels(series)
     figure, axes = _new_figure(len(panels))
-    for ax, (name, keys) in zip(axes, panels):
-        for key in keys:
+    for ax, (name, left, right) in zip(axes, panels):
+        handles = []
+        for key in left:
             steps, values = zip(*series[key])
-            ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
+            handles += ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=key)
+        if right:
+            twin = ax.twinx()
+            for key in right:
+                steps, values = zip(*series[key])
+                handles += twin.plot(steps, values, "--", color="tab:red", marker="o" if len(steps) < 30 else None,
+                                     markersize=3, label=f"{key} (right axis)")
+            twin.set_ylabel(f"{name.split()[0]} KD")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-        if keys:
-            ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if handles:
+            ax.legend(handles=handles, fontsize=8)
     axes[0].set_title(title)
-    axes[-1].set_xlabel("step")
-    return _save_png(figure, Path(path))
+    axes[-1].set_xlabel("optimizer step")
+    return figure
+
+
+def plot_training_curves(summary, path: str | os.PathLike, title: str = "training curves") -> Path:
+    """One PNG: `training_curves_figure`."""
+    return _save_png(training_curves_figure(summary, title), Path(path))
 
 
 def plot_comparison(summaries: Mapping[str, Any], path: str | os.PathLike,
@@ -124,13 +158,16 @@ def plot_comparison(summaries: Mapping[str, Any], path: str | os.PathLike,
             if key is not None:
                 steps, values = zip(*series[key])
                 ax.plot(steps, values, marker="o" if len(steps) < 30 else None, markersize=3, label=f"{label} ({key})")
+    from matplotlib.ticker import MaxNLocator
+
     for ax, name in ((eval_ax, "held-out CE"), (train_ax, "train CE")):
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.lines:
             ax.legend(fontsize=8)
     eval_ax.set_title(title)
-    train_ax.set_xlabel("step")
+    train_ax.set_xlabel("optimizer step")
     return _save_png(figure, Path(path))
 
 

@@ -235,7 +235,7 @@ def _extract_share(model, head: TopKHead, arrays: CorpusArrays, mine: Sequence[P
     skipped = sum(1 for batch in mine for row in batch.rows if ids[row] in done)
     progress = tqdm(total=sum(int(arrays.lengths[row]) for batch in todo for row in batch.rows), unit="tok",
                     unit_scale=True, dynamic_ncols=True, mininterval=1.0, desc=f"teacher top-k ({device.type})",
-                    disable=not config.progress or rank != 0)
+                    disable=True if not config.progress or rank != 0 else None)  # None: off unless a terminal
     stats = new_stats()
     try:
         run_batches(model, head, arrays, todo, writer, device, done=done, encoder=encoder, progress=progress,

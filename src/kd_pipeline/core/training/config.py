@@ -46,7 +46,7 @@ SET_BY_TRAINER = frozenset({
 #: Settings that do not change what is computed: a resumed run may change them freely.
 NON_NUMERIC_FIELDS = frozenset({
     "eval_steps", "save_steps", "save_total_limit", "logging_steps", "dataloader_num_workers",
-    "dataloader_pin_memory", "resume", "keep_checkpoints", "disable_tqdm", "per_device_eval_batch_size",
+    "dataloader_pin_memory", "resume", "keep_checkpoints", "disable_tqdm", "per_device_eval_batch_size", "eval_on_start",
 })
 
 
@@ -194,6 +194,7 @@ def training_arguments(train: TrainConfig, output_dir: Path, has_eval: bool, rep
     cuda = torch.cuda.is_available()
     # On CPU, bf16=True with use_cpu=True is accelerate's CPU autocast (mixed_precision="bf16").
     arguments = dict(train.arguments)
+    arguments.pop("disable_tqdm", None)  # see show_progress_bar
     eval_steps = arguments.pop("eval_steps", None)
     arguments.update(fsdp_training_arguments(arguments.pop("fsdp", None), arguments.pop("fsdp_config", None)))
     placeholder = HF_ARGUMENTS["save_steps"].default  # HF wants a value even when nothing is saved
@@ -214,6 +215,15 @@ def training_arguments(train: TrainConfig, output_dir: Path, has_eval: bool, rep
         logging_nan_inf_filter=False,  # a non-finite loss stops the run instead
         ddp_find_unused_parameters=False,
         report_to=list(report_to) or "none",
+        disable_tqdm=not show_progress_bar(train),
         **liger_kernel_arguments(train.liger, model_type, "cuda" if cuda else "cpu"),
         **arguments,
     )
+
+
+def show_progress_bar(train: TrainConfig) -> bool:
+    """Bars on a terminal only (`disable_tqdm: true` turns them off there too): under DVC, CI or
+    a log file, tqdm's redraws are noise and the trainer logs a line now and then instead."""
+    import sys
+
+    return not train.argument("disable_tqdm") and sys.stderr.isatty()

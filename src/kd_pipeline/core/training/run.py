@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from transformers import TrainerCallback
-from transformers.trainer_callback import ProgressCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from kd_pipeline.core.atomic import atomic_dir, canonical_json, write_json_atomic
 from kd_pipeline.core.locking import FolderLock
@@ -40,7 +40,12 @@ from kd_pipeline.core.training.checkpoints import (
 )
 from kd_pipeline.core.training.config import TrainConfig, training_arguments
 from kd_pipeline.core.training.data import DistillCollator, DistillDataset
-from kd_pipeline.core.training.trainer import CrossTokenizerTrainer, DistillationTrainer, DistillProgressCallback
+from kd_pipeline.core.training.trainer import (
+    CrossTokenizerTrainer,
+    DistillationTrainer,
+    DistillLogCallback,
+    DistillProgressCallback,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -138,9 +143,10 @@ def train_student(
                                 train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
                                 loss_config=loss, reduction=train.reduction,
                                 length_group_batches=train.length_group_batches, callbacks=list(callbacks))
-        if not args.disable_tqdm:
-            trainer.remove_callback(ProgressCallback)
-            trainer.add_callback(DistillProgressCallback())
+        # Our labelled bar on a terminal; otherwise (see show_progress_bar) sparse log lines instead
+        # of HF's printed dicts.
+        trainer.remove_callback(PrinterCallback if args.disable_tqdm else ProgressCallback)
+        trainer.add_callback(DistillLogCallback() if args.disable_tqdm else DistillProgressCallback())
         train_metrics = _train(trainer, resume_from)
         evaluated_last_step = args.eval_strategy == "steps" and trainer.state.global_step % args.eval_steps == 0
         if eval_set is not None and train.eval_at_end and not evaluated_last_step:

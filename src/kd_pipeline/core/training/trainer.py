@@ -13,6 +13,7 @@ gradients over the processes.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -31,6 +32,8 @@ from kd_pipeline.core.training.loss_module import (
     CrossTokenizerStudentWithLoss,
     StudentWithLoss,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -398,18 +401,51 @@ class _StepTimer(TrainerCallback):
 
 
 class DistillProgressCallback(ProgressCallback):
-    """The Trainer's tqdm bar, with loss, kd and tokens/s shown on the bar instead of printed dicts."""
+    """The Trainer's tqdm bar labelled `distill` (optimizer steps, rate, ETA), with loss, kd and
+    tokens/s shown on the bar and held-out rows written above it, instead of printed dicts."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            from tqdm.auto import tqdm
+
+            self.training_bar = tqdm(total=state.max_steps, initial=state.global_step, desc="distill",
+                                     unit="step", dynamic_ncols=True)
+        self.current_step = state.global_step
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or self.training_bar is None or not logs:
             return
         if "loss" in logs:
-            postfix = {"loss": f"{logs['loss']:.4f}"}
-            if "kd" in logs:
-                postfix["kd"] = f"{logs['kd']:.4f}"
-            if "tokens_per_second" in logs:
-                postfix["tok/s"] = f"{logs['tokens_per_second']:.0f}"
-            self.training_bar.set_postfix(postfix, refresh=True)
+            self.training_bar.set_postfix(progress_fields(logs), refresh=True)
         elif "eval_loss" in logs:
-            shown = {key: f"{value:.4g}" for key, value in logs.items() if isinstance(value, float)}
-            self.training_bar.write(f"step {state.global_step}: {shown}")
+            self.training_bar.write(f"distill step {state.global_step}: held-out {eval_fields(logs)}")
+
+
+class DistillLogCallback(TrainerCallback):
+    """Without a bar (output is not a terminal, or `disable_tqdm`): one log line about every
+    tenth of the run and at each held-out evaluation, instead of HF's printed dicts."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        every = max(1, state.max_steps // 10)
+        if "loss" in logs and (state.global_step % every == 0 or state.global_step == state.max_steps):
+            fields = " ".join(f"{key} {value}" for key, value in progress_fields(logs).items())
+            logger.info("distill: step %d/%d %s", state.global_step, state.max_steps, fields)
+        elif "eval_loss" in logs:
+            logger.info("distill: step %d/%d held-out %s", state.global_step, state.max_steps, eval_fields(logs))
+
+
+def progress_fields(logs: dict) -> dict[str, str]:
+    fields = {"loss": f"{logs['loss']:.4f}"}
+    if "kd" in logs:
+        fields["kd"] = f"{logs['kd']:.4f}"
+    if "tokens_per_second" in logs:
+        fields["tok/s"] = f"{logs['tokens_per_second']:.0f}"
+    return fields
+
+
+def eval_fields(logs: dict) -> str:
+    return ", ".join(f"{key[len('eval_'):]} {value:.4g}" for key, value in logs.items()
+                     if key.startswith("eval_") and isinstance(value, float)
+                     and not key.endswith(("_runtime", "_per_second")))

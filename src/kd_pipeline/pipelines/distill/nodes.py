@@ -1,30 +1,25 @@
-"""Nodes of distill: thin calls into kd_pipeline.core.training.run, plus the MLflow run's tags and
-artifacts (per-step metrics come from the HF Trainer's MLflow callback, which logs into
-kedro-mlflow's active run)."""
+"""Nodes of distill: thin calls into kd_pipeline.core.training.run, plus what the MLflow run
+records (kd_pipeline.tracking): tags, per-step metrics (our callback; HF's MLflow integration is
+off) and the student as an MLflow model."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from kd_pipeline import tracking
-from kd_pipeline.core.atomic import write_json_atomic
-from kd_pipeline.core.corpus import TokenizedCorpus
-from kd_pipeline.core.cross_tokenizer import vocab_map as vocab_maps
-from kd_pipeline.core.cross_tokenizer.config import CrossTokenizerConfig
-from kd_pipeline.core.losses import KDLossConfig
-from kd_pipeline.core.models.loading import load_tokenizer
-from kd_pipeline.core.models.student import StudentInit
 from kd_pipeline.core.params import require_choice, require_int
 from kd_pipeline.core.topk_store import VERIFY_MODES, manifest_sha256
-from kd_pipeline.core.training.config import TrainConfig
-from kd_pipeline.core.training.run import LOSS_CURVE_FILE, SUMMARY_FILE
-from kd_pipeline.core.training.run import train_student as run_training
+
+if TYPE_CHECKING:
+    from kd_pipeline.core.corpus import TokenizedCorpus
+
+# The rest of the core is imported inside the nodes: Kedro imports every pipeline at startup,
+# and torch and transformers cost seconds that the other stages need not pay.
 
 _PARAM_GROUPS = ("student_init", "loss", "trainer", "k", "topk_verify", "tracking", "cross_tokenizer")
-VOCAB_MAP_FILE = vocab_maps.VOCAB_MAP_FILE
 VOCAB_MAP_SUMMARY = "vocab_map.json"
 
 
@@ -32,16 +27,22 @@ def build_vocab_map(teacher_model: Path, cross_tokenizer: dict | None) -> Callab
     """The writer of the vocab_map folder: the (teacher, student tokenizer) pair's map and its
     summary (content hash, counts); for a student sharing the teacher's tokenizer the summary
     only says so."""
+    from kd_pipeline.core.cross_tokenizer import vocab_map as vocab_maps
+    from kd_pipeline.core.cross_tokenizer.config import CrossTokenizerConfig
+    from kd_pipeline.core.models.loading import load_tokenizer
+
     config = CrossTokenizerConfig.from_params(cross_tokenizer)
 
     def write(directory: Path) -> None:
+        from kd_pipeline.core.atomic import write_json_atomic
+
         directory.mkdir(parents=True, exist_ok=True)
-        (directory / VOCAB_MAP_FILE).unlink(missing_ok=True)
+        (directory / vocab_maps.VOCAB_MAP_FILE).unlink(missing_ok=True)
         summary: dict[str, Any] = {"cross_tokenizer": None}
         if config is not None:
             vocab_map = vocab_maps.build_vocab_map(load_tokenizer(teacher_model), load_tokenizer(config.student_tokenizer),
                                                    max_pieces=config.max_pieces)
-            summary = {"cross_tokenizer": asdict(config), "content_hash": vocab_map.save(directory / VOCAB_MAP_FILE),
+            summary = {"cross_tokenizer": asdict(config), "content_hash": vocab_map.save(directory / vocab_maps.VOCAB_MAP_FILE),
                        **vocab_map.metadata}
         write_json_atomic(directory / VOCAB_MAP_SUMMARY, summary)  # the marker: written last
 
@@ -61,6 +62,13 @@ def train_student(tokenized_corpus: TokenizedCorpus, teacher_topk: Path, teacher
             cross_tokenizer.
         vocab_map: the vocab_map folder (`build_vocab_map`), read when `cross_tokenizer` is set.
     """
+    from kd_pipeline.core.cross_tokenizer.config import CrossTokenizerConfig
+    from kd_pipeline.core.cross_tokenizer.vocab_map import VOCAB_MAP_FILE
+    from kd_pipeline.core.losses import KDLossConfig
+    from kd_pipeline.core.models.student import StudentInit
+    from kd_pipeline.core.training.config import TrainConfig
+    from kd_pipeline.core.training.run import train_student as run_training
+
     unknown = sorted(set(params) - set(_PARAM_GROUPS))
     if unknown:
         raise ValueError(f"unknown distill parameter(s) {unknown}; allowed: {list(_PARAM_GROUPS)}")
@@ -85,20 +93,25 @@ def train_student(tokenized_corpus: TokenizedCorpus, teacher_topk: Path, teacher
     tracking.set_tags(tags, "distill")
 
     def write_student(directory: Path) -> None:
-        with tracking.one_mlflow_run("distill") as report_to:
-            run_training(teacher_dir=teacher_model, corpus=tokenized_corpus, student_init=student_init, loss=loss,
-                         train=train, output_dir=directory, topk_dir=teacher_topk if kd else None,
-                         k=k, topk_verify=topk_verify, report_to=report_to, cross_tokenizer=cross,
-                         vocab_map_path=map_path)
+        run_training(teacher_dir=teacher_model, corpus=tokenized_corpus, student_init=student_init, loss=loss,
+                     train=train, output_dir=directory, topk_dir=teacher_topk if kd else None,
+                     k=k, topk_verify=topk_verify, callbacks=tracking.training_callbacks(),
+                     cross_tokenizer=cross, vocab_map_path=map_path)
 
     return write_student
 
 
 def summarize_training(student_model: Path, tracking_params: dict) -> dict[str, Any]:
     """The training summary (losses, steps, tokens/s, log history) from the student folder; logs
-    the loss curve and, when `tracking.log_student`, the student folder as MLflow artifacts."""
+    the loss curve and, when `tracking.log_student`, the student as an MLflow model (registered
+    as `tracking.register_as` when set)."""
+    from kd_pipeline.core.training.run import LOSS_CURVE_FILE, SUMMARY_FILE
+
     summary = json.loads((Path(student_model) / SUMMARY_FILE).read_text())
     tracking.log_artifacts(Path(student_model) / LOSS_CURVE_FILE, "distill")
-    if (tracking_params or {}).get("log_student", True):
-        tracking.log_artifacts(student_model, "distill/student_model")
+    tracking_params = tracking_params or {}
+    if tracking_params.get("log_student", True):
+        tracking.log_student_model(student_model, tracking_params.get("register_as"))
+    elif tracking_params.get("register_as"):
+        raise ValueError("distill.tracking.register_as needs log_student: true (the registered model is the logged one)")
     return summary

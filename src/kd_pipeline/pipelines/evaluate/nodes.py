@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from kd_pipeline import tracking
 from kd_pipeline.core.atomic import atomic_dir
-from kd_pipeline.core.corpus import TokenizedCorpus
-from kd_pipeline.core.cross_tokenizer.config import CrossTokenizerConfig
-from kd_pipeline.core.evaluation.generation import GenerationConfig, generate_side_by_side
-from kd_pipeline.core.evaluation.metrics import EvalConfig, evaluate_on_artifact
 from kd_pipeline.core.plots import log_history, plot_loss_curves
 from kd_pipeline.paths import home_project_root
+
+if TYPE_CHECKING:
+    from kd_pipeline.core.corpus import TokenizedCorpus
+
+# core.evaluation is imported inside the nodes: Kedro imports every pipeline at startup, and
+# torch and transformers cost seconds that the other stages need not pay.
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +28,9 @@ def evaluate_student(student_model: Path, tokenized_corpus: TokenizedCorpus, tea
     agreement, overlap (after checking that the artifact was made from this corpus and this
     teacher); for a student with its own tokenizer (`distill.cross_tokenizer`) the aligned-span
     versions (core/cross_tokenizer/evaluation.py)."""
+    from kd_pipeline.core.cross_tokenizer.config import CrossTokenizerConfig
+    from kd_pipeline.core.evaluation.metrics import EvalConfig, evaluate_on_artifact
+
     config = EvalConfig.from_params(params)
     if CrossTokenizerConfig.from_params(cross_tokenizer) is not None:
         from kd_pipeline.core.cross_tokenizer.evaluation import evaluate_cross_tokenizer_on_artifact
@@ -41,6 +46,8 @@ def evaluate_student(student_model: Path, tokenized_corpus: TokenizedCorpus, tea
 
 def generate_samples(student_model: Path, teacher_model: Path, params: dict) -> str:
     """Greedy completions of the fixed chat prompts by the student (and the teacher), as text."""
+    from kd_pipeline.core.evaluation.generation import GenerationConfig, generate_side_by_side
+
     config = GenerationConfig.from_params(params)
     folders = {"student": student_model, **({"teacher": teacher_model} if config.include_teacher else {})}
     return generate_side_by_side(folders, config)
@@ -56,10 +63,11 @@ def plot_training_curves(distill_summary: dict, distill_params: dict, params: di
     label = tracking.run_label(distill_params)
     history_dir = home_project_root() / params.get("history_dir", "data/08_reporting/curve_history")
     comparison = tracking.curve_history(history_dir, label, log_history(distill_summary))
+    run = tracking.run_name(["distill"], {"distill": distill_params})  # the distill run's MLflow name
 
     def write_plots(directory: Path) -> None:
         with atomic_dir(directory) as tmp:
-            plot_loss_curves(distill_summary, tmp, comparison, title=f"training curves ({label})")
+            plot_loss_curves(distill_summary, tmp, comparison, title=f"{label}: {run}")
 
     return write_plots
 
@@ -67,13 +75,13 @@ def plot_training_curves(distill_summary: dict, distill_params: dict, params: di
 def track_evaluation(eval_metrics: dict[str, float], teacher_topk: Path, distill_params: dict,
                      teacher_logits_params: dict) -> dict[str, dict]:
     """Tags the active MLflow run (DVC experiment, artifact hashes) and returns the metrics in
-    kedro-mlflow's `MlflowMetricsHistoryDataset` format.
+    kedro-mlflow's `MlflowMetricsHistoryDataset` format, as `heldout/<name>` (metrics.json keeps
+    the plain names): they sort, and are charted, before any training metric.
 
-    `distill_params` and `teacher_logits_params` are inputs only so that kedro-mlflow logs them.
+    `teacher_logits_params` is an input only so that kedro-mlflow logs it (the project's hook
+    logs every stage's parameters anyway).
     """
     tags = {"kd_run_kind": tracking.run_label(distill_params), **tracking.artifact_tags(teacher_topk),
             **tracking.dvc_experiment_tags()}
-    if tags.get("dvc_exp_name"):
-        tags["mlflow.runName"] = f"evaluate {tags['dvc_exp_name']}"
     tracking.set_tags(tags, "evaluate")
-    return {key: {"value": float(value), "step": 0} for key, value in eval_metrics.items()}
+    return {f"{tracking.HELDOUT_PREFIX}{key}": {"value": float(value), "step": 0} for key, value in eval_metrics.items()}
