@@ -98,4 +98,4 @@ def test_teacher_logits_and_distill_under_torchrun(tmp_path, project_root):
     assert output.count("distill: saved the student to") == 1
     # The folder locks (core/locking.py) live beside their folders and stay; nothing else is written there.
     assert sorted(path.name for path in student.parent.iterdir() if path.suffix != ".lock") == [
-        "student", "student_checkpoints", "teacher"]
+        "student", "teacher"]  # keep_checkpoints: false removes the finished run's checkpoints
