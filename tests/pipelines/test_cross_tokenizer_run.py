@@ -33,7 +33,8 @@ def test_whole_pipeline_with_a_cross_tokenizer_student(tmp_path, project_root):
                    cwd=project, env=env, check=True, capture_output=True, timeout=300)
     params_file = project / "conf" / "test" / "parameters_distill.yml"
     params = yaml.safe_load(params_file.read_text())
-    params["distill"]["student_init"] = {"method": "from_config", "seed": 0, "config": {
+    # Envs merge into base key by key: null clears the base's prune_teacher setting.
+    params["distill"]["student_init"] = {"method": "from_config", "seed": 0, "drop_layers": None, "config": {
         "model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "tie_word_embeddings": True}}
     params["distill"]["cross_tokenizer"] = {"student_tokenizer": tokenizer_dir}
