@@ -318,27 +318,9 @@ class LogQuantZstdCodec(TopKCodec):
 
     def decode(self, payload: Mapping[str, Any], num_positions: int, k: int,
                logz_scales: tuple[float, ...] = ()) -> TopKArrays:
-        buffer = memoryview(payload["payload"]).cast("B")
-        n, stored_k, num_distinct, num_frames = _HEADER.unpack_from(buffer, 0)
+        n, stored_k, num_distinct, frames = _read_frames(payload["payload"])
         if n != num_positions or stored_k != k:
             raise ValueError(f"logquant_zstd payload holds {n} rows of k={stored_k}, expected {num_positions} of k={k}")
-        decompressor = _zstd_decompressor()
-        offset = _HEADER.size
-        lengths = []
-        for _ in range(num_frames):
-            value, offset = _read_varint(buffer, offset)
-            lengths.append(value)
-        frames = []
-        for value in lengths:
-            length, is_raw = value >> 1, value & 1
-            chunk = buffer[offset:offset + length]
-            if is_raw:
-                frames.append(np.frombuffer(chunk, np.uint8))
-            else:
-                frames.append(np.frombuffer(decompressor.decompress(chunk), np.uint8))
-            offset += length
-        if offset != len(buffer):
-            raise ValueError(f"corrupt logquant_zstd payload: {len(buffer)} bytes, the header accounts for {offset}")
         streams = _FrameCursor(frames)
         entries = n * k
 
@@ -404,3 +386,24 @@ class LogQuantZstdCodec(TopKCodec):
             logz[:, j] = _row_logsumexp(scale * decoded64) - tempered_mass[j]
         return TopKArrays(positions.astype(np.int32), topk_ids, topk_logprobs, target_logprobs, logz,
                           tuple(logz_scales))
+
+
+def _read_frames(payload) -> tuple[int, int, int, list[np.ndarray]]:
+    """(rows, k, distinct ids, the decompressed byte frames) of one encoded sample."""
+    buffer = memoryview(payload).cast("B")
+    n, stored_k, num_distinct, num_frames = _HEADER.unpack_from(buffer, 0)
+    decompressor = _zstd_decompressor()
+    offset = _HEADER.size
+    lengths = []
+    for _ in range(num_frames):
+        value, offset = _read_varint(buffer, offset)
+        lengths.append(value)
+    frames = []
+    for value in lengths:
+        length, is_raw = value >> 1, value & 1
+        chunk = buffer[offset:offset + length]
+        frames.append(np.frombuffer(chunk if is_raw else decompressor.decompress(chunk), np.uint8))
+        offset += length
+    if offset != len(buffer):
+        raise ValueError(f"corrupt logquant_zstd payload: {len(buffer)} bytes, the header accounts for {offset}")
+    return n, stored_k, num_distinct, frames
