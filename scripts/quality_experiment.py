@@ -7,6 +7,11 @@ corpus_prep,teacher_logits`. Prints a table and writes JSON.
 
     .venv/bin/python scripts/quality_experiment.py --seeds 0 1 2 --eval-steps 5 \
         --out data/08_reporting/quality.json
+
+With `--cross-tokenizer '{student_tokenizer: DIR}'` (and a `from_config` `--student-init`) both
+arms are students with that tokenizer (issue 12): the pair's vocabulary map is built into the
+workdir, and the final metrics are `core/cross_tokenizer/evaluation.py`'s (bits per byte, aligned
+KL and agreement); the curves stay held-out CE per student token, the same tokenizer in both arms.
 """
 
 from __future__ import annotations
@@ -50,10 +55,19 @@ def run_arm(name, seed, params, args, corpus, reader):
         loss=KDLossConfig.from_dict(loss), train=TrainConfig.from_dict(trainer), output_dir=out,
         topk_dir=args.artifact if name == "kd_sft" else None, k=params.get("k"),
         checkpoint_dir=Path(args.workdir) / f"{name}-seed{seed}_checkpoints",
+        cross_tokenizer=args.cross, vocab_map_path=args.vocab_map_path,
     )
     curve = [(row["step"], row[HELD_OUT]) for row in summary["log_history"] if HELD_OUT in row]
     model = load_causal_lm(out)
-    metrics = evaluate_student(model, corpus.split("validation"), reader, EvalConfig())
+    if args.cross is not None:
+        from kd_pipeline.core.cross_tokenizer.evaluation import evaluate_cross_tokenizer_student
+        from kd_pipeline.core.cross_tokenizer.vocab_map import VocabMap
+        from kd_pipeline.core.models.loading import load_tokenizer
+
+        metrics = evaluate_cross_tokenizer_student(model, load_tokenizer(out), corpus.split("validation"), reader,
+                                                   VocabMap.load(args.vocab_map_path).projection(), EvalConfig())
+    else:
+        metrics = evaluate_student(model, corpus.split("validation"), reader, EvalConfig())
     return {"arm": name, "seed": seed, "curve": curve, "metrics": metrics, "seconds": time.time() - started}
 
 
@@ -84,9 +98,21 @@ def main(argv=None):
                         help="override distill.trainer keys for both arms, e.g. learning_rate=1.0e-3")
     parser.add_argument("--student-init", type=yaml.safe_load, default=None, metavar="YAML",
                         help="replace distill.student_init, e.g. '{method: prune_teacher, num_layers: 15}'")
+    parser.add_argument("--cross-tokenizer", type=yaml.safe_load, default=None, metavar="YAML",
+                        help="distill.cross_tokenizer for both arms, e.g. '{student_tokenizer: DIR}'")
     args = parser.parse_args(argv)
     args.loss_overrides = _key_values(args.loss)
     args.trainer_overrides = _key_values(args.trainer)
+    args.cross, args.vocab_map_path = None, None
+    if args.cross_tokenizer:
+        from kd_pipeline.core.cross_tokenizer.config import CrossTokenizerConfig
+        from kd_pipeline.core.cross_tokenizer.vocab_map import build_vocab_map
+        from kd_pipeline.core.models.loading import load_tokenizer
+
+        args.cross = CrossTokenizerConfig.from_params(args.cross_tokenizer)
+        args.vocab_map_path = Path(args.workdir) / "vocab_map.safetensors"
+        build_vocab_map(load_tokenizer(args.teacher), load_tokenizer(args.cross.student_tokenizer),
+                        max_pieces=args.cross.max_pieces).save(args.vocab_map_path)
 
     params = yaml.safe_load((ROOT / "conf/base/parameters_distill.yml").read_text())["distill"]
     corpus = TokenizedCorpus.load(args.corpus)
@@ -109,7 +135,10 @@ def main(argv=None):
         rows.append({"seed": seed, "sft_final_step": sft_final_step, "kd_step_reaching_sft_final": reach,
                      "step_fraction": None if reach is None else reach / sft_final_step})
     summary = {"runs": runs, "per_seed": rows, "aggregate": {}}
-    for key in ("student_nll", "kl_teacher_student_topk", "kl_student_teacher_topk", "top1_agreement", "topk_overlap"):
+    keys = (("student_bits_per_byte", "student_nll", "aligned_kl_teacher_student", "aligned_agreement",
+             "matched_mass") if args.cross is not None else
+            ("student_nll", "kl_teacher_student_topk", "kl_student_teacher_topk", "top1_agreement", "topk_overlap"))
+    for key in keys:
         for arm in ("sft_only", "kd_sft"):
             values = [r["metrics"][key] for r in runs if r["arm"] == arm and key in r["metrics"]]
             if values:
@@ -117,7 +146,8 @@ def main(argv=None):
                     "mean": statistics.fmean(values), "min": min(values), "max": max(values), "n": len(values)}
     # "Better beyond the seed spread": KD+SFT's worst seed beats SFT-only's best seed.
     lower_is_better = {"student_nll": True, "kl_teacher_student_topk": True, "kl_student_teacher_topk": True,
-                       "top1_agreement": False, "topk_overlap": False}
+                       "top1_agreement": False, "topk_overlap": False, "student_bits_per_byte": True,
+                       "aligned_kl_teacher_student": True, "aligned_agreement": False}
     for key, lower in lower_is_better.items():
         sft, kd = summary["aggregate"].get(f"sft_only.{key}"), summary["aggregate"].get(f"kd_sft.{key}")
         if sft and kd:
@@ -126,7 +156,7 @@ def main(argv=None):
     Path(args.out).write_text(json.dumps(summary, indent=2))
 
     print(f"{'metric':34s} {'SFT-only mean [min,max]':>30s} {'KD+SFT mean [min,max]':>30s}")
-    for key in ("student_nll", "kl_teacher_student_topk", "kl_student_teacher_topk", "top1_agreement", "topk_overlap"):
+    for key in keys:
         cells = []
         for arm in ("sft_only", "kd_sft"):
             stat = summary["aggregate"].get(f"{arm}.{key}")

@@ -12,6 +12,7 @@ from transformers import TrainingArguments
 
 from kd_pipeline.core.corpus import CorpusConfig
 from kd_pipeline.core.corpus_sources import KJVChatSource
+from kd_pipeline.core.cross_tokenizer.config import CrossTokenizerConfig
 from kd_pipeline.core.evaluation.generation import GenerationConfig
 from kd_pipeline.core.evaluation.metrics import EvalConfig
 from kd_pipeline.core.extraction.config import ExtractionConfig
@@ -47,6 +48,7 @@ def test_shipped_parameters_build_the_core_configs(env):
     require_choice("distill", "topk_verify", distill["topk_verify"], VERIFY_MODES)
     EvalConfig.from_params(params["evaluate"]["metrics"])
     GenerationConfig.from_params(params["evaluate"]["generation"])
+    assert CrossTokenizerConfig.from_params(distill["cross_tokenizer"]) is None  # shipped: the teacher's tokenizer
 
 
 def test_default_student_drops_the_deep_block_and_keeps_the_last_three_layers():

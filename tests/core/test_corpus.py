@@ -271,3 +271,27 @@ def test_utf8_bom_is_accepted_and_counted(tmp_path, tiny_tokenizer):
     later = write_jsonl(tmp_path / "later.jsonl", [b'{"text": "ok"}\n', b'\xef\xbb\xbf{"text": "no"}\n'])
     with pytest.raises(BadRowError, match=re.escape(f"{later}:2, field '<line>': malformed JSON")):
         build_corpus(read_file_rows([str(later)]), tiny_tokenizer, "tok", CorpusConfig())
+
+
+def test_samples_keep_their_text_and_the_byte_end_of_every_token(tiny_tokenizer):
+    """What cross-tokenizer distillation needs to align another tokenizer without the teacher."""
+    from kd_pipeline.core.cross_tokenizer.token_bytes import token_bytes
+
+    messages = [{"role": "user", "content": "Say light, café 東京."}, {"role": "assistant", "content": "Let there be light 😀."}]
+    rows = rows_of({"text": "In the beginning, naïve 2024"}, {"messages": messages},
+                   {"prompt": "Who spake?", "response": " The LORD spake."})
+    pieces = token_bytes(tiny_tokenizer)
+    for config in (CorpusConfig(), CorpusConfig(prompt_response_as_chat=False), CorpusConfig(max_length=9)):
+        corpus = build_corpus(rows, tiny_tokenizer, "tok", config)
+        for sample in corpus.samples.to_pylist():
+            data, ends = sample["text"].encode("utf-8"), sample["byte_ends"]
+            assert len(ends) == len(sample["input_ids"])
+            previous = 0
+            for token_id, end in zip(sample["input_ids"], ends):
+                piece = pieces.pieces[token_id]
+                special = tiny_tokenizer.convert_ids_to_tokens(token_id)
+                # Ordinary tokens are their bytes; specials are their text (or zero-width, the EOS).
+                assert data[previous:end] in ((piece,) if piece is not None else (special.encode(), b""))
+                previous = end
+            if config.max_length != 9:  # untruncated: the tokens cover the whole text
+                assert previous == len(data)

@@ -183,6 +183,52 @@ def tokenize_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]
     return input_ids, loss_mask
 
 
+def record_text(tokenizer, record: dict, config: CorpusConfig) -> list[str]:
+    """The texts whose tokenizations, concatenated (then EOS where the format appends one), are
+    the sample's `input_ids` (`tokenize_record`): the rendered chat, or prompt and response, or
+    the text."""
+    if "messages" in record or ("prompt" in record and config.prompt_response_as_chat
+                                and getattr(tokenizer, "chat_template", None)):
+        messages = record.get("messages") or [
+            {"role": "user", "content": record["prompt"]}, {"role": "assistant", "content": record["response"]}]
+        return [tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=False)]
+    if "prompt" in record:
+        return [record["prompt"], record["response"]]
+    return [record["text"]]
+
+
+def text_and_byte_ends(tokenizer, record: dict, config: CorpusConfig, input_ids: list[int],
+                       pieces=None) -> tuple[str, list[int]]:
+    """The sample's text and the UTF-8 byte end of each of its tokens (`input_ids`).
+
+    Kept in the corpus so that a student with another tokenizer can align with the teacher's
+    tokens without the teacher (`core/cross_tokenizer`). An appended EOS is zero-width (it ends
+    where the text ends).
+
+    Raises:
+        ValueError: the tokenizer's offsets do not reproduce `input_ids` (names the ids).
+    """
+    from kd_pipeline.core.cross_tokenizer.alignment import encode_with_byte_ends
+    from kd_pipeline.core.cross_tokenizer.token_bytes import token_bytes
+
+    pieces = pieces if pieces is not None else token_bytes(tokenizer)
+    ids: list[int] = []
+    ends: list[int] = []
+    offset = 0
+    parts = record_text(tokenizer, record, config)
+    for part in parts:
+        part_ids, part_ends = encode_with_byte_ends(tokenizer, part, pieces=pieces)
+        ids.extend(part_ids.tolist())
+        ends.extend((part_ends + offset).tolist())
+        offset += len(part.encode("utf-8"))
+    extra = len(input_ids) - len(ids)
+    if extra not in (0, 1) or ids != list(input_ids[: len(ids)]):
+        raise ValueError(f"the tokenizer's offsets encode {len(ids)} tokens but the sample has {len(input_ids)}: "
+                         "byte ends cannot be derived")
+    ends.extend([offset] * extra)  # the appended EOS
+    return "".join(parts), ends
+
+
 def tokenize_record(tokenizer, record: dict, config: CorpusConfig) -> tuple[list[int], list[int]]:
     """(input_ids, loss_mask) for one normalized record."""
     if "messages" in record:
@@ -256,6 +302,10 @@ SAMPLES_SCHEMA = pa.schema([
     ("num_trained", pa.int32()),
     ("split", pa.string()),
     ("source", pa.string()),
+    # The text the teacher tokenized and the UTF-8 byte end of each token (cross-tokenizer
+    # distillation aligns another tokenizer with them); null in corpora made before they existed.
+    ("text", pa.string()),
+    ("byte_ends", pa.list_(pa.int32())),
 ])
 
 
@@ -278,6 +328,9 @@ def build_corpus(rows: Iterable[SourceRow], tokenizer, tokenizer_hash: str, conf
     Everything not kept is counted by reason in `meta["report"]` (with the first examples'
     locations), so nothing is lost silently.
     """
+    from kd_pipeline.core.cross_tokenizer.token_bytes import token_bytes
+
+    pieces = token_bytes(tokenizer)
     kept: dict[str, dict] = {}
     skipped: Counter = Counter()
     examples: dict[str, list[str]] = {}
@@ -312,6 +365,7 @@ def build_corpus(rows: Iterable[SourceRow], tokenizer, tokenizer_hash: str, conf
             skip("duplicate", f"{row.where} (same content as {kept[sample_id]['source']})")
             continue
         input_ids, loss_mask = tokenize_record(tokenizer, record, config)
+        text, byte_ends = text_and_byte_ends(tokenizer, record, config, input_ids, pieces)
         was_truncated = False
         if len(input_ids) > config.max_length:
             if config.length_policy == "drop":
@@ -319,6 +373,7 @@ def build_corpus(rows: Iterable[SourceRow], tokenizer, tokenizer_hash: str, conf
                 continue
             truncated.append(f"{row.where} ({len(input_ids)} -> {config.max_length} tokens)")
             input_ids, loss_mask = input_ids[: config.max_length], loss_mask[: config.max_length]
+            byte_ends = byte_ends[: config.max_length]
             was_truncated = True
         if sum(loss_mask) == 0:
             skip("no_trained_tokens", f"{row.where} (nothing to train on after {'truncation' if was_truncated else 'masking'})")
@@ -331,6 +386,8 @@ def build_corpus(rows: Iterable[SourceRow], tokenizer, tokenizer_hash: str, conf
             "num_trained": int(sum(loss_mask)),
             "split": split_of(sample_id, config.validation_fraction, config.split_salt),
             "source": row.where,
+            "text": text,
+            "byte_ends": byte_ends,
         }
     if not kept:
         read = ", ".join(f"{name} ({count} rows)" for name, count in rows_per_file.items()) or "no file"

@@ -22,6 +22,9 @@ position `p` with `loss_mask[p + 1] == 1`, whose output predicts token `p + 1`
   vocabulary, `k = overlap_k` (default: the artifact's K).
 * `teacher_topk_mass`: mean of `sum_k exp(l_k)`, the teacher probability its top-k holds;
   `student_mass_on_teacher_topk`: mean full-vocabulary student probability on those ids.
+* `student_bits_per_byte` (and `teacher_bits_per_byte`): the summed NLL of the trained tokens
+  over `ln 2` times the UTF-8 bytes they cover (from the corpus's `byte_ends`): comparable
+  across tokenizers, unlike per-token NLL; absent for corpora without byte ends. `num_bytes`.
 * `num_samples`, `num_tokens`, `overlap_k`.
 
 The student is run once per batch of length-sorted samples under `torch.no_grad()`; only the
@@ -161,6 +164,7 @@ def evaluate_student(
     # Longest first: little padding per batch, and the peak memory shows up at once.
     order = sorted(range(len(sample_ids)), key=lambda i: (-len(all_ids[i]), sample_ids[i]))
 
+    num_bytes = _trained_bytes(samples, all_masks)
     sums, num_tokens, overlap_k = _Sums(), 0, None
     for start in range(0, len(order), config.batch_size):
         batch = order[start:start + config.batch_size]
@@ -190,7 +194,31 @@ def evaluate_student(
 
     if num_tokens == 0:
         raise ValueError(f"no trained tokens in the {config.split!r} samples ({len(sample_ids)} samples)")
-    return _metrics(sums, num_tokens, len(sample_ids), overlap_k if teacher is not None else None)
+    metrics = _metrics(sums, num_tokens, len(sample_ids), overlap_k if teacher is not None else None)
+    if num_bytes:
+        metrics.update(bits_per_byte(sums.values, num_bytes))
+    return metrics
+
+
+def _trained_bytes(samples: pa.Table, masks: list[np.ndarray]) -> int | None:
+    """UTF-8 bytes covered by the trained tokens of `samples`; None without (complete) byte ends."""
+    from kd_pipeline.core.cross_tokenizer.alignment import trained_byte_count
+
+    if "byte_ends" not in samples.column_names:
+        return None
+    ends = samples["byte_ends"].to_pylist()
+    if any(end is None for end in ends):
+        return None
+    return sum(trained_byte_count(np.asarray(end), mask) for end, mask in zip(ends, masks))
+
+
+def bits_per_byte(nll_sums: Mapping[str, float], num_bytes: int) -> dict[str, float]:
+    """`{student,teacher}_bits_per_byte` from summed NLLs (nats) over `num_bytes` text bytes."""
+    out = {"num_bytes": float(num_bytes)}
+    for who in ("student", "teacher"):
+        if f"{who}_nll" in nll_sums:
+            out[f"{who}_bits_per_byte"] = nll_sums[f"{who}_nll"] / (math.log(2) * num_bytes)
+    return out
 
 
 def evaluate_on_artifact(student_dir: str | os.PathLike, corpus, topk_dir: str | os.PathLike,

@@ -255,22 +255,28 @@ def _check_vocab_sizes(student_vocab: int, student_where: str, teacher_vocab: in
         )
 
 
-def init_student(init: StudentInit, teacher_dir: str | os.PathLike):
+def init_student(init: StudentInit, teacher_dir: str | os.PathLike, student_tokenizer_dir: str | os.PathLike | None = None):
     """Create the student for the prepared teacher at `teacher_dir`.
 
     The student uses the teacher's tokenizer, except a `from_pretrained` student folder that has
     its own tokenizer, which is used if it has as many tokens as the teacher's. In every case the
     student's vocab_size must equal the teacher's.
 
+    With `student_tokenizer_dir` (cross-tokenizer distillation) the student has that tokenizer
+    instead and its vocab_size is that tokenizer's size; it cannot be a pruned teacher.
+
     Args:
         init: How to initialize.
         teacher_dir: A folder made by `prepare_teacher`.
+        student_tokenizer_dir: The student's own tokenizer folder, or None.
 
     Returns:
         `(model, tokenizer)`: a float32 model on CPU in eval mode, and its tokenizer.
     """
     from transformers import AutoConfig
 
+    if student_tokenizer_dir is not None:
+        return _init_student_with_own_tokenizer(init, student_tokenizer_dir)
     teacher_dir = require_local_dir(teacher_dir, "teacher")
     # A teacher prepared from a folder with its own code needs that code to load again.
     record = read_teacher_record(teacher_dir) or {}
@@ -313,3 +319,28 @@ def init_student(init: StudentInit, teacher_dir: str | os.PathLike):
     student = prune_causal_lm(teacher, keep)
     logger.info("student: teacher pruned to %d of %d layers %s", len(keep), teacher.config.num_hidden_layers, keep)
     return student, teacher_tokenizer
+
+
+def _init_student_with_own_tokenizer(init: StudentInit, tokenizer_dir: str | os.PathLike):
+    tokenizer = load_tokenizer(tokenizer_dir)
+    where = f"student tokenizer {tokenizer_dir}"
+    if init.method == "prune_teacher":
+        raise ValueError(f"a student with its own tokenizer ({tokenizer_dir}) cannot be a pruned teacher (its "
+                         "vocabulary differs): use student_init.method from_config or from_pretrained")
+    if init.method == "from_pretrained":
+        model = load_causal_lm(init.path, trust_remote_code=init.trust_remote_code)
+        _check_own_vocab(model.config.vocab_size, f"student {init.path}", len(tokenizer), where)
+        return model, tokenizer
+    config_dict = dict(init.config)
+    config_dict.setdefault("vocab_size", len(tokenizer))
+    _check_own_vocab(config_dict["vocab_size"], "student config", len(tokenizer), where)
+    model = seeded_model_from_config(model_from_config_dict(config_dict, "student"), init.seed or 0)
+    logger.info("student: random %s init from config (seed %d), own tokenizer %s", model.config.model_type,
+                init.seed or 0, tokenizer_dir)
+    return model, tokenizer
+
+
+def _check_own_vocab(vocab_size: int, model_where: str, tokenizer_size: int, tokenizer_where: str) -> None:
+    if vocab_size != tokenizer_size:
+        raise ValueError(f"student vocab_size {vocab_size} ({model_where}) does not match the {tokenizer_size} "
+                         f"tokens of its {tokenizer_where}")

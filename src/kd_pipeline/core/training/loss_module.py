@@ -127,6 +127,18 @@ class StudentWithLoss(torch.nn.Module):
         Returns:
             `LossOutput` (see `fused_topk_kd_loss`).
         """
+        hidden_states, hidden, weight, bias = self._trained_hidden_and_head(input_ids, attention_mask,
+                                                                            kd_positions_mask)
+        sft_labels = None if labels is None else flat_labels(
+            {"labels": labels, "kd_positions_mask": kd_positions_mask})
+        out = fused_topk_kd_loss(hidden, weight, bias, kd_topk_ids, kd_topk_logprobs, sft_labels, token_weights,
+                                 self.loss_config, teacher_logz=kd_teacher_logz, head=self.head_transform)
+        return _touch_all_if_empty(out, hidden_states, hidden, weight, bias)
+
+    def _trained_hidden_and_head(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                                 kd_positions_mask: torch.Tensor):
+        """(final hidden states (B, T, H), the trained rows' (N, H), lm_head weight, bias) in the
+        dtype the loss's GEMMs run in."""
         decoded = self.student.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         hidden_states = decoded.last_hidden_state if hasattr(decoded, "last_hidden_state") else decoded[0]
         weight, bias = gathered_head_parameters(self.student.get_output_embeddings())
@@ -140,16 +152,92 @@ class StudentWithLoss(torch.nn.Module):
             bias = None if bias is None else bias.to(gemm_dtype)
         # Boolean indexing is row-major: the rows line up with kd_topk_* and the flat labels.
         hidden = hidden_states[kd_positions_mask].to(weight.dtype)  # (N, H)
-        sft_labels = None if labels is None else flat_labels(
-            {"labels": labels, "kd_positions_mask": kd_positions_mask})
-        out = fused_topk_kd_loss(hidden, weight, bias, kd_topk_ids, kd_topk_logprobs, sft_labels, token_weights,
-                                 self.loss_config, teacher_logz=kd_teacher_logz, head=self.head_transform)
-        if hidden.shape[0] == 0:
-            # Nothing trained here, but other ranks reduce gradients for every parameter: give
-            # each of them a (zero) gradient so this rank joins the same collectives.
-            touch = hidden_states.sum() + weight.sum() + (bias.sum() if bias is not None else 0)
-            out = out._replace(loss=out.loss + touch.to(out.loss.dtype) * 0)
-        return out
+        return hidden_states, hidden, weight, bias
+
+
+#: The `CrossTokenizerCollator` batch keys of the aligned groups (`cross_tokenizer.data.group_batch`).
+CROSS_TOKENIZER_INPUTS = ("ct_row_start", "ct_row_stop", "ct_topk_ids", "ct_topk_logprobs", "ct_teacher_chain")
+
+
+class CrossTokenizerStudentWithLoss(StudentWithLoss):
+    """`StudentWithLoss` for a student with its own tokenizer: `forward` takes the aligned
+    groups' teacher rows (`ct_*`, `CrossTokenizerCollator`) and returns the cross-tokenizer
+    KD + ULD + SFT loss (`cross_tokenizer.loss.cross_tokenizer_kd_loss`); without them (SFT
+    only) the plain fused loss.
+
+    Args (beyond `StudentWithLoss`'s):
+        projection: the pair's `VocabMap.projection()` (moved to the student's device on use).
+        options: the `CrossTokenizerOptions`.
+    """
+
+    def __init__(self, student: torch.nn.Module, loss_config: KDLossConfig, projection, options,
+                 num_tokens: int | None = None):
+        super().__init__(student, loss_config, num_tokens=num_tokens)
+        if not self.head_transform.is_identity:
+            # cross_tokenizer_kd_loss scores the bare lm_head output.
+            raise ValueError(f"the cross-tokenizer loss scores the bare lm_head: {type(student).__name__}'s head "
+                             f"transform {self.head_transform.settings} is not supported; use a student without "
+                             "logit soft-capping, scaling or padded head rows")
+        # A plain attribute, not buffers: DDP would broadcast buffers and checkpoints would hold them.
+        self.projection = projection
+        self.options = options
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        kd_positions_mask: torch.Tensor,
+        token_weights: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        kd_topk_ids: torch.Tensor | None = None,
+        kd_topk_logprobs: torch.Tensor | None = None,
+        kd_teacher_logz: torch.Tensor | None = None,
+        ct_row_start: torch.Tensor | None = None,
+        ct_row_stop: torch.Tensor | None = None,
+        ct_topk_ids: torch.Tensor | None = None,
+        ct_topk_logprobs: torch.Tensor | None = None,
+        ct_teacher_chain: torch.Tensor | None = None,
+    ):
+        """Cross-tokenizer loss of one micro-batch (a `CrossTokenizerCollator` batch).
+
+        Args:
+            input_ids, attention_mask, kd_positions_mask, token_weights, labels: as
+                `StudentWithLoss.forward`, in the student's tokens.
+            kd_topk_ids, kd_topk_logprobs, kd_teacher_logz: not used with groups (SFT-only batches
+                pass None).
+            ct_*: the groups' (G,) row bounds, (G, K) teacher top-k rows and (G,) teacher chains.
+
+        Returns:
+            `CrossTokenizerLossOutput` with groups, else `LossOutput` (SFT only).
+        """
+        if ct_row_start is None:
+            return super().forward(input_ids, attention_mask, kd_positions_mask, token_weights, labels,
+                                   kd_topk_ids, kd_topk_logprobs, kd_teacher_logz)
+        from kd_pipeline.core.cross_tokenizer.data import group_batch
+        from kd_pipeline.core.cross_tokenizer.loss import cross_tokenizer_kd_loss
+
+        hidden_states, hidden, weight, bias = self._trained_hidden_and_head(input_ids, attention_mask,
+                                                                            kd_positions_mask)
+        if self.projection.teacher_class.device != hidden.device:
+            self.projection = type(self.projection)(
+                **{name: value.to(hidden.device) for name, value in vars(self.projection).items()})
+        groups = group_batch({"ct_row_start": ct_row_start, "ct_row_stop": ct_row_stop, "ct_topk_ids": ct_topk_ids,
+                              "ct_topk_logprobs": ct_topk_logprobs, "ct_teacher_chain": ct_teacher_chain},
+                             token_weights)
+        sft_labels = flat_labels({"labels": labels, "kd_positions_mask": kd_positions_mask})
+        out = cross_tokenizer_kd_loss(hidden, weight, bias, sft_labels, token_weights, groups, self.projection,
+                                      self.loss_config, self.options)
+        return _touch_all_if_empty(out, hidden_states, hidden, weight, bias)
+
+
+def _touch_all_if_empty(out, hidden_states, hidden, weight, bias):
+    """`out` with every parameter in its loss's graph when the micro-batch trains nothing."""
+    if hidden.shape[0] == 0:
+        # Nothing trained here, but other ranks reduce gradients for every parameter: give
+        # each of them a (zero) gradient so this rank joins the same collectives.
+        touch = hidden_states.sum() + weight.sum() + (bias.sum() if bias is not None else 0)
+        out = out._replace(loss=out.loss + touch.to(out.loss.dtype) * 0)
+    return out
 
 
 def gathered_head_parameters(head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

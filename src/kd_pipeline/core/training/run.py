@@ -22,6 +22,7 @@ from kd_pipeline.core.atomic import atomic_dir, canonical_json, write_json_atomi
 from kd_pipeline.core.locking import FolderLock
 from kd_pipeline.core.losses import KDLossConfig
 from kd_pipeline.core.models.identity import model_identity, tokenizer_hash
+from kd_pipeline.core.models.loading import load_tokenizer
 from kd_pipeline.core.models.student import init_student
 from kd_pipeline.core.params import require_choice, require_int
 from kd_pipeline.core.plots import plot_training_curves
@@ -39,7 +40,12 @@ from kd_pipeline.core.training.checkpoints import (
 )
 from kd_pipeline.core.training.config import TrainConfig, training_arguments
 from kd_pipeline.core.training.data import DistillCollator, DistillDataset
-from kd_pipeline.core.training.trainer import DistillationTrainer, DistillLogCallback, DistillProgressCallback
+from kd_pipeline.core.training.trainer import (
+    CrossTokenizerTrainer,
+    DistillationTrainer,
+    DistillLogCallback,
+    DistillProgressCallback,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +68,8 @@ def train_student(
     callbacks: Iterable[TrainerCallback] = (),
     targets=None,
     topk_verify: str = "auto",
+    cross_tokenizer=None,
+    vocab_map_path: str | os.PathLike | None = None,
 ) -> dict:
     """Train the student and save it as an HF folder at `output_dir` (atomically replaced).
 
@@ -81,6 +89,9 @@ def train_student(
             `.get_many` (synthetic data in checks and benchmarks); overrides `topk_dir`.
         topk_verify: `TopKReader(verify=...)`: shard checksums all at open (`full`), on first read
             (`lazy`), or `auto` (full up to 16 GiB).
+        cross_tokenizer: a `cross_tokenizer.config.CrossTokenizerConfig` for a student with its
+            own tokenizer (the corpus and artifact stay the teacher's), or None.
+        vocab_map_path: the pair's stored `VocabMap` (required with `cross_tokenizer`).
 
     Returns:
         A JSON-able summary: final train/eval losses, steps, tokens/s, the log history, ...
@@ -101,31 +112,37 @@ def train_student(
     started = time.perf_counter()
     with _locked(output_dir, checkpoint_dir):
         set_seed(train.seed)
-        model, tokenizer = init_student(student_init, teacher_dir)
-        student_tokenizer_hash = tokenizer_hash(tokenizer)
-        _check_corpus_tokenizer(corpus, student_tokenizer_hash)
-        vocab_size = model.get_output_embeddings().weight.shape[0]
-        targets, used_k, manifest_id = _open_targets(loss, targets, topk_dir, corpus, student_tokenizer_hash,
+        model, tokenizer = init_student(student_init, teacher_dir,
+                                        cross_tokenizer.student_tokenizer if cross_tokenizer else None)
+        # The corpus and the artifact are the teacher's tokens: with its own tokenizer the student
+        # is checked against the teacher's tokenizer and vocabulary instead of its own.
+        corpus_tokenizer = load_tokenizer(teacher_dir) if cross_tokenizer else tokenizer
+        corpus_tokenizer_hash = tokenizer_hash(corpus_tokenizer)
+        _check_corpus_tokenizer(corpus, corpus_tokenizer_hash, "teacher" if cross_tokenizer else "student")
+        vocab_size = (_model_vocab_size(teacher_dir) if cross_tokenizer
+                      else model.get_output_embeddings().weight.shape[0])
+        targets, used_k, manifest_id = _open_targets(loss, targets, topk_dir, corpus, corpus_tokenizer_hash,
                                                      vocab_size, k, teacher_dir, topk_verify)
+        cross = (_cross_tokenizer_setup(cross_tokenizer, vocab_map_path, corpus_tokenizer, tokenizer, loss)
+                 if cross_tokenizer is not None else None)
         # At the capture temperature itself log Z = 0: a provider without log-normalizers is exact too.
-        logz = dict(logz_column=_logz_column(loss, targets), logz_optional=loss.target_logits_scale == 1.0)
-        train_set = DistillDataset(corpus.split("train"), targets, used_k, split="train", **logz)
-        validation = corpus.split("validation")
-        eval_set = (DistillDataset(validation, targets, used_k, split="validation", **logz)
-                    if validation.num_rows else None)
+        logz = (None if cross is not None else
+                dict(logz_column=_logz_column(loss, targets), logz_optional=loss.target_logits_scale == 1.0))
+        train_set, eval_set = _datasets(corpus, targets, used_k, tokenizer if cross else None, logz)
 
         args = training_arguments(train, checkpoint_dir, eval_set is not None, report_to, model.config.model_type)
         identity = {"train": train.identity(), "loss": asdict(loss), "student_init": asdict(student_init),
                     "corpus_fingerprint": corpus.fingerprint, "artifact": manifest_id, "k": used_k,
                     "world_size": args.world_size}
+        if cross is not None:
+            identity["cross_tokenizer"] = {**asdict(cross_tokenizer), "vocab_map": cross["vocab_map_hash"],
+                                           "student_tokenizer_hash": tokenizer_hash(tokenizer)}
         resume_from = prepare_checkpoint_dir(checkpoint_dir, identity, train.resume, args.process_index == 0)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        trainer = DistillationTrainer(
-            model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
-            data_collator=DistillCollator(pad_id, train.pad_to_multiple_of), processing_class=tokenizer,
-            loss_config=loss, reduction=train.reduction, length_group_batches=train.length_group_batches,
-            callbacks=list(callbacks),
-        )
+        trainer = _make_trainer(cross, cross_tokenizer, pad_id, train.pad_to_multiple_of, model=model, args=args,
+                                train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
+                                loss_config=loss, reduction=train.reduction,
+                                length_group_batches=train.length_group_batches, callbacks=list(callbacks))
         # Our labelled bar on a terminal; otherwise (see show_progress_bar) sparse log lines instead
         # of HF's printed dicts.
         trainer.remove_callback(PrinterCallback if args.disable_tqdm else ProgressCallback)
@@ -137,6 +154,8 @@ def train_student(
 
         summary = _summary(trainer, train_metrics, args.use_liger_kernel, args, resume_from, manifest_id, used_k,
                            time.perf_counter() - started)
+        if cross is not None:
+            summary["cross_tokenizer"] = identity["cross_tokenizer"] | {"vocab_map_counts": cross["counts"]}
         _save_student(trainer, summary, output_dir, checkpoint_dir, train.keep_checkpoints)
         return summary
 
@@ -153,12 +172,66 @@ def _locked(output_dir: Path, checkpoint_dir: Path) -> Iterator[None]:
         yield
 
 
-def _check_corpus_tokenizer(corpus, student_tokenizer_hash: str) -> None:
-    if corpus.meta.get("tokenizer_hash") not in (None, student_tokenizer_hash):
+def _check_corpus_tokenizer(corpus, tokenizer_hash_: str, whose: str = "student") -> None:
+    if corpus.meta.get("tokenizer_hash") not in (None, tokenizer_hash_):
         raise ArtifactMismatchError(
-            f"corpus field 'tokenizer_hash' is {corpus.meta.get('tokenizer_hash')!r} but the student tokenizer "
-            f"hashes to {student_tokenizer_hash!r}: the corpus was tokenized with another tokenizer"
+            f"corpus field 'tokenizer_hash' is {corpus.meta.get('tokenizer_hash')!r} but the {whose} tokenizer "
+            f"hashes to {tokenizer_hash_!r}: the corpus was tokenized with another tokenizer"
         )
+
+
+def _datasets(corpus, targets, k: int | None, student_tokenizer=None, logz: dict | None = None):
+    """(train, validation or None) datasets; re-tokenized by `student_tokenizer` when given;
+    `logz`: the `DistillDataset` log-normalizer arguments."""
+    validation = corpus.split("validation")
+    if student_tokenizer is None:
+        logz = logz or {}
+        train_set = DistillDataset(corpus.split("train"), targets, k, split="train", **logz)
+        eval_set = DistillDataset(validation, targets, k, split="validation", **logz) if validation.num_rows else None
+        return train_set, eval_set
+    from kd_pipeline.core.cross_tokenizer.data import CrossTokenizerDataset
+
+    train_set = CrossTokenizerDataset(corpus.split("train"), targets, student_tokenizer, k, split="train")
+    eval_set = CrossTokenizerDataset(validation, targets, student_tokenizer, k, split="validation")
+    return train_set, eval_set if validation.num_rows else None
+
+
+def _make_trainer(cross: dict | None, cross_tokenizer, pad_id: int, pad_to_multiple_of: int | None, **kwargs):
+    if cross is None:
+        return DistillationTrainer(data_collator=DistillCollator(pad_id, pad_to_multiple_of), **kwargs)
+    from kd_pipeline.core.cross_tokenizer.data import CrossTokenizerCollator
+
+    return CrossTokenizerTrainer(data_collator=CrossTokenizerCollator(pad_id, pad_to_multiple_of),
+                                 projection=cross["projection"], options=cross_tokenizer.options, **kwargs)
+
+
+def _model_vocab_size(model_dir) -> int:
+    from transformers import AutoConfig
+
+    return int(AutoConfig.from_pretrained(model_dir).vocab_size)
+
+
+def _cross_tokenizer_setup(config, vocab_map_path, teacher_tokenizer, student_tokenizer, loss: KDLossConfig) -> dict:
+    """The stored vocabulary map, checked to be the one of this (teacher, student) pair; a loss
+    the cross-tokenizer loss cannot compute exactly refused first."""
+    from kd_pipeline.core.cross_tokenizer.loss import require_supported_loss
+
+    require_supported_loss(loss, "distill.cross_tokenizer with distill.loss")  # before any step
+    from kd_pipeline.core.cross_tokenizer.token_bytes import token_bytes
+    from kd_pipeline.core.cross_tokenizer.vocab_map import VocabMap, fingerprint
+
+    if vocab_map_path is None:
+        raise ValueError("distill.cross_tokenizer needs the pair's vocabulary map (vocab_map_path)")
+    vocab_map = VocabMap.load(vocab_map_path)
+    for side, tok in (("teacher", teacher_tokenizer), ("student", student_tokenizer)):
+        if vocab_map.metadata.get(f"{side}_fingerprint") != fingerprint(token_bytes(tok)):
+            raise ArtifactMismatchError(f"vocabulary map {vocab_map_path} was built for another {side} tokenizer: "
+                                        "rebuild it (kedro run --pipelines distill)")
+    if vocab_map.metadata.get("max_pieces") != str(config.max_pieces):
+        raise ArtifactMismatchError(f"vocabulary map {vocab_map_path} has max_pieces "
+                                    f"{vocab_map.metadata.get('max_pieces')}, the config {config.max_pieces}")
+    counts = {key: value for key, value in vocab_map.metadata.items() if key.endswith(("_ids", "classes", "_size"))}
+    return {"projection": vocab_map.projection(), "vocab_map_hash": vocab_map.content_hash, "counts": counts}
 
 
 def _open_targets(loss: KDLossConfig, targets, topk_dir, corpus, student_tokenizer_hash: str, vocab_size: int,
@@ -235,7 +308,8 @@ def _summary(trainer, train_metrics, liger_applied, args, resume_from, manifest_
     history = trainer.state.log_history
     last_train = next((row for row in reversed(history) if "loss" in row), {})
     last_eval = next((row for row in reversed(history) if "eval_loss" in row), {})
-    final_train = {key: last_train[key] for key in ("loss", "total", "kd", "sft", "teacher_coverage",
+    final_train = {key: last_train[key] for key in ("loss", "total", "kd", "uld", "sft", "teacher_coverage",
+                                                   "matched_mass", "aligned_agreement",
                                                    "student_topk_mass", "tokens_per_second", "grad_norm",
                                                    "learning_rate") if key in last_train}
     rates = [row["tokens_per_second"] for row in history if "tokens_per_second" in row]

@@ -23,11 +23,15 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from kd_pipeline.core.losses import KDLossConfig
+from kd_pipeline.core.losses import KDLossConfig, LossOutput
 from kd_pipeline.core.training.config import REDUCTIONS
 from kd_pipeline.core.training.data import LengthGroupedSampler
 from kd_pipeline.core.training.fsdp import unsharded_copy
-from kd_pipeline.core.training.loss_module import StudentWithLoss
+from kd_pipeline.core.training.loss_module import (
+    CROSS_TOKENIZER_INPUTS,
+    CrossTokenizerStudentWithLoss,
+    StudentWithLoss,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -176,12 +180,17 @@ class DistillationTrainer(Trainer):
         training = model.training
         scale = self.accelerator.num_processes if training and self.accelerator.num_processes > 1 else 1
         weights = self._token_weights(mask, num_items_in_batch if training else None, scale)
-        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], kd_positions_mask=mask,
-                    token_weights=weights, labels=inputs["labels"], kd_topk_ids=inputs.get("kd_topk_ids"),
-                    kd_topk_logprobs=inputs.get("kd_topk_logprobs"), kd_teacher_logz=inputs.get("kd_teacher_logz"))
+        out = self._forward_loss(model, inputs, weights)
         self._check_finite(out.loss, inputs, training)
         self._record(out, inputs, scale, training)
         return (out.loss, {"loss": out.loss}) if return_outputs else out.loss
+
+    def _forward_loss(self, model, inputs: dict, weights: torch.Tensor) -> LossOutput:
+        """The loss module's forward on a micro-batch with its reduction weights."""
+        return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                     kd_positions_mask=inputs["kd_positions_mask"], token_weights=weights, labels=inputs["labels"],
+                     kd_topk_ids=inputs.get("kd_topk_ids"), kd_topk_logprobs=inputs.get("kd_topk_logprobs"),
+                     kd_teacher_logz=inputs.get("kd_teacher_logz"))
 
     # ---- saving: the student's own keys -------------------------------------------------------
 
@@ -249,7 +258,7 @@ class DistillationTrainer(Trainer):
         """Accumulate this micro-batch's metrics (TRL's `_metrics` pattern; reduced in `log`)."""
         metrics = self._metrics["train" if training else "eval"]
         mask = inputs["kd_positions_mask"]
-        has_kd = "kd_topk_ids" in inputs
+        has_kd = self._KD_INPUT in inputs
         # One device-to-host copy for all of them.
         loss, kd, sft, coverage, mass, weight_sum, trained, tokens = torch.stack([
             out.loss.detach().double(), out.kd.double(), out.sft.double(), out.teacher_coverage.double(),
@@ -270,6 +279,8 @@ class DistillationTrainer(Trainer):
             metrics["weight_sum"] += weight_sum
             metrics["coverage_sum"] += coverage * weight_sum
             metrics["mass_sum"] += mass * weight_sum
+            for name, value in self._extra_kd_sums(out).items():
+                metrics[name] += value * norm
         metrics["tokens"] += tokens
         metrics["trained_tokens"] += trained
 
@@ -294,6 +305,7 @@ class DistillationTrainer(Trainer):
                 extra = {"total": sums["loss_sum"] / steps, "sft": sums["sft_sum"] / steps}
                 if has_kd:
                     extra["kd"] = sums["kd_sum"] / steps
+                    extra.update({name[:-4]: sums[name] / steps for name in self._extra_sum_names(sums)})
                 seconds = self._train_seconds - self._train_seconds_last_logged
                 self._train_seconds_last_logged = self._train_seconds
                 if seconds > 0:
@@ -304,15 +316,72 @@ class DistillationTrainer(Trainer):
                 extra = {"total": sums["loss_sum"] / norm, "sft": sums["sft_sum"] / norm}
                 if has_kd:
                     extra["kd"] = sums["kd_sum"] / norm
+                    extra.update({name[:-4]: sums[name] / norm for name in self._extra_sum_names(sums)})
             if has_kd and sums["weight_sum"] > 0:
-                extra["teacher_coverage"] = sums["coverage_sum"] / sums["weight_sum"]
-                extra["student_topk_mass"] = sums["mass_sum"] / sums["weight_sum"]
+                coverage_name, mass_name = self._MEAN_METRICS
+                extra[coverage_name] = sums["coverage_sum"] / sums["weight_sum"]
+                extra[mass_name] = sums["mass_sum"] / sums["weight_sum"]
             prefix = "" if mode == "train" else "eval_"
             logs = {**logs, **{prefix + key: value for key, value in extra.items()}}
         super().log(logs, start_time)
 
     _globalstep_last_logged_for_metrics = 0
     _train_seconds_last_logged = 0.0
+    #: The batch key whose presence means the batch has KD targets.
+    _KD_INPUT = "kd_topk_ids"
+    #: Log names of `LossOutput.teacher_coverage` and `.student_topk_mass` (weighted means).
+    _MEAN_METRICS = ("teacher_coverage", "student_topk_mass")
+
+    def _extra_kd_sums(self, out) -> dict[str, float]:
+        """Further per-micro-batch loss terms to log, as `{name + "_sum": value}`."""
+        return {}
+
+    @staticmethod
+    def _extra_sum_names(sums: dict) -> list[str]:
+        known = {"loss_sum", "sft_sum", "kd_sum", "coverage_sum", "mass_sum", "weight_sum"}
+        return sorted(name for name in sums if name.endswith("_sum") and name not in known)
+
+
+class CrossTokenizerTrainer(DistillationTrainer):
+    """`DistillationTrainer` for a student with its own tokenizer (`core/cross_tokenizer`).
+
+    Batches come from `CrossTokenizerCollator` (the student's tokens plus the aligned groups'
+    teacher rows, `ct_*`); the model is wrapped in `CrossTokenizerStudentWithLoss`, whose forward
+    runs `cross_tokenizer_kd_loss`, a group weighing what its first student row weighs. Logged:
+    `kd` (on matched classes), `uld` (unmatched rest), `sft`, `matched_mass` (teacher mass on
+    matched classes) and `aligned_agreement` (top-1 class).
+
+    Args (beyond `DistillationTrainer`'s):
+        projection: the pair's `VocabMap.projection()`.
+        options: the `CrossTokenizerOptions`.
+    """
+
+    _KD_INPUT = "ct_row_start"
+    _MEAN_METRICS = ("matched_mass", "aligned_agreement")
+
+    def __init__(self, model, *args, projection, options, loss_config: KDLossConfig, **kwargs):
+        if not isinstance(model, CrossTokenizerStudentWithLoss):
+            if isinstance(model, StudentWithLoss):
+                model = model.student
+            tokenizer = kwargs.get("processing_class")
+            model = CrossTokenizerStudentWithLoss(model, loss_config, projection, options,
+                                                  num_tokens=len(tokenizer) if tokenizer is not None else None)
+        super().__init__(model, *args, loss_config=loss_config, **kwargs)
+
+    def _forward_loss(self, model, inputs: dict, weights: torch.Tensor) -> LossOutput:
+        if self._KD_INPUT not in inputs:  # SFT only (no teacher rows): the plain loss
+            self._last_uld = None
+            return super()._forward_loss(model, inputs, weights)
+        out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                    kd_positions_mask=inputs["kd_positions_mask"], token_weights=weights, labels=inputs["labels"],
+                    **{name: inputs[name] for name in CROSS_TOKENIZER_INPUTS})
+        self._last_uld = out.uld
+        return LossOutput(out.loss, out.kd, out.sft, out.matched_mass, out.agreement, out.group_weight_sum)
+
+    def _extra_kd_sums(self, out) -> dict[str, float]:
+        return {"uld_sum": float(self._last_uld)} if self._last_uld is not None else {}
+
+    _last_uld = None
 
 
 class _StepTimer(TrainerCallback):

@@ -5,6 +5,7 @@ off) and the student as an MLflow model."""
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -18,11 +19,38 @@ if TYPE_CHECKING:
 # The rest of the core is imported inside the nodes: Kedro imports every pipeline at startup,
 # and torch and transformers cost seconds that the other stages need not pay.
 
-_PARAM_GROUPS = ("student_init", "loss", "trainer", "k", "topk_verify", "tracking")
+_PARAM_GROUPS = ("student_init", "loss", "trainer", "k", "topk_verify", "tracking", "cross_tokenizer")
+VOCAB_MAP_SUMMARY = "vocab_map.json"
+
+
+def build_vocab_map(teacher_model: Path, cross_tokenizer: dict | None) -> Callable[[Path], None]:
+    """The writer of the vocab_map folder: the (teacher, student tokenizer) pair's map and its
+    summary (content hash, counts); for a student sharing the teacher's tokenizer the summary
+    only says so."""
+    from kd_pipeline.core.cross_tokenizer import vocab_map as vocab_maps
+    from kd_pipeline.core.cross_tokenizer.config import CrossTokenizerConfig
+    from kd_pipeline.core.models.loading import load_tokenizer
+
+    config = CrossTokenizerConfig.from_params(cross_tokenizer)
+
+    def write(directory: Path) -> None:
+        from kd_pipeline.core.atomic import write_json_atomic
+
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / vocab_maps.VOCAB_MAP_FILE).unlink(missing_ok=True)
+        summary: dict[str, Any] = {"cross_tokenizer": None}
+        if config is not None:
+            vocab_map = vocab_maps.build_vocab_map(load_tokenizer(teacher_model), load_tokenizer(config.student_tokenizer),
+                                                   max_pieces=config.max_pieces)
+            summary = {"cross_tokenizer": asdict(config), "content_hash": vocab_map.save(directory / vocab_maps.VOCAB_MAP_FILE),
+                       **vocab_map.metadata}
+        write_json_atomic(directory / VOCAB_MAP_SUMMARY, summary)  # the marker: written last
+
+    return write
 
 
 def train_student(tokenized_corpus: TokenizedCorpus, teacher_topk: Path, teacher_model: Path,
-                  params: dict) -> Callable[[Path], None]:
+                  params: dict, vocab_map: Path | None = None) -> Callable[[Path], None]:
     """The writer of the student folder that `DirectoryDataset.save` runs: trains into it
     (checkpoints beside it, so a killed run resumes); its `training_summary.json` is the summary.
 
@@ -30,8 +58,12 @@ def train_student(tokenized_corpus: TokenizedCorpus, teacher_topk: Path, teacher
         tokenized_corpus: the corpus (train split trained on, validation split evaluated).
         teacher_topk: the top-k artifact folder (not read when `loss.kd_loss_weight` is 0).
         teacher_model: the teacher HF folder (tokenizer; layers for `prune_teacher`).
-        params: `distill` parameters: student_init, loss, trainer, k, topk_verify, tracking.
+        params: `distill` parameters: student_init, loss, trainer, k, topk_verify, tracking,
+            cross_tokenizer.
+        vocab_map: the vocab_map folder (`build_vocab_map`), read when `cross_tokenizer` is set.
     """
+    from kd_pipeline.core.cross_tokenizer.config import CrossTokenizerConfig
+    from kd_pipeline.core.cross_tokenizer.vocab_map import VOCAB_MAP_FILE
     from kd_pipeline.core.losses import KDLossConfig
     from kd_pipeline.core.models.student import StudentInit
     from kd_pipeline.core.training.config import TrainConfig
@@ -48,14 +80,23 @@ def train_student(tokenized_corpus: TokenizedCorpus, teacher_topk: Path, teacher
     student_init = StudentInit.from_params(params.get("student_init"))
     train = TrainConfig.from_dict(params.get("trainer"))
     kd = loss.kd_loss_weight > 0
-    tracking.set_tags({"teacher_topk_manifest_sha256": (manifest_sha256(teacher_topk) or "missing") if kd
-                       else "none (SFT only)",
-                       "git_commit": tracking.git_commit(), "kd_run_kind": "KD+SFT" if kd else "SFT-only"}, "distill")
+    cross = CrossTokenizerConfig.from_params(params.get("cross_tokenizer"))
+    tags = {"teacher_topk_manifest_sha256": (manifest_sha256(teacher_topk) or "missing") if kd else "none (SFT only)",
+            "git_commit": tracking.git_commit(), "kd_run_kind": "KD+SFT" if kd else "SFT-only"}
+    map_path = None
+    if cross is not None:
+        map_path = Path(vocab_map) / VOCAB_MAP_FILE
+        map_summary = json.loads((Path(vocab_map) / VOCAB_MAP_SUMMARY).read_text())
+        tags.update({"cross_tokenizer_pair": f"{teacher_model} -> {cross.student_tokenizer}",
+                     "vocab_map_sha256": map_summary.get("content_hash", "missing"),
+                     "vocab_map_matched_teacher_ids": map_summary.get("teacher_matched_ids", "?")})
+    tracking.set_tags(tags, "distill")
 
     def write_student(directory: Path) -> None:
         run_training(teacher_dir=teacher_model, corpus=tokenized_corpus, student_init=student_init, loss=loss,
                      train=train, output_dir=directory, topk_dir=teacher_topk if kd else None,
-                     k=k, topk_verify=topk_verify, callbacks=tracking.training_callbacks())
+                     k=k, topk_verify=topk_verify, callbacks=tracking.training_callbacks(),
+                     cross_tokenizer=cross, vocab_map_path=map_path)
 
     return write_student
 

@@ -22,13 +22,24 @@ logger = logging.getLogger(__name__)
 
 
 def evaluate_student(student_model: Path, tokenized_corpus: TokenizedCorpus, teacher_topk: Path,
-                     teacher_model: Path, params: dict) -> dict[str, float]:
-    """Validation metrics of the student: NLL/perplexity, KL to the teacher, agreement, overlap
-    (after checking that the artifact was made from this corpus and this teacher)."""
+                     teacher_model: Path, params: dict, vocab_map: Path | None = None,
+                     cross_tokenizer: dict | None = None) -> dict[str, float]:
+    """Validation metrics of the student: NLL/perplexity and bits per byte, KL to the teacher,
+    agreement, overlap (after checking that the artifact was made from this corpus and this
+    teacher); for a student with its own tokenizer (`distill.cross_tokenizer`) the aligned-span
+    versions (core/cross_tokenizer/evaluation.py)."""
+    from kd_pipeline.core.cross_tokenizer.config import CrossTokenizerConfig
     from kd_pipeline.core.evaluation.metrics import EvalConfig, evaluate_on_artifact
 
-    metrics = evaluate_on_artifact(student_model, tokenized_corpus, teacher_topk, EvalConfig.from_params(params),
-                                   teacher_dir=teacher_model)
+    config = EvalConfig.from_params(params)
+    if CrossTokenizerConfig.from_params(cross_tokenizer) is not None:
+        from kd_pipeline.core.cross_tokenizer.evaluation import evaluate_cross_tokenizer_on_artifact
+        from kd_pipeline.core.cross_tokenizer.vocab_map import VOCAB_MAP_FILE
+
+        metrics = evaluate_cross_tokenizer_on_artifact(student_model, teacher_model, tokenized_corpus, teacher_topk,
+                                                       Path(vocab_map) / VOCAB_MAP_FILE, config)
+    else:
+        metrics = evaluate_on_artifact(student_model, tokenized_corpus, teacher_topk, config, teacher_dir=teacher_model)
     logger.info("evaluate: %s", ", ".join(f"{key}={value:.4g}" for key, value in metrics.items()))
     return metrics
 

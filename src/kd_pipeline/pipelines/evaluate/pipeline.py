@@ -13,7 +13,8 @@ def create_pipeline(**kwargs) -> Pipeline:
         [
             node(
                 func=evaluate_student,
-                inputs=["student_model", "tokenized_corpus", "teacher_topk", "teacher_model", "params:evaluate.metrics"],
+                inputs=["student_model", "tokenized_corpus", "teacher_topk", "teacher_model", "params:evaluate.metrics",
+                        "vocab_map", "params:distill.cross_tokenizer"],
                 outputs="eval_metrics",
                 name="evaluate_student",
             ),
