@@ -27,7 +27,8 @@ import test_training as t  # noqa: E402
 from kd_pipeline.core.training.fsdp import fsdp_training_arguments  # noqa: E402
 
 WORKER = Path(__file__).with_name("fsdp_trainer_worker.py")
-SETTINGS = {"max_steps": 4, "save_steps": 2, "eval_steps": 2, "save_total_limit": None}
+# keep_checkpoints: the tests read the sharded checkpoints after the run.
+SETTINGS = {"max_steps": 4, "save_steps": 2, "eval_steps": 2, "save_total_limit": None, "keep_checkpoints": True}
 #: Losses and weights vs one process (float32 reductions in another order; AdamW divides
 #: near-zero gradients by their own scale, so weights get an absolute floor too).
 RTOL, WEIGHT_ATOL = 1e-5, 1e-5
