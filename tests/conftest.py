@@ -30,3 +30,22 @@ def tiny_tokenizer():
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR)
+
+
+@pytest.fixture(scope="session")
+def copy_project():
+    """`copy_project(dest)`: a runnable copy of the project at `dest` (pyproject, conf without
+    local overrides, test fixtures, src) for tests that run `kedro`/`torchrun` in a subprocess."""
+    import shutil
+
+    def copy(project: Path) -> Path:
+        project.mkdir()
+        for name in ("pyproject.toml", ".telemetry"):
+            shutil.copy(PROJECT_ROOT / name, project / name)
+        shutil.copytree(PROJECT_ROOT / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
+        (project / "conf" / "local").mkdir()
+        shutil.copytree(PROJECT_ROOT / "tests" / "fixtures", project / "tests" / "fixtures")
+        shutil.copytree(PROJECT_ROOT / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        return project
+
+    return copy

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,15 +14,8 @@ from kd_pipeline.core.corpus import TokenizedCorpus
 
 
 @pytest.mark.slow
-def test_corpus_prep_runs_end_to_end_in_test_env(tmp_path, project_root):
-    project = tmp_path / "project"
-    project.mkdir()
-    for name in ("pyproject.toml", ".telemetry"):
-        shutil.copy(project_root / name, project / name)
-    shutil.copytree(project_root / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
-    (project / "conf" / "local").mkdir()
-    shutil.copytree(project_root / "tests" / "fixtures", project / "tests" / "fixtures")
-    shutil.copytree(project_root / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+def test_corpus_prep_runs_end_to_end_in_test_env(tmp_path, copy_project):
+    project = copy_project(tmp_path / "project")
     env = dict(os.environ, KD_MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", KEDRO_DISABLE_TELEMETRY="true")
     kedro = Path(sys.executable).with_name("kedro")
     result = subprocess.run([str(kedro), "run", "--pipelines", "corpus_prep", "--env", "test"], cwd=project,

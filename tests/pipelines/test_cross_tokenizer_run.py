@@ -15,15 +15,8 @@ import yaml
 
 
 @pytest.mark.slow
-def test_whole_pipeline_with_a_cross_tokenizer_student(tmp_path, project_root):
-    project = tmp_path / "project"
-    project.mkdir()
-    for name in ("pyproject.toml", ".telemetry"):
-        shutil.copy(project_root / name, project / name)
-    shutil.copytree(project_root / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
-    (project / "conf" / "local").mkdir()
-    shutil.copytree(project_root / "tests" / "fixtures", project / "tests" / "fixtures")
-    shutil.copytree(project_root / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+def test_whole_pipeline_with_a_cross_tokenizer_student(tmp_path, project_root, copy_project):
+    project = copy_project(tmp_path / "project")
     shutil.copytree(project_root / "scripts", project / "scripts")
     env = dict(os.environ, KD_MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}", KEDRO_DISABLE_TELEMETRY="true",
                PYTHONPATH=str(project / "src"))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import sqlite3
 import subprocess
@@ -17,16 +16,6 @@ from pathlib import Path
 import pytest
 
 from kd_pipeline.core.topk_store import TopKReader
-
-
-def _copy_project(project_root: Path, project: Path) -> None:
-    project.mkdir()
-    for name in ("pyproject.toml", ".telemetry"):
-        shutil.copy(project_root / name, project / name)
-    shutil.copytree(project_root / "conf", project / "conf", ignore=shutil.ignore_patterns("local"))
-    (project / "conf" / "local").mkdir()
-    shutil.copytree(project_root / "tests" / "fixtures", project / "tests" / "fixtures")
-    shutil.copytree(project_root / "src", project / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
 
 
 def _run(command: list[str], project: Path, env: dict, timeout: float) -> str:
@@ -48,9 +37,9 @@ def _runs(database: Path) -> list[tuple[str, str]]:
 
 
 @pytest.mark.slow
-def test_teacher_logits_and_distill_under_torchrun(tmp_path, project_root):
+def test_teacher_logits_and_distill_under_torchrun(tmp_path, copy_project):
     project = tmp_path / "project"
-    _copy_project(project_root, project)
+    copy_project(project)
     database = tmp_path / "mlflow.db"
     env = dict(os.environ, KD_MLFLOW_TRACKING_URI=f"sqlite:///{database}", KEDRO_DISABLE_TELEMETRY="true",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
