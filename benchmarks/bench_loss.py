@@ -9,7 +9,8 @@ measures one forward+backward step of
   `dW = z.T @ h` -- what any implementation of a loss on the student logits must compute;
 * naive: `logits = hidden @ weight.T` (N x V) + `topk_kd_loss_reference` + autograd;
 * fused: `fused_topk_kd_loss(hidden, weight, ...)` at the automatic chunk size and at each
-  `--chunk-sizes` value;
+  `--chunk-sizes` value, and with `compiled: true` (torch.compile of the chunk step) at each
+  `--compiled-chunk-sizes` value (`first_call_wall_s`: the first two calls, compilation included);
 * liger_jsd: `liger_kernel.chunked_loss.LigerFusedLinearJSDLoss` (eager; `--liger-compiled`
   for torch.compile) with a dense *online* teacher (teacher hidden + teacher lm_head of the same
   shape): a different loss that also needs the teacher's logits, shown for scale;
@@ -132,7 +133,8 @@ def _worker(args: argparse.Namespace) -> dict:
 
     from kd_pipeline.core.losses import KDLossConfig
 
-    config = KDLossConfig(kd_loss_weight=1.0, sft_loss_weight=1.0, chunk_size=args.chunk_size)
+    config = KDLossConfig(kd_loss_weight=1.0, sft_loss_weight=1.0, chunk_size=args.chunk_size,
+                          compiled=args.compiled)
     num_tokens, hidden_size, vocab_size, k = args.case
     liger_loss = None
     if args.impl == "liger_jsd":
@@ -152,7 +154,9 @@ def _worker(args: argparse.Namespace) -> dict:
 
     warm = make(8, 256, min(k, 256), 1)
     warm_leaves = [t.requires_grad_() for t in warm[:2]]
+    warm_start = time.perf_counter()
     _step(args.impl, warm, config, liger_loss)
+    warm_wall = time.perf_counter() - warm_start  # with --compiled: the first compilation
     del warm, warm_leaves
 
     inputs = make(num_tokens, vocab_size, k, 0)
@@ -166,6 +170,7 @@ def _worker(args: argparse.Namespace) -> dict:
         before_kib = _read_status_kib("VmRSS")
         _step(args.impl, inputs, config, liger_loss)
         result["growth_bytes"] = (_read_status_kib("VmHWM") - before_kib) * 1024
+        result["warmup_wall_s"] = warm_wall
     else:
         wall, cpu = [], []
         for repeat in range(args.repeats + 1):
@@ -173,14 +178,18 @@ def _worker(args: argparse.Namespace) -> dict:
                 leaf.grad = None
             wall_start, cpu_start = time.perf_counter(), time.process_time()
             _step(args.impl, inputs, config, liger_loss)
-            if repeat > 0:  # the first step pays page faults and lazy init
+            if repeat > 0:  # the first step pays page faults and lazy init (and recompiles)
                 wall.append(time.perf_counter() - wall_start)
                 cpu.append(time.process_time() - cpu_start)
-        result.update(wall_s=min(wall), cpu_s=min(cpu), threads=torch.get_num_threads())
+            else:
+                first_wall = time.perf_counter() - wall_start
+        result.update(wall_s=min(wall), cpu_s=min(cpu), threads=torch.get_num_threads(),
+                      first_step_wall_s=first_wall, warmup_wall_s=warm_wall)
     return result
 
 
-def _run_worker(impl: str, case, measure: str, dtype: str, chunk_size, args: argparse.Namespace) -> dict:
+def _run_worker(impl: str, case, measure: str, dtype: str, chunk_size, args: argparse.Namespace,
+                compiled: bool = False) -> dict:
     env = dict(os.environ)
     if measure == "memory":
         env["MALLOC_MMAP_THRESHOLD_"] = "65536"
@@ -192,6 +201,8 @@ def _run_worker(impl: str, case, measure: str, dtype: str, chunk_size, args: arg
         command += ["--chunk-size", str(chunk_size)]
     if args.liger_compiled:
         command.append("--liger-compiled")
+    if compiled:
+        command.append("--compiled")
     completed = subprocess.run(command, env=env, capture_output=True, text=True)
     if completed.returncode != 0:
         raise RuntimeError(f"worker {impl} {case} {dtype} {measure} failed:\n{completed.stderr[-3000:]}")
@@ -208,20 +219,23 @@ def _run_case(case, dtype: str, args: argparse.Namespace) -> dict:
            "auto_chunk_size": auto, "floor_bytes": floor, "impls": {}}
     impls = [("floor", None), ("naive", None), ("fused", None)]
     impls += [(f"fused_c{c}", c) for c in args.chunk_sizes if c != auto]
+    impls += [(f"fused_compiled_c{c}", c) for c in args.compiled_chunk_sizes]
     if args.liger:
         impls.append(("liger_jsd", None))
     for name, chunk in impls:
         impl = "fused" if name.startswith("fused") else name
+        compiled = name.startswith("fused_compiled")
         try:
-            memory = _run_worker(impl, case, "memory", dtype, chunk, args)
-            timing = _run_worker(impl, case, "time", dtype, chunk, args)
+            memory = _run_worker(impl, case, "memory", dtype, chunk, args, compiled)
+            timing = _run_worker(impl, case, "time", dtype, chunk, args, compiled)
         except RuntimeError as error:
             row["impls"][name] = {"error": str(error)[-500:]}
             print(f"  {name}: failed ({str(error).splitlines()[-1][:200]})", file=sys.stderr)
             continue
         row["impls"][name] = {"chunk_size": chunk or (auto if impl == "fused" else None),
                               "growth_bytes": memory["growth_bytes"], "growth_over_floor": memory["growth_bytes"] / floor,
-                              "wall_s": timing["wall_s"], "cpu_s": timing["cpu_s"]}
+                              "wall_s": timing["wall_s"], "cpu_s": timing["cpu_s"],
+                              "first_call_wall_s": timing["warmup_wall_s"] + timing["first_step_wall_s"]}
         print(f"  {dtype} {name}: cpu {timing['cpu_s']:.2f} s, wall {timing['wall_s']:.2f} s, "
               f"growth {memory['growth_bytes'] / 2**20:.0f} MiB", file=sys.stderr, flush=True)
     gemm = row["impls"].get("floor", {})
@@ -277,6 +291,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cases", default=None, help="NxHxVxK,... (default: the full or quick set)")
     parser.add_argument("--no-liger", dest="liger", action="store_false", help="skip Liger's chunked JSD")
     parser.add_argument("--liger-compiled", action="store_true", help="torch.compile Liger's chunk step")
+    parser.add_argument("--compiled-chunk-sizes", default="",
+                        help="also the fused loss with `compiled: true` at these chunk sizes (comma list)")
+    parser.add_argument("--compiled", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--worker", choices=["floor", "naive", "fused", "liger_jsd"], help=argparse.SUPPRESS)
     parser.add_argument("--measure", choices=["memory", "time"], help=argparse.SUPPRESS)
     parser.add_argument("--case", type=int, nargs=4, help=argparse.SUPPRESS)
@@ -291,6 +308,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.quick:
         args.repeats = min(args.repeats, 1)
     args.chunk_sizes = [int(c) for c in args.chunk_sizes.split(",") if c]
+    args.compiled_chunk_sizes = [int(c) for c in args.compiled_chunk_sizes.split(",") if c]
     if args.cases:
         cases = [tuple(int(x) for x in case.split("x")) for case in args.cases.split(",")]
     else:
@@ -303,11 +321,13 @@ def main(argv: list[str] | None = None) -> None:
             print(f"done {case} {dtype}", file=sys.stderr, flush=True)
     import torch
 
+    from kd_pipeline.core.losses import KDLossConfig
+
     report = {
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "machine": {"cpu": _cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__,
                     "load_average_1m": [load_start, os.getloadavg()[0]]},
-        "config": {"kd_loss": "fwd_kl", "topk_normalization": "renormalize",
+        "config": {"kd_loss": KDLossConfig().kd_loss, "topk_normalization": KDLossConfig().topk_normalization,
                    "kd_loss_weight": 1.0, "sft_loss_weight": 1.0},
         "goals": {"fused_growth_over_floor_max": MEM_GOAL, "fused_time_over_gemm_floor_max": TIME_GOAL},
         "cases": rows,

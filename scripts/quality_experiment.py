@@ -8,6 +8,10 @@ corpus_prep,teacher_logits`. Prints a table and writes JSON.
     .venv/bin/python scripts/quality_experiment.py --seeds 0 1 2 --eval-steps 5 \
         --out data/08_reporting/quality.json
 
+Long runs in pieces: `--resume --pause-after 600` checkpoints and exits (status 3) after 10
+minutes; the same command again continues from that checkpoint (the run's numbers are those of
+an uninterrupted run, as `distill.trainer.resume` guarantees).
+
 With `--cross-tokenizer '{student_tokenizer: DIR}'` (and a `from_config` `--student-init`) both
 arms are students with that tokenizer (issue 12): the pair's vocabulary map is built into the
 workdir, and the final metrics are `core/cross_tokenizer/evaluation.py`'s (bits per byte, aligned
@@ -40,12 +44,38 @@ from kd_pipeline.core.training.run import train_student  # noqa: E402
 HELD_OUT = "eval_sft"  # held-out cross-entropy on the validation split's trained tokens
 
 
+class PausedRun(Exception):
+    """`--pause-after` elapsed: a checkpoint was saved; the same command with `--resume` continues."""
+
+
+def pause_callback(seconds: float):
+    """A Trainer callback that, once `seconds` have passed, saves a checkpoint at the end of the
+    current step and then stops the process (PausedRun): long runs in pieces that each fit a
+    slot of a shared machine."""
+    from transformers import TrainerCallback
+
+    class PauseAfter(TrainerCallback):
+        deadline = time.monotonic() + seconds
+        pausing = False
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if time.monotonic() > self.deadline and state.global_step < state.max_steps:
+                control.should_save = self.pausing = True
+
+        def on_save(self, args, state, control, **kwargs):
+            if self.pausing:
+                raise PausedRun(f"paused after step {state.global_step} of {state.max_steps}")
+
+    return PauseAfter()
+
+
 def run_arm(name, seed, params, args, corpus, reader):
     loss = dict(params["loss"], **args.loss_overrides)
     if name == "sft_only":
         loss["kd_loss_weight"] = 0.0
     trainer = dict(params["trainer"], **args.trainer_overrides)
-    trainer.update(seed=seed, eval_steps=args.eval_steps, save_steps=0, disable_tqdm=True, resume=False)
+    trainer.update(seed=seed, eval_steps=args.eval_steps, save_steps=args.save_steps if args.resume else 0,
+                   disable_tqdm=True, resume=args.resume)
     if args.max_steps:
         trainer["max_steps"] = args.max_steps
     out = Path(args.workdir) / f"{name}-seed{seed}"
@@ -56,6 +86,7 @@ def run_arm(name, seed, params, args, corpus, reader):
         topk_dir=args.artifact if name == "kd_sft" else None, k=params.get("k"),
         checkpoint_dir=Path(args.workdir) / f"{name}-seed{seed}_checkpoints",
         cross_tokenizer=args.cross, vocab_map_path=args.vocab_map_path,
+        callbacks=[pause_callback(args.pause_after)] if args.pause_after else [],
     )
     curve = [(row["step"], row[HELD_OUT]) for row in summary["log_history"] if HELD_OUT in row]
     model = load_causal_lm(out)
@@ -84,6 +115,11 @@ def main(argv=None):
     parser.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--max-steps", type=int, default=0, help="0: the default's epochs")
     parser.add_argument("--eval-steps", type=int, default=5)
+    parser.add_argument("--resume", action="store_true",
+                        help="checkpoint every --save-steps and continue an identical earlier (paused) run")
+    parser.add_argument("--save-steps", type=int, default=10)
+    parser.add_argument("--pause-after", type=float, default=0, metavar="SECONDS",
+                        help="with --resume: checkpoint and exit (status 3) after this long; rerun to continue")
     parser.add_argument("--teacher", default=str(ROOT / "data/06_models/teacher"))
     parser.add_argument("--corpus", default=str(ROOT / "data/03_primary/tokenized_corpus"))
     parser.add_argument("--artifact", default=str(ROOT / "data/04_feature/teacher_topk"))
@@ -120,7 +156,11 @@ def main(argv=None):
     runs = [run for path in args.include for run in json.loads(Path(path).read_text())["runs"]]
     for seed in args.seeds:
         for arm in args.arms:
-            runs.append(run_arm(arm, seed, params, args, corpus, reader))
+            try:
+                runs.append(run_arm(arm, seed, params, args, corpus, reader))
+            except PausedRun as paused:
+                print(f"{arm} seed {seed}: {paused}; rerun the same command to continue", file=sys.stderr)
+                raise SystemExit(3) from None
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps({"runs": runs}, indent=2))
 

@@ -244,6 +244,22 @@ def test_bf16_inputs(normalization):
     assert_matches(fused, run_reference(batch, config), rtol=2e-2, atol=2e-3, grad_rtol=5e-2, grad_atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunk_buffers_reused_over_ragged_chunks_equal_one_chunk(dtype):
+    """The [C, V] buffers are reused chunk after chunk (the last one ragged, 64 = 24 + 24 + 16):
+    nothing of an earlier chunk leaks into a later one, against the same loss in one chunk."""
+    batch = make_batch(n=64, h=32, v=101, k=8).to(dtype)
+    config = KDLossConfig(kd_loss="jsd", topk_normalization="tail_bucket", sft_loss_weight=1.0, chunk_size=24)
+    chunked = run_fused(batch, config)
+    whole = run_fused(batch, replace(config, chunk_size=64))
+    torch.testing.assert_close(chunked[0].loss, whole[0].loss, rtol=1e-6, atol=1e-7)
+    # Equal up to the GEMMs' blocking (fp32) and, for d W and d b, which sum over the chunks in
+    # the parameter dtype, one bf16 rounding per chunk; a stale buffer would be off by O(1).
+    tolerance = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
+    for grad, whole_grad in zip(chunked[1], whole[1]):
+        torch.testing.assert_close(grad, whole_grad, **tolerance)
+
+
 def test_tied_weights_accumulate_embedding_and_head_grads():
     """The lm_head weight is also the input embedding: both gradients land in weight.grad."""
     batch = make_batch(h=16, v=83)

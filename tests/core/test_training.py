@@ -871,3 +871,38 @@ def test_progress_bar_is_labelled_and_log_lines_replace_it_off_a_terminal(caplog
     bar.on_log(None, state, None, logs={"loss": 2.0, "kd": 0.25, "tokens_per_second": 99.0})
     assert bar.training_bar.postfix == "loss=2.0000, kd=0.2500, tok/s=99"
     bar.training_bar.close()
+
+
+@pytest.mark.parametrize("every_n_layers", [1, 2])
+def test_activation_checkpointing_recomputes_layers_with_the_same_run(teacher_dir, fixture, tmp_path, monkeypatch,
+                                                                      every_n_layers):
+    """`activation_checkpointing: true` (HF calls the wrapper's activation_checkpointing_enable
+    with every_n_layers / offload) checkpoints the student's layers; a 2-step run then gives the
+    losses and weights of the plain run (recomputation changes no arithmetic)."""
+    corpus, targets, _ = fixture
+    monkeypatch.setenv("KD_PIPELINE_NATIVE_BF16", "0")
+    checkpointed_calls = []
+    import transformers.modeling_utils as modeling_utils
+
+    original = modeling_utils.checkpoint  # what activation_checkpointing_enable wraps
+
+    def counting_checkpoint(function, *args, **kwargs):
+        checkpointed_calls.append(function)
+        return original(function, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_utils, "checkpoint", counting_checkpoint)
+    runs = {}
+    for name, extra in (("plain", {}), ("checkpointed", {"activation_checkpointing": True,
+                                                         "activation_checkpointing_kwargs": {"every_n_layers": every_n_layers}})):
+        summary = train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=LOSS,
+                                train=quick_config(max_steps=2, **extra), output_dir=tmp_path / name, targets=targets)
+        runs[name] = summary
+    # 2 layers, checkpointed every n-th: 2 steps x (2 / n) layer calls went through checkpoint.
+    assert len(checkpointed_calls) == 2 * (2 // every_n_layers)
+    assert step_losses(runs["checkpointed"]) == pytest.approx(step_losses(runs["plain"]), rel=1e-6)
+    from safetensors.torch import load_file
+
+    plain = load_file(tmp_path / "plain" / "model.safetensors")
+    checkpointed = load_file(tmp_path / "checkpointed" / "model.safetensors")
+    for key in plain:
+        torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-5, atol=1e-6)

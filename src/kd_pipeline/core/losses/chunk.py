@@ -111,8 +111,33 @@ def _scale_rows(coef: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return torch.where(coef != 0, coef * values, 0.0)
 
 
+class ChunkBuffers(NamedTuple):
+    """Flat buffers that every chunk of one loss call reuses, sized for the largest chunk.
+
+    On CPU a fresh [C, V] tensor per chunk is a fresh mmap (glibc serves blocks this large from
+    the kernel and returns them on free), and its page faults and zeroing cost about as much as
+    an elementwise pass over it; reused, each chunk's buffers are already resident.
+    """
+
+    work: torch.Tensor  # (C*V,) compute dtype: the logits, then exp-shifted, then their gradient
+    gemm: torch.Tensor | None  # (C*V,) input dtype when it is not the compute dtype (bf16): the
+    # GEMM's logits, later the gradient rounded for the two gradient GEMMs
+
+    @classmethod
+    def allocate(cls, rows: int, vocab_size: int, dtype: torch.dtype, device) -> "ChunkBuffers":
+        size = rows * vocab_size
+        work_dtype = compute_dtype(dtype)
+        gemm = None if work_dtype == dtype else torch.empty(size, dtype=dtype, device=device)
+        return cls(torch.empty(size, dtype=work_dtype, device=device), gemm)
+
+
+def buffer_like(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A view of the front of `flat` with the shape and (dense) strides of `like`."""
+    return flat.as_strided(like.shape, like.stride())
+
+
 def _chunk_logits(
-    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
     """(C, V) logits of a chunk; on CPU a transposed view of a vocabulary-major (V, C) buffer.
 
@@ -120,12 +145,20 @@ def _chunk_logits(
     (it packs the large operand differently), and the later `grad_weight.addmm_` then reads the
     gradient as a contiguous (V, C) matrix. The elementwise steps work on either layout. On GPU
     the row-major layout is kept (cuBLAS has no such asymmetry; reductions stay row-contiguous).
+    `out`: a flat buffer of the result dtype with room for C*V values, written instead of a new one.
     """
+    rows, vocab_size = hidden.shape[0], weight.shape[0]
     if hidden.device.type != "cpu":
-        return F.linear(hidden, weight, bias)
+        if out is None:
+            return F.linear(hidden, weight, bias)
+        out = out[: rows * vocab_size].view(rows, vocab_size)
+        if bias is None:
+            return torch.mm(hidden, weight.t(), out=out)
+        return torch.addmm(bias, hidden, weight.t(), out=out)
+    out = None if out is None else out[: rows * vocab_size].view(vocab_size, rows)
     if bias is None:
-        return torch.mm(weight, hidden.t()).t()
-    return torch.addmm(bias.unsqueeze(1), weight, hidden.t()).t()
+        return torch.mm(weight, hidden.t(), out=out).t()
+    return torch.addmm(bias.unsqueeze(1), weight, hidden.t(), out=out).t()
 
 
 class _LogitReads(NamedTuple):
@@ -316,11 +349,14 @@ def chunk_step(
     config: KDLossConfig,
     compute_grad: bool,
     head: HeadTransform = IDENTITY_HEAD,
+    buffers: ChunkBuffers | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Loss sums of one chunk and the gradient of the weighted loss w.r.t. its raw logits.
 
-    Pure function of its inputs (in-place ops touch only its own buffers), so it can be wrapped
-    in `torch.compile`. Shapes as in `fused_topk_kd_loss`, with C rows.
+    Without `buffers` a pure function of its inputs (in-place ops touch only its own
+    temporaries), so it can be wrapped in `torch.compile`; with them, the [C, V] work is done in
+    `buffers` (the returned gradient is a view of `buffers.work`, valid until the next chunk).
+    Shapes as in `fused_topk_kd_loss`, with C rows.
 
     Returns:
         (grad_logits, sums): grad_logits is (C, V) in the compute dtype (d loss / d raw logits
@@ -338,7 +374,13 @@ def chunk_step(
         kd_coef = weights * (config.kd_loss_weight * config.kd_factor)
 
     # (C, V) buffer: logits, then exp-shifted logits, then the gradient, all in place.
-    work = _chunk_logits(hidden, weight, bias).to(weights.dtype)  # .to keeps the layout
+    if buffers is None:
+        work = _chunk_logits(hidden, weight, bias).to(weights.dtype)  # .to keeps the layout
+    elif buffers.gemm is None:  # the GEMM computes in the compute dtype: straight into `work`
+        work = _chunk_logits(hidden, weight, bias, out=buffers.work)
+    else:
+        logits = _chunk_logits(hidden, weight, bias, out=buffers.gemm)
+        work = buffer_like(buffers.work, logits).copy_(logits)
     head_slope = _apply_head_in_place(work, head)
     reads = _read_logits(work, topk_ids, labels)
     if compute_grad and has_sft and config.sft_loss_weight > 0:

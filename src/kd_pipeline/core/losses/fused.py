@@ -22,7 +22,7 @@ from functools import lru_cache
 import torch
 from torch.autograd.function import once_differentiable
 
-from kd_pipeline.core.losses.chunk import IDENTITY_HEAD, chunk_step, compute_dtype
+from kd_pipeline.core.losses.chunk import IDENTITY_HEAD, ChunkBuffers, buffer_like, chunk_step, compute_dtype
 from kd_pipeline.core.losses.config import (
     KDLossConfig,
     LossOutput,
@@ -87,9 +87,11 @@ def _accumulate_chunk(
     grad_weight: torch.Tensor | None,
     grad_bias: torch.Tensor | None,
     head: HeadTransform,
+    buffers: ChunkBuffers | None,
 ) -> None:
     """Runs `step` on the chunk `rows` and folds its results into the accumulators in place."""
     hidden_chunk = hidden[rows]  # (C, H)
+    extra = {} if buffers is None else {"buffers": buffers}
     grad_logits, chunk_sums = step(
         hidden_chunk,
         weight,
@@ -102,11 +104,15 @@ def _accumulate_chunk(
         config,
         compute_grad,
         head,
+        **extra,
     )
     sums += chunk_sums
     if grad_logits is None:
         return
-    grad_logits = grad_logits.to(weight.dtype)  # (C, V); no copy for float32
+    if buffers is not None and buffers.gemm is not None:  # the GEMM's logits are spent: reuse it
+        grad_logits = buffer_like(buffers.gemm, grad_logits).copy_(grad_logits)
+    else:
+        grad_logits = grad_logits.to(weight.dtype)  # (C, V); no copy for float32
     if grad_hidden is not None:
         torch.mm(grad_logits, weight, out=grad_hidden[rows])
     if grad_weight is not None:
@@ -137,6 +143,9 @@ class TopKDistillationFunction(torch.autograd.Function):
         vocab_size = weight.shape[0]
         chunk_size = config.chunk_size or auto_chunk_size(num_tokens, vocab_size, hidden_size)
         step = _compiled_chunk_step() if config.compiled else chunk_step
+        # The compiled step allocates its own (it must stay a pure function for torch.compile).
+        buffers = (None if config.compiled or num_tokens == 0 else
+                   ChunkBuffers.allocate(min(chunk_size, num_tokens), vocab_size, hidden.dtype, hidden.device))
         needs_hidden, needs_weight, needs_bias = needs_grad
         compute_grad = any(needs_grad)
         # grad_weight / grad_bias accumulate in the parameter dtype (as autograd would); the
@@ -157,7 +166,7 @@ class TopKDistillationFunction(torch.autograd.Function):
                 _accumulate_chunk(
                     step, slice(start, min(start + chunk_size, num_tokens)), hidden, weight, bias,
                     topk_ids, topk_logprobs, teacher_logz, labels, token_weights, config, compute_grad,
-                    sums, grad_hidden, grad_weight, grad_bias, head,
+                    sums, grad_hidden, grad_weight, grad_bias, head, buffers,
                 )
 
         dtype = compute_dtype(hidden.dtype)

@@ -48,7 +48,7 @@ class StudentWithLoss(torch.nn.Module):
             (`models.head.head_transform`).
 
     Attributes that HF `Trainer` / accelerate read are forwarded to the student: `config`,
-    `_no_split_modules` (FSDP2 auto wrap: one group per decoder layer), gradient checkpointing,
+    `_no_split_modules` (FSDP2 auto wrap: one group per decoder layer), activation checkpointing,
     `tie_weights` and `_keys_to_ignore_on_save` (checkpoint loading).
     `get_output_embeddings` is deliberately not forwarded: accelerate then leaves the head in
     the root group (gathered at the root's forward, kept until backward) instead of carving it
@@ -87,11 +87,19 @@ class StudentWithLoss(torch.nn.Module):
     def supports_gradient_checkpointing(self) -> bool:
         return bool(getattr(self.student, "supports_gradient_checkpointing", False))
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
-        self.student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs)
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """`distill.trainer.activation_checkpointing` (HF Trainer calls this): recompute each
+        (every n-th) decoder layer's activations in the backward instead of keeping them."""
+        self.student.activation_checkpointing_enable(activation_checkpointing_kwargs=activation_checkpointing_kwargs,
+                                                     every_n_layers=every_n_layers, offload=offload)
 
-    def gradient_checkpointing_disable(self) -> None:
-        self.student.gradient_checkpointing_disable()
+    def activation_checkpointing_disable(self) -> None:
+        self.student.activation_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return bool(getattr(self.student, "is_activation_checkpointing", False))
 
     def student_state_dict(self, state_dict: dict[str, Any] | None = None) -> dict[str, Any]:
         """The student's own keys (`model.layers.0...`) of a `StudentWithLoss` state dict."""
