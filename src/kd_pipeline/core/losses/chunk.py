@@ -191,17 +191,15 @@ class _KDTerms(NamedTuple):
     grad_scaled_lse: torch.Tensor | None  # (C,) d loss / d scaled_lse from the KD term
 
 
-def _read_logits(work: torch.Tensor, topk_ids: torch.Tensor | None, labels: torch.Tensor | None,
-                 dtype: torch.dtype) -> _LogitReads:
-    """The reads, in the compute `dtype` (`work` may be the GEMM's bf16 logits)."""
+def _read_logits(work: torch.Tensor, topk_ids: torch.Tensor | None, labels: torch.Tensor | None) -> _LogitReads:
     topk_logits = first_slot = label_valid = safe_labels = label_logits = None
     if topk_ids is not None:
-        topk_logits = work.gather(1, topk_ids).to(dtype)
+        topk_logits = work.gather(1, topk_ids)
         first_slot = _first_occurrence(topk_ids)
     if labels is not None:
         label_valid = labels != IGNORE_INDEX
         safe_labels = torch.where(label_valid, labels, 0).unsqueeze(1)
-        label_logits = work.gather(1, safe_labels).squeeze(1).to(dtype)
+        label_logits = work.gather(1, safe_labels).squeeze(1)
     return _LogitReads(topk_logits, first_slot, label_valid, safe_labels, label_logits)
 
 
@@ -211,27 +209,22 @@ def _partition_in_place(
     scaled_topk: torch.Tensor | None,
     first_slot: torch.Tensor | None,
     tail_mode: bool,
-    source: torch.Tensor | None = None,
 ) -> _Partition:
     """Full-vocabulary log-partition of the scaled logits in `work` (exp-shifted in place).
 
     Tail mode also needs the partition of the entries outside the top-k: the top-k entries are
     set to 0 and the tail is shifted by its own max, so neither part underflows.
-    `source`: the same logits in a narrower dtype (the bf16 GEMM output), `work` not yet
-    written: the max is taken on them and the shift writes `work`, so the widening copy is no
-    separate pass over [C, V] (the numbers are the same: max and widening are exact).
     """
-    values = work if source is None else source
     if not tail_mode:
-        row_max = values.amax(dim=1).to(work.dtype)
-        torch.sub(values, row_max.unsqueeze(1), out=work).exp_()  # exp(z - max)
+        row_max = work.amax(dim=1)
+        work.sub_(row_max.unsqueeze(1)).exp_()  # exp(z - max)
         exp_sum = work.sum(dim=1)
         return _Partition(row_max + exp_sum.log(), exp_sum, None, None)
-    values.scatter_(1, topk_ids, -math.inf)
-    tail_max = values.amax(dim=1).to(work.dtype)  # -inf when the ids cover the vocabulary
+    work.scatter_(1, topk_ids, -math.inf)
+    tail_max = work.amax(dim=1)  # -inf when the ids cover the vocabulary
     tail_nonempty = torch.isfinite(tail_max)
     tail_shift = torch.where(tail_nonempty, tail_max, 0.0)
-    torch.sub(values, tail_shift.unsqueeze(1), out=work).exp_()  # tail: exp(z - tail_max); top-k: 0
+    work.sub_(tail_shift.unsqueeze(1)).exp_()  # tail: exp(z - tail_max); top-k: 0
     exp_sum = work.sum(dim=1)
     tail_lse = tail_shift + exp_sum.log()  # -inf for an empty tail
     topk_lse = scaled_topk.masked_fill(~first_slot, -math.inf).logsumexp(dim=1)
@@ -387,15 +380,9 @@ def chunk_step(
         work = _chunk_logits(hidden, weight, bias, out=buffers.work)
     else:
         logits = _chunk_logits(hidden, weight, bias, out=buffers.gemm)
-        work = buffer_like(buffers.work, logits)
-    # Plain head at scale 1 (the default): `work` is first written by the partition's shift,
-    # from the bf16 logits; otherwise widened here, for the head transform and the scaling.
-    source = logits if buffers is not None and buffers.gemm is not None else None
-    if source is not None and (not head.is_identity or scale != 1.0):
-        work.copy_(source)
-        source = None
+        work = buffer_like(buffers.work, logits).copy_(logits)
     head_slope = _apply_head_in_place(work, head)
-    reads = _read_logits(work if source is None else source, topk_ids, labels, weights.dtype)
+    reads = _read_logits(work, topk_ids, labels)
     if compute_grad and has_sft and config.sft_loss_weight > 0:
         sft_coef = torch.where(reads.label_valid, weights * config.sft_loss_weight, 0.0)
     unscaled_lse = unscaled_copy = None
@@ -408,7 +395,7 @@ def chunk_step(
         work.mul_(scale)
     scaled_topk = reads.topk_logits * scale if has_kd else None
     tail_mode = has_kd and config.topk_normalization == "tail_bucket"
-    part = _partition_in_place(work, topk_ids, scaled_topk, reads.first_slot, tail_mode, source)
+    part = _partition_in_place(work, topk_ids, scaled_topk, reads.first_slot, tail_mode)
     if unscaled_lse is None:
         unscaled_lse = part.scaled_lse
 

@@ -116,9 +116,7 @@ def _accumulate_chunk(
     if grad_hidden is not None:
         torch.mm(grad_logits, weight, out=grad_hidden[rows])
     if grad_weight is not None:
-        # The first chunk overwrites (beta=0 ignores the uninitialized buffer, NaN included):
-        # no zero-fill pass over the V x H gradient.
-        grad_weight.addmm_(grad_logits.t(), hidden_chunk, beta=0 if rows.start == 0 else 1)
+        grad_weight.addmm_(grad_logits.t(), hidden_chunk)
     if grad_bias is not None:
         grad_bias.add_(grad_logits.sum(0))
 
@@ -157,9 +155,7 @@ class TopKDistillationFunction(torch.autograd.Function):
             if needs_hidden
             else None
         )
-        # Written by the first chunk's GEMM (`_accumulate_chunk`); zeros only without tokens.
-        grad_weight = (None if not needs_weight else torch.zeros_like(weight) if num_tokens == 0
-                       else torch.empty_like(weight))
+        grad_weight = torch.zeros_like(weight) if needs_weight else None
         grad_bias = torch.zeros_like(bias) if needs_bias else None
 
         sums = torch.zeros(5, dtype=torch.float64, device=hidden.device)
