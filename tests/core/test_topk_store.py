@@ -314,6 +314,7 @@ def test_manifest_is_exactly_what_was_written(tmp_path):
             "bytes": (tmp_path / name).stat().st_size, "sha256": sha256_file(tmp_path / name),
             "coverage_histogram": np.bincount(np.minimum((values * 20).astype(int), 19), minlength=20).tolist(),
             "coverage_sum": pytest.approx(values.sum(), rel=1e-12),
+            "entries": sum(sample.topk_ids.size for _, sample in samples[first:stop]),
         })
     all_coverage = np.concatenate(coverage)
     histogram = np.bincount(np.minimum((all_coverage * 20).astype(int), 19), minlength=20)
@@ -324,7 +325,7 @@ def test_manifest_is_exactly_what_was_written(tmp_path):
                       for name, value in zip(("p05", "p25", "p50", "p75", "p95"), quantiles)},
     }
     assert data == {
-        "schema_version": 2, "logz_temperatures": [1.0],
+        "schema_version": 3, "logz_temperatures": [1.0], "capture_mode": "topk", "capture_params": {},
         "teacher_path": "/models/teacher", "teacher_config_sha256": "c" * 64, "teacher_weights_sha256": "w" * 64,
         "tokenizer_sha256": "t" * 64, "vocab_size": VOCAB, "k": K,
         "capture_dtype": "float32", "capture_temperature": 1.0, "corpus_fingerprint": "f" * 32,
@@ -335,7 +336,7 @@ def test_manifest_is_exactly_what_was_written(tmp_path):
         "shards": shards,
     }
     assert list((tmp_path / "manifest.json").read_text().splitlines()[1:3]) == [
-        '  "capture_dtype": "float32",', '  "capture_temperature": 1.0,']  # sorted keys
+        '  "capture_dtype": "float32",', '  "capture_mode": "topk",']  # sorted keys
     assert Manifest.read(tmp_path / "manifest.json").to_dict()["shards"][0]["sha256"] == shards[0]["sha256"]
 
 
@@ -574,8 +575,8 @@ def test_unknown_schema_version_or_codec_is_rejected(tmp_path):
     write(tmp_path, make_samples(4))
     path = tmp_path / "manifest.json"
     original = json.loads(path.read_text())
-    path.write_text(json.dumps(original | {"schema_version": 3}))
-    with pytest.raises(TopKStoreError, match="unsupported schema_version 3 .*reads version 2"):
+    path.write_text(json.dumps(original | {"schema_version": 4}))
+    with pytest.raises(TopKStoreError, match=r"unsupported schema_version 4 .*reads versions \[2, 3\]"):
         TopKReader(tmp_path)
     path.write_text(json.dumps(original | {"codec_name": "fp8"}))
     with pytest.raises(TopKStoreError, match=r"manifest.json: unknown top-k codec 'fp8'; known codecs"):
