@@ -435,13 +435,14 @@ def start_writer_process(tmp_path: Path, directory: Path, samples) -> subprocess
     """A process writing `samples` to `directory` that stops (sleeping) with a shard in progress
     once two shards are finished, after printing "shard in progress"."""
     arrays = {"count": len(samples)}
-    arrays.update({f"source_{name}": value for name, value in vars(source()).items()})
+    fields = [name for name in vars(source()) if name != "capture_params"]  # a dict: the default {}
+    arrays.update({f"source_{name}": getattr(source(), name) for name in fields})
     for index, (sample_id, sample) in enumerate(samples):
         assert sample_id == f"{index:032x}"
         arrays.update({f"positions{index}": sample.positions, f"ids{index}": sample.topk_ids,
                        f"logprobs{index}": sample.topk_logprobs, f"target{index}": sample.target_logprobs})
     np.savez(tmp_path / "samples.npz", **arrays)
-    script = KILLED_WRITER.format(source_fields=list(vars(source())))
+    script = KILLED_WRITER.format(source_fields=fields)
     return subprocess.Popen([sys.executable, "-c", script, str(directory), str(tmp_path / "samples.npz")],
                             stdout=subprocess.PIPE, text=True)
 
