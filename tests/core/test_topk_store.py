@@ -729,3 +729,85 @@ def test_schema_version_1_artifact_is_refused_with_a_re_extract_message(tmp_path
     with pytest.raises(ManifestMismatchError, match=r"unsupported schema_version 1 .*no per-row teacher "
                                                     r"log-normalizers.*re-extract: `kedro run --pipelines teacher_logits`"):
         TopKReader(tmp_path)
+
+
+# --- variable rows: top_p and sampled ---------------------------------------------------------
+
+def variable_samples(mode: str, count: int = 6, seed: int = 4) -> list[tuple[str, TopKArrays]]:
+    """Top-K rows cut to random lengths (`top_p`), with random draw counts too (`sampled`)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for index, (sample_id, sample) in enumerate(make_samples(count, seed=seed)):
+        n = sample.num_positions
+        lengths = rng.integers(1, K + 1, n)
+        counts = rng.integers(1, 9, (n, K)) if mode == "sampled" else None
+        out.append((sample_id, TopKArrays.from_any(sample.positions, sample.topk_ids, sample.topk_logprobs,
+                                                   sample.target_logprobs, None, (), lengths, counts)))
+    return out
+
+
+@pytest.mark.parametrize("codec", [RawCodec(), LogQuantZstdCodec()], ids=["raw", "logquant"])
+@pytest.mark.parametrize("mode", ["top_p", "sampled"])
+def test_variable_rows_round_trip_through_the_codec_and_the_store(tmp_path, mode, codec):
+    samples = variable_samples(mode)
+    with TopKShardWriter(tmp_path, source(capture_mode=mode, capture_params={"p": 0.9}), codec,
+                         shard_tokens=60, samples_per_row_group=2) as writer:
+        for sample_id, sample in samples:
+            writer.add(sample_id, sample.positions, sample.topk_ids, sample.topk_logprobs, sample.target_logprobs,
+                       None, sample.row_lengths, sample.counts)
+    reader = TopKReader(tmp_path)
+    manifest = reader.manifest
+    assert (reader.mode, manifest.source.capture_params) == (mode, {"p": 0.9})
+    assert sum(shard.entries for shard in manifest.shards) == sum(int(s.row_lengths.sum()) for _, s in samples)
+    batch = reader.get_many([sample_id for sample_id, _ in samples])
+    for (sample_id, expected), got in zip(samples, batch):
+        lengths = got.row_lengths.numpy()
+        np.testing.assert_array_equal(lengths, expected.row_lengths)
+        assert (got.counts is None) == (mode == "top_p")
+        for row, length in enumerate(lengths):
+            ids, logprobs = got.topk_ids[row].numpy(), got.topk_logprobs[row].numpy()
+            want = dict(zip(expected.topk_ids[row, :length], expected.topk_logprobs[row, :length]))
+            assert set(ids[:length]) == set(want)  # the stored entries, exactly as a set
+            assert (ids[length:] == ids[0]).all() and np.isneginf(logprobs[length:]).all()  # the padding
+            error = np.abs(logprobs[:length] - np.array([want[i] for i in ids[:length]]))
+            assert error.max() <= (0 if codec.name == "raw" else 0.6), error.max()
+            if mode == "sampled":
+                want_counts = dict(zip(expected.topk_ids[row, :length], expected.counts[row, :length]))
+                counts = got.counts[row].numpy()
+                assert [want_counts[i] for i in ids[:length]] == counts[:length].tolist()
+                assert (counts[length:] == 0).all()
+    # No padding on disk: raw stores 4 + 4 (+ 4) bytes per entry, logquant less than the full rows.
+    for (sample_id, sample), (_, full) in zip(samples, make_samples(6, seed=4)):
+        payload = codec.encode(sample)
+        if codec.name == "raw":
+            entries = int(sample.row_lengths.sum())
+            assert (len(payload["topk_ids"]), len(payload["topk_logprobs"])) == (4 * entries, 4 * entries)
+            assert len(payload["row_lengths"]) == 2 * sample.num_positions
+            assert len(payload.get("counts", b"")) == (4 * entries if mode == "sampled" else 0)
+        elif sample.row_lengths.sum() < 0.7 * full.topk_ids.size:
+            assert len(payload["payload"]) < len(codec.encode(full)["payload"])
+
+
+def test_rows_of_another_mode_are_refused_by_name(tmp_path):
+    sample = variable_samples("top_p", count=1)[0][1]
+    with TopKShardWriter(tmp_path, source(), RawCodec()) as writer:
+        with pytest.raises(ValueError, match="rows laid out for capture mode 'top_p'.*the artifact's is 'topk'"):
+            writer.add("a" * 32, sample.positions, sample.topk_ids, sample.topk_logprobs, sample.target_logprobs,
+                       None, sample.row_lengths)
+    with pytest.raises(ValueError, match="capture_mode must be one of"):
+        source(capture_mode="top_k")
+
+
+def test_schema_version_2_artifact_is_read_as_topk(tmp_path):
+    write(tmp_path, make_samples(4))
+    path = tmp_path / "manifest.json"
+    old = json.loads(path.read_text())
+    for name in ("capture_mode", "capture_params"):
+        del old[name]
+    for shard in old["shards"]:
+        del shard["entries"]
+    path.write_text(json.dumps(old | {"schema_version": 2}))
+    reader = TopKReader(tmp_path)
+    assert (reader.mode, reader.manifest.schema_version, reader.manifest.shards[0].entries) == ("topk", 3, None)
+    first_id, first = make_samples(4)[0]
+    np.testing.assert_array_equal(reader.get(first_id).topk_ids.numpy(), first.topk_ids)
