@@ -737,7 +737,7 @@ def variable_samples(mode: str, count: int = 6, seed: int = 4) -> list[tuple[str
     """Top-K rows cut to random lengths (`top_p`), with random draw counts too (`sampled`)."""
     rng = np.random.default_rng(seed)
     out = []
-    for index, (sample_id, sample) in enumerate(make_samples(count, seed=seed)):
+    for sample_id, sample in make_samples(count, seed=seed):
         n = sample.num_positions
         lengths = rng.integers(1, K + 1, n)
         counts = rng.integers(1, 9, (n, K)) if mode == "sampled" else None
@@ -760,7 +760,7 @@ def test_variable_rows_round_trip_through_the_codec_and_the_store(tmp_path, mode
     assert (reader.mode, manifest.source.capture_params) == (mode, {"p": 0.9})
     assert sum(shard.entries for shard in manifest.shards) == sum(int(s.row_lengths.sum()) for _, s in samples)
     batch = reader.get_many([sample_id for sample_id, _ in samples])
-    for (sample_id, expected), got in zip(samples, batch):
+    for (_, expected), got in zip(samples, batch):
         lengths = got.row_lengths.numpy()
         np.testing.assert_array_equal(lengths, expected.row_lengths)
         assert (got.counts is None) == (mode == "top_p")
@@ -777,7 +777,7 @@ def test_variable_rows_round_trip_through_the_codec_and_the_store(tmp_path, mode
                 assert [want_counts[i] for i in ids[:length]] == counts[:length].tolist()
                 assert (counts[length:] == 0).all()
     # No padding on disk: raw stores 4 + 4 (+ 4) bytes per entry, logquant less than the full rows.
-    for (sample_id, sample), (_, full) in zip(samples, make_samples(6, seed=4)):
+    for (_, sample), (_, full) in zip(samples, make_samples(6, seed=4)):
         payload = codec.encode(sample)
         if codec.name == "raw":
             entries = int(sample.row_lengths.sum())
