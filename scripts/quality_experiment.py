@@ -88,7 +88,8 @@ def artifact_summary(directory, k=None):
     summary = {"path": str(directory), "capture_mode": manifest.source.capture_mode,
                "capture_params": dict(manifest.source.capture_params), "k": manifest.source.k,
                "bytes_per_token": manifest.num_bytes / manifest.num_trained_tokens,
-               "entries_per_token": (sum(shard.entries or 0 for shard in manifest.shards)
+               "entries_per_token": (float(manifest.source.k) if manifest.source.capture_mode == "topk" else
+                                     sum(shard.entries or 0 for shard in manifest.shards)
                                      / manifest.num_trained_tokens)}
     if k and k < manifest.source.k and manifest.source.capture_mode == "topk":
         from kd_pipeline.core.topk_store import TopKArrays
