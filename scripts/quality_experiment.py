@@ -12,6 +12,11 @@ Long runs in pieces: `--resume --pause-after 600` checkpoints and exits (status 
 minutes; the same command again continues from that checkpoint (the run's numbers are those of
 an uninterrupted run, as `distill.trainer.resume` guarantees).
 
+Issue 11's capture-mode comparison: one invocation per arm, `--arms kd_sft --artifact DIR --label
+NAME [--k 32]`, merged with `--include` and `--baseline NAME`; the final metrics then include
+the full-vocabulary KL(teacher || student) and top-1 agreement with the teacher run again on the
+validation split, and each arm's artifact bytes per trained token.
+
 With `--cross-tokenizer '{student_tokenizer: DIR}'` (and a `from_config` `--student-init`) both
 arms are students with that tokenizer (issue 12): the pair's vocabulary map is built into the
 workdir, and the final metrics are `core/cross_tokenizer/evaluation.py`'s (bits per byte, aligned
@@ -69,7 +74,7 @@ def pause_callback(seconds: float):
     return PauseAfter()
 
 
-def run_arm(name, seed, params, args, corpus, reader):
+def run_arm(name, seed, params, args, corpus, reader, teacher):
     loss = dict(params["loss"], **args.loss_overrides)
     if name == "sft_only":
         loss["kd_loss_weight"] = 0.0
@@ -83,7 +88,7 @@ def run_arm(name, seed, params, args, corpus, reader):
     summary = train_student(
         teacher_dir=args.teacher, corpus=corpus, student_init=StudentInit.from_params(args.student_init or params["student_init"]),
         loss=KDLossConfig.from_dict(loss), train=TrainConfig.from_dict(trainer), output_dir=out,
-        topk_dir=args.artifact if name == "kd_sft" else None, k=params.get("k"),
+        topk_dir=args.artifact if name == "kd_sft" else None, k=args.k if args.k else params.get("k"),
         checkpoint_dir=Path(args.workdir) / f"{name}-seed{seed}_checkpoints",
         cross_tokenizer=args.cross, vocab_map_path=args.vocab_map_path,
         callbacks=[pause_callback(args.pause_after)] if args.pause_after else [],
@@ -98,8 +103,37 @@ def run_arm(name, seed, params, args, corpus, reader):
         metrics = evaluate_cross_tokenizer_student(model, load_tokenizer(out), corpus.split("validation"), reader,
                                                    VocabMap.load(args.vocab_map_path).projection(), EvalConfig())
     else:
-        metrics = evaluate_student(model, corpus.split("validation"), reader, EvalConfig())
-    return {"arm": name, "seed": seed, "curve": curve, "metrics": metrics, "seconds": time.time() - started}
+        metrics = evaluate_student(model, corpus.split("validation"), reader, EvalConfig(), teacher_model=teacher)
+    label = args.label if name == "kd_sft" and args.label else name
+    artifact = artifact_summary(args.artifact, args.k) if name == "kd_sft" else {}
+    return {"arm": label, "seed": seed, "curve": curve, "metrics": metrics, "seconds": time.time() - started,
+            "artifact": artifact}
+
+
+def artifact_summary(directory, k=None):
+    """Capture mode, parameters and bytes per trained token of the arm's targets; with `k` below
+    the artifact's, the bytes of the artifact cut to k (its rows re-encoded, same codec, scaled
+    by the artifact's file-to-payload ratio)."""
+    reader = TopKReader(directory, verify="lazy")
+    manifest = reader.manifest
+    summary = {"path": str(directory), "capture_mode": manifest.source.capture_mode,
+               "capture_params": dict(manifest.source.capture_params), "k": manifest.source.k,
+               "bytes_per_token": manifest.num_bytes / manifest.num_trained_tokens,
+               "entries_per_token": (float(manifest.source.k) if manifest.source.capture_mode == "topk" else
+                                     sum(shard.entries or 0 for shard in manifest.shards)
+                                     / manifest.num_trained_tokens)}
+    if k and k < manifest.source.k and manifest.source.capture_mode == "topk":
+        from kd_pipeline.core.topk_store import TopKArrays
+
+        scales = manifest.source.logz_scales
+        full = cut = 0
+        for sample in reader.get_many(reader.sample_ids()):
+            arrays = [TopKArrays.from_any(sample.positions, sample.topk_ids[:, :width], sample.topk_logprobs[:, :width],
+                                          sample.target_logprobs, sample.logz, scales) for width in (manifest.source.k, k)]
+            full += sum(len(v) for v in reader.codec.encode(arrays[0]).values())
+            cut += sum(len(v) for v in reader.codec.encode(arrays[1]).values())
+        summary.update(k=k, entries_per_token=float(k), bytes_per_token=summary["bytes_per_token"] * cut / full)
+    return summary
 
 
 def _key_values(items):
@@ -126,6 +160,11 @@ def main(argv=None):
     parser.add_argument("--workdir", default=str(ROOT / "data/07_model_output/quality"))
     parser.add_argument("--out", default=str(ROOT / "data/08_reporting/quality.json"))
     parser.add_argument("--arms", nargs="+", default=["sft_only", "kd_sft"], choices=["sft_only", "kd_sft"])
+    parser.add_argument("--label", default=None, help="name of the kd_sft arm in the results (e.g. top_p82)")
+    parser.add_argument("--k", type=int, default=0, help="distill.k for the kd_sft arm (0: the default's)")
+    parser.add_argument("--baseline", default="sft_only", help="arm the others are compared with")
+    parser.add_argument("--no-full-kl", action="store_true",
+                        help="skip the full-vocabulary KL (the teacher run again on the validation split)")
     parser.add_argument("--loss", nargs="*", default=[], metavar="KEY=VALUE",
                         help="override distill.loss keys for both arms, e.g. topk_normalization=tail_bucket")
     parser.add_argument("--include", nargs="*", default=[], metavar="JSON",
@@ -153,17 +192,25 @@ def main(argv=None):
     params = yaml.safe_load((ROOT / "conf/base/parameters_distill.yml").read_text())["distill"]
     corpus = TokenizedCorpus.load(args.corpus)
     reader = TopKReader(args.artifact)
+    teacher = None if args.no_full_kl or args.cross is not None else load_causal_lm(args.teacher)
     runs = [run for path in args.include for run in json.loads(Path(path).read_text())["runs"]]
     for seed in args.seeds:
         for arm in args.arms:
             try:
-                runs.append(run_arm(arm, seed, params, args, corpus, reader))
+                runs.append(run_arm(arm, seed, params, args, corpus, reader, teacher))
             except PausedRun as paused:
                 print(f"{arm} seed {seed}: {paused}; rerun the same command to continue", file=sys.stderr)
                 raise SystemExit(3) from None
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
             Path(args.out).write_text(json.dumps({"runs": runs}, indent=2))
 
+    summarize(runs, args)
+
+
+def summarize(runs, args):
+    """Per-arm mean [min, max] over seeds; per arm, whether it beats the baseline beyond the seed
+    spread (its worst seed better than the baseline's best); the step at which KD+SFT reaches
+    SFT-only's final held-out loss (when both ran)."""
     rows = []
     for seed in sorted({r["seed"] for r in runs}):
         sft = next((r for r in runs if r["seed"] == seed and r["arm"] == "sft_only"), None)
@@ -177,32 +224,46 @@ def main(argv=None):
     summary = {"runs": runs, "per_seed": rows, "aggregate": {}}
     keys = (("student_bits_per_byte", "student_nll", "aligned_kl_teacher_student", "aligned_agreement",
              "matched_mass") if args.cross is not None else
-            ("student_nll", "kl_teacher_student_topk", "kl_student_teacher_topk", "top1_agreement", "topk_overlap"))
+            ("kl_teacher_student_full", "student_nll", "top1_agreement_full", "kl_teacher_student_topk",
+             "kl_student_teacher_topk", "top1_agreement", "topk_overlap"))
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
     for key in keys:
-        for arm in ("sft_only", "kd_sft"):
+        for arm in arms:
             values = [r["metrics"][key] for r in runs if r["arm"] == arm and key in r["metrics"]]
             if values:
                 summary["aggregate"][f"{arm}.{key}"] = {
                     "mean": statistics.fmean(values), "min": min(values), "max": max(values), "n": len(values)}
-    # "Better beyond the seed spread": KD+SFT's worst seed beats SFT-only's best seed.
+    for arm in arms:
+        bytes_ = [r["artifact"]["bytes_per_token"] for r in runs if r["arm"] == arm and r.get("artifact")]
+        if bytes_:
+            summary["aggregate"][f"{arm}.bytes_per_token"] = {"mean": bytes_[0], "min": bytes_[0], "max": bytes_[0],
+                                                              "n": len(bytes_)}
+    # "Better beyond the seed spread": the arm's worst seed beats the baseline's best seed.
     lower_is_better = {"student_nll": True, "kl_teacher_student_topk": True, "kl_student_teacher_topk": True,
                        "top1_agreement": False, "topk_overlap": False, "student_bits_per_byte": True,
-                       "aligned_kl_teacher_student": True, "aligned_agreement": False}
-    for key, lower in lower_is_better.items():
-        sft, kd = summary["aggregate"].get(f"sft_only.{key}"), summary["aggregate"].get(f"kd_sft.{key}")
-        if sft and kd:
-            summary["aggregate"][f"kd_better_beyond_spread.{key}"] = (
-                kd["max"] < sft["min"] if lower else kd["min"] > sft["max"])
+                       "aligned_kl_teacher_student": True, "aligned_agreement": False,
+                       "kl_teacher_student_full": True, "top1_agreement_full": False}
+    baseline = args.baseline
+    for arm in arms:
+        for key, lower in lower_is_better.items():
+            base, other = summary["aggregate"].get(f"{baseline}.{key}"), summary["aggregate"].get(f"{arm}.{key}")
+            if arm != baseline and base and other:
+                summary["aggregate"][f"{arm}_better_than_{baseline}_beyond_spread.{key}"] = (
+                    other["max"] < base["min"] if lower else other["min"] > base["max"])
     Path(args.out).write_text(json.dumps(summary, indent=2))
 
-    print(f"{'metric':34s} {'SFT-only mean [min,max]':>30s} {'KD+SFT mean [min,max]':>30s}")
-    for key in keys:
+    print(f"{'metric':26s} " + " ".join(f"{arm + ' mean [min,max]':>30s}" for arm in arms))
+    for key in (*keys, "bytes_per_token"):
         cells = []
-        for arm in ("sft_only", "kd_sft"):
+        for arm in arms:
             stat = summary["aggregate"].get(f"{arm}.{key}")
             cells.append("-" if stat is None else f"{stat['mean']:.4f} [{stat['min']:.4f},{stat['max']:.4f}]")
-        beyond = summary["aggregate"].get(f"kd_better_beyond_spread.{key}")
-        print(f"{key:34s} {cells[0]:>30s} {cells[1]:>30s}  KD better beyond spread: {beyond}")
+        print(f"{key:26s} " + " ".join(f"{cell:>30s}" for cell in cells))
+    for key in lower_is_better:
+        verdicts = {arm: summary["aggregate"].get(f"{arm}_better_than_{baseline}_beyond_spread.{key}") for arm in arms}
+        verdicts = {arm: v for arm, v in verdicts.items() if v is not None}
+        if verdicts:
+            print(f"better than {baseline} beyond the seed spread, {key}: {verdicts}")
     for row in rows:
         print(f"seed {row['seed']}: SFT-only final held-out CE at step {row['sft_final_step']}; "
               f"KD+SFT first reaches it at step {row['kd_step_reaching_sft_final']} "

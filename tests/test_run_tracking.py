@@ -73,3 +73,19 @@ def test_runner_tag_is_the_class_name():
     assert _runner_name("<kedro.runner.sequential_runner.SequentialRunner object at 0x7f7afd807990>") == "SequentialRunner"
     assert _runner_name(SequentialRunner()) == "SequentialRunner"
     assert _runner_name("ParallelRunner") == "ParallelRunner" and _runner_name(None) is None
+
+
+def test_the_capture_mode_and_full_vocab_kl_are_logged_as_mlflow_params():
+    """The project's parameters as the hook logs them (flattened): the artifact's capture mode
+    is a column of the MLflow table, next to the evaluation's full-vocabulary switch."""
+    from pathlib import Path
+
+    import yaml
+
+    conf = Path(__file__).resolve().parents[1] / "conf" / "base"
+    params = {}
+    for name in ("parameters_teacher_logits.yml", "parameters_evaluate.yml"):
+        params.update(yaml.safe_load((conf / name).read_text()))
+    flat = flatten_params(params)
+    assert flat["teacher_logits.capture.mode"] == "topk"
+    assert flat["evaluate.metrics.full_vocab_kl"] == "True"

@@ -216,7 +216,7 @@ def test_dvc_experiments_and_mlflow_comparison(tmp_path):
     assert not (repo / "data/test/06_models").exists()
     metrics = json.loads((repo / "data/08_reporting/metrics.json").read_text())
     for key in ("student_nll", "student_ppl", "teacher_nll", "kl_teacher_student_topk", "kl_student_teacher_topk",
-                "top1_agreement", "topk_overlap"):
+                "top1_agreement", "topk_overlap", "kl_teacher_student_full", "top1_agreement_full"):
         assert isinstance(metrics[key], float), key
     assert (repo / "data/08_reporting/plots/training_curves.png").is_file()
     assert "## Prompt 1" in (repo / "data/08_reporting/generations.txt").read_text()

@@ -314,15 +314,17 @@ def test_full_vocabulary_kl_against_the_teacher_run_again(student, teacher, samp
     again on the same samples; float64 reference from both models' full log-softmax."""
     actual = evaluate_student(student, samples, None, EvalConfig(batch_size=3, token_chunk_size=5),
                               teacher_model=teacher)
-    kl = []
+    kl, agree = [], []
     for ids, mask in zip(samples["input_ids"].to_pylist(), samples["loss_mask"].to_pylist()):
         p, q = full_logprobs_f64(teacher, ids), full_logprobs_f64(student, ids)
         for t in np.flatnonzero(mask):
             kl.append(float((np.exp(p[t - 1]) * (p[t - 1] - q[t - 1])).sum()))
+            agree.append(float(p[t - 1].argmax() == q[t - 1].argmax()))
     assert actual["kl_teacher_student_full"] == pytest.approx(float(np.mean(kl)), rel=1e-5)
+    assert actual["top1_agreement_full"] == pytest.approx(float(np.mean(agree)))
     assert actual["kl_teacher_student_full"] > 0.1
     same = evaluate_student(teacher, samples, None, EvalConfig(batch_size=3), teacher_model=teacher)
-    assert abs(same["kl_teacher_student_full"]) < 1e-6
+    assert abs(same["kl_teacher_student_full"]) < 1e-6 and same["top1_agreement_full"] == 1.0
 
 
 def test_training_curves_panels_axes_title_and_integer_steps():
@@ -345,3 +347,26 @@ def test_training_curves_panels_axes_title_and_integer_steps():
     for ax in left_axes:
         ticks = [tick for tick in ax.get_xticks() if 1 <= tick <= 3]
         assert ticks and all(float(tick).is_integer() for tick in ticks), ticks
+
+
+def test_variable_rows_are_scored_on_their_entries_only(student, teacher, samples):
+    """A top_p / sampled artifact's padded rows (repeated first id, log-prob -inf): the top-k
+    metrics equal a float64 computation on each row's stored entries alone."""
+    reader = FakeReader(teacher, samples)
+    rng = np.random.default_rng(0)
+    expected_kl, expected_mass = [], []
+    for sample_id, ids, mask in zip(*(samples[c].to_pylist() for c in ("sample_id", "input_ids", "loss_mask"))):
+        record = reader.records[sample_id]
+        q_full = full_logprobs_f64(student, ids)[np.flatnonzero(mask) - 1]
+        lengths = rng.integers(1, K + 1, len(q_full))
+        for row, length in enumerate(lengths):
+            entries, logprobs = record["topk_ids"][row, :length], record["topk_logprobs"][row, :length].astype(float)
+            p = np.exp(logprobs - np.logaddexp.reduce(logprobs))
+            q = q_full[row, entries] - np.logaddexp.reduce(q_full[row, entries])
+            expected_kl.append(float((p * (np.log(p) - q)).sum()))
+            expected_mass.append(float(np.exp(q_full[row, entries]).sum()))
+            record["topk_ids"][row, length:] = record["topk_ids"][row, 0]
+            record["topk_logprobs"][row, length:] = -np.inf
+    metrics = evaluate_student(student, samples, reader, EvalConfig(batch_size=3))
+    assert metrics["kl_teacher_student_topk"] == pytest.approx(float(np.mean(expected_kl)), rel=1e-4)
+    assert metrics["student_mass_on_teacher_topk"] == pytest.approx(float(np.mean(expected_mass)), rel=1e-4)

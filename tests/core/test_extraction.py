@@ -441,3 +441,113 @@ def test_head_rows_equal_the_models_own_logits_for_each_family(family):
                              @ model.model(input_ids=torch.from_numpy(ids)[None]).last_hidden_state[0, positions]
                              .double().t()).t(), dim=-1)
     assert (bare.max(-1).values - reference.max(-1).values).abs().max() > 0.05
+
+
+# --- capture modes: top_p and sampled ---------------------------------------------------------
+
+# A capture temperature of 0.05 makes the random tiny teacher peaked enough for rows of every length.
+CAPTURE_PARAMS = {**PARAMS, "temperature": 0.05, "logz_temperatures": [0.05, 0.1], "k": 16}
+
+
+def _extract(teacher_dir: Path, corpus_dir: Path, out: Path, capture: dict) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return extract_teacher_topk(teacher_dir, corpus_dir, out,
+                                    ExtractionConfig.from_params({**CAPTURE_PARAMS, "capture": capture}))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _reference_rows(model, record, positions, temperature):
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor(record["input_ids"])[None]).logits[0]
+    return torch.log_softmax(logits / temperature, dim=-1)[torch.from_numpy(positions)]  # [n, V] float64
+
+
+def test_top_p_rows_are_the_smallest_top_set_reaching_p(tmp_path, teacher_dir, corpus_dir):
+    out = tmp_path / "top_p"
+    _extract(teacher_dir, corpus_dir, out, {"mode": "top_p", "p": 0.95})
+    reader = TopKReader(out)
+    assert (reader.mode, reader.manifest.source.capture_params, reader.k) == ("top_p", {"p": 0.95, "k_max": 16}, 16)
+    model = load_causal_lm(teacher_dir).double()
+    corpus = TokenizedCorpus.load(corpus_dir)
+    lengths_seen, checked = set(), 0
+    for record in corpus.samples.to_pylist()[:10]:
+        got = reader.get(record["sample_id"])
+        reference = _reference_rows(model, record, got.positions.numpy(), 0.05)
+        values, ids = reference.sort(dim=-1, descending=True)
+        cumulative = values.exp().cumsum(-1)
+        expected = ((cumulative < 0.95).sum(-1) + 1).clamp_max(16)  # float64, naive
+        clear = ((cumulative - 0.95).abs() > 1e-4).all(-1)  # no row with a prefix mass at p up to rounding
+        np.testing.assert_array_equal(got.row_lengths[clear].numpy(), expected[clear].numpy())
+        for row, length in enumerate(got.row_lengths.tolist()):
+            stored = got.topk_logprobs[row, :length].double()
+            np.testing.assert_allclose(stored.numpy(), values[row, :length].numpy(), atol=2e-5)
+            assert np.isneginf(got.topk_logprobs[row, length:].numpy()).all()
+        lengths_seen |= set(got.row_lengths.tolist())
+        checked += int(clear.sum())
+    assert checked > 100 and min(lengths_seen) == 1 and max(lengths_seen) == 16
+
+
+def test_sampled_rows_are_seeded_draws_and_resume_to_identical_shards(tmp_path, teacher_dir, corpus_dir):
+    capture = {"mode": "sampled", "draws": 24, "seed": 3, "proposal_temperature": 0.1}
+    out = tmp_path / "sampled"
+    _extract(teacher_dir, corpus_dir, out, capture)
+    expected = _shard_hashes(out)
+    assert len(expected) > 2
+    manifest = Manifest.read(out / MANIFEST_NAME)
+    assert (manifest.source.capture_mode, manifest.source.capture_params, manifest.source.k) == (
+        "sampled", {"draws": 24, "proposal_temperature": 0.1, "seed": 3}, 24)
+    assert manifest.source.logz_temperatures == (0.05, 0.1)
+    # Resume: the last shards and the manifest gone (a killed run), the re-run rebuilds them identically.
+    for name in sorted(expected)[-2:]:
+        (out / name).unlink()
+    partial = out / "manifest-r00.partial.json"
+    data = json.loads(partial.read_text())
+    data["shards"] = data["shards"][:-2]
+    data["progress"]["complete"] = False
+    for derived in ("num_samples", "num_trained_tokens", "num_bytes", "topk_coverage"):
+        del data[derived]
+    partial.write_text(json.dumps(data))
+    (out / MANIFEST_NAME).unlink()
+    run = _extract(teacher_dir, corpus_dir, out, capture)["run"]
+    assert run["samples_skipped_done"] > 0 and _shard_hashes(out) == expected
+    # Another seed draws other ids.
+    _extract(teacher_dir, corpus_dir, tmp_path / "seed4", {**capture, "seed": 4})
+    assert _shard_hashes(tmp_path / "seed4") != expected
+
+    reader = TopKReader(out)
+    model = load_causal_lm(teacher_dir).double()
+    record = TokenizedCorpus.load(corpus_dir).samples.to_pylist()[0]
+    got = reader.get(record["sample_id"])
+    reference = _reference_rows(model, record, got.positions.numpy(), 0.05)
+    assert (got.counts.sum(-1) == 24).all()
+    for row, length in enumerate(got.row_lengths.tolist()):
+        ids = got.topk_ids[row, :length]
+        assert len(set(ids.tolist())) == length and (got.counts[row, :length] >= 1).all()
+        np.testing.assert_allclose(got.topk_logprobs[row, :length].double().numpy(),
+                                   reference[row, ids].numpy(), atol=2e-5)
+
+
+def test_sampled_draws_follow_the_proposal():
+    """The sampler alone: 4000 rows of one distribution with distinct keys; each id's frequency
+    is its proposal probability `p**s / Z` within 5 standard errors."""
+    from kd_pipeline.core.extraction.capture import row_keys, row_uniforms, sample_rows
+
+    logits = torch.randn(1, 30, generator=torch.Generator().manual_seed(0)) * 2
+    exp_shifted = (logits - logits.max()).exp().repeat(4000, 1)
+    log_sum = exp_shifted.sum(-1, keepdim=True).log()
+    keys = row_keys(["a", "b"], [np.arange(2000), np.arange(2000)], seed=0)
+    assert len(set(keys.tolist())) == 4000
+    for scale in (1.0, 0.5):
+        uniforms = torch.from_numpy(row_uniforms(keys, 5))
+        ids, logprobs, counts, lengths = sample_rows(exp_shifted, log_sum, uniforms, scale)
+        frequency = torch.zeros(30, dtype=torch.float64).scatter_add_(0, ids.reshape(-1), counts.reshape(-1).double())
+        frequency /= 4000 * 5
+        proposal = (scale * logits[0].double()).softmax(-1)
+        se = (proposal * (1 - proposal) / (4000 * 5)).sqrt()
+        assert ((frequency - proposal).abs() <= 5 * se + 1e-9).all()
+        assert (counts.sum(-1) == 5).all() and (lengths == (counts > 0).sum(-1)).all()
+        stored = torch.arange(5)[None, :] < lengths[:, None]
+        torch.testing.assert_close(logprobs[stored], logits[0].log_softmax(-1).expand(4000, -1).gather(1, ids)[stored])

@@ -785,3 +785,130 @@ def test_fused_loss_with_the_models_head_transform_equals_its_own_logits(family,
     torch.testing.assert_close(head.weight.grad, ref_weight_grad, rtol=1e-8, atol=1e-12)
     if num_tokens < head.weight.shape[0]:  # padded rows: no mass, so no gradient
         assert (head.weight.grad[num_tokens:] == 0).all()
+
+
+# --- variable rows (top_p / sampled artifacts) -----------------------------------------------
+
+def pad_variable(batch: Batch, lengths: torch.Tensor) -> Batch:
+    """The batch's rows cut to `lengths` entries, padded as the artifact reader pads them (the
+    row's first id again, log-prob -inf; `topk_store.codec.pad_rows`)."""
+    padding = torch.arange(batch.topk_ids.shape[1])[None, :] >= lengths[:, None]
+    ids = torch.where(padding, batch.topk_ids[:, :1], batch.topk_ids)
+    return replace(batch, topk_ids=ids, topk_logprobs=batch.topk_logprobs.masked_fill(padding, -math.inf))
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("kd_loss", KD_LOSSES, ids=lambda k: k[0])
+def test_variable_rows_equal_their_unpadded_rows_and_the_reference(kd_loss, normalization):
+    config = KDLossConfig(kd_loss=kd_loss[0], beta=kd_loss[1], topk_normalization=normalization,
+                          target_logits_scale=1.6, kd_loss_weight=1.0, sft_loss_weight=0.0, chunk_size=8)
+    batch = make_batch(k=6)
+    lengths = torch.randint(1, 7, (batch.topk_ids.shape[0],), generator=torch.Generator().manual_seed(3))
+    padded = pad_variable(batch, lengths)
+    fused = run_fused(padded, config)
+    assert torch.isfinite(fused[0].loss)
+    assert_matches(fused, run_reference(padded, config))
+    # Independently: each group of rows of one length alone, with just its entries (no padding).
+    total, total_grads = 0.0, None
+    for length in lengths.unique().tolist():
+        rows = lengths == length
+        group = replace(batch, topk_ids=batch.topk_ids[:, :length], topk_logprobs=batch.topk_logprobs[:, :length],
+                        token_weights=batch.token_weights * rows)
+        out, grads = run_reference(group, config)
+        total = total + out.loss
+        total_grads = grads if total_grads is None else [a + b for a, b in zip(total_grads, grads)]
+    torch.testing.assert_close(fused[0].loss, total, **F64)
+    for grad, expected in zip(fused[1], total_grads):
+        torch.testing.assert_close(grad, expected, **F64)
+
+
+def sampled_batch(batch: Batch, draws: int, proposal_scale: float, target_scale: float, seed: int = 0):
+    """`draws` ids per row from the proposal `p**proposal_scale / Z` (torch.multinomial, an
+    independent sampler), as distinct ids by descending log-prob with the estimator weights
+    `c / n * p_s / r`, padded; returns (batch, weights (N, K), teacher_logz at target_scale)."""
+    gen = torch.Generator().manual_seed(seed)
+    full = batch.teacher_full
+    proposal = (proposal_scale * full).log_softmax(-1)
+    target = (target_scale * full).log_softmax(-1)
+    drawn = torch.multinomial(proposal.exp(), draws, replacement=True, generator=gen)
+    n = full.shape[0]
+    ids = torch.zeros(n, draws, dtype=torch.long)
+    logprobs = torch.full((n, draws), -math.inf, dtype=torch.float64)
+    weights = torch.zeros(n, draws, dtype=torch.float64)
+    for row in range(n):
+        unique, counts = drawn[row].unique(return_counts=True)
+        order = full[row, unique].argsort(descending=True)
+        unique, counts = unique[order], counts[order]
+        m = len(unique)
+        ids[row, :m], ids[row, m:] = unique, unique[0]
+        logprobs[row, :m] = full[row, unique]
+        weights[row, :m] = counts / draws * (target[row, unique] - proposal[row, unique]).exp()
+    return replace(batch, topk_ids=ids, topk_logprobs=logprobs), weights, (target_scale * full).logsumexp(-1)
+
+
+@pytest.mark.parametrize("scales", [(1.0, 1.0, 1.0), (0.5, 1.0, 1.3), (1.0, 2.0, 0.8)],
+                         ids=["proposal=target", "proposal-T2", "target-T0.5"])
+def test_sampled_estimator_matches_the_reference(scales):
+    proposal_scale, target_scale, logits_scale = scales
+    config = KDLossConfig(kd_loss="fwd_kl", topk_normalization="tail_bucket", target_logits_scale=target_scale,
+                          logits_scale=logits_scale, kd_loss_weight=0.7, sft_loss_weight=0.4, chunk_size=8)
+    batch, weights, logz = sampled_batch(make_batch(), 12, proposal_scale, target_scale)
+    fused = run_fused(batch, config, teacher_logz=logz, topk_weights=weights)
+    assert_matches(fused, run_reference(batch, config, teacher_logz=logz, topk_weights=weights))
+    assert fused[0].kd > 0.01
+
+
+@pytest.mark.parametrize("scales", [(1.0, 1.0), (0.5, 1.0), (1.0, 2.0)], ids=["r=p", "r=p^0.5", "target p^2"])
+def test_sampled_loss_and_gradient_are_unbiased(scales):
+    """Mean over 3000 seeded draws of the fused loss's logits gradient and KD value = the exact
+    full-vocabulary gradient `softmax(z) - p_s` and KL(p_s || q), within 5 standard errors of
+    the estimator (its exact variance for the gradient, the draws' spread for the KL)."""
+    proposal_scale, target_scale = scales
+    v, rows, draws, repeats = 40, 3, 6, 3000
+    base = make_batch(n=rows, h=v, v=v, k=1, seed=5)
+    logits = torch.randn(rows, v, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    # hidden = logits and lm_head = I: the gradient w.r.t. hidden is the gradient w.r.t. the logits.
+    tiled = replace(base, hidden=logits.repeat(repeats, 1), weight=torch.eye(v, dtype=torch.float64), bias=None,
+                    teacher_full=base.teacher_full.repeat(repeats, 1),
+                    token_weights=torch.ones(rows * repeats, dtype=torch.float64))
+    batch, weights, logz = sampled_batch(tiled, draws, proposal_scale, target_scale, seed=1)
+    config = KDLossConfig(kd_loss="fwd_kl", topk_normalization="tail_bucket", target_logits_scale=target_scale,
+                          kd_loss_weight=1.0, sft_loss_weight=0.0, chunk_size=4096)
+    hidden = batch.hidden.clone().requires_grad_()
+    out = fused_topk_kd_loss(hidden, batch.weight, None, batch.topk_ids, batch.topk_logprobs, None,
+                             batch.token_weights, config, teacher_logz=logz, topk_weights=weights)
+    out.loss.backward()
+    grads = hidden.grad.view(repeats, rows, v)
+
+    p_s = (target_scale * base.teacher_full).softmax(-1)
+    r = (proposal_scale * base.teacher_full).softmax(-1)
+    q = logits.softmax(-1)
+    exact_grad = q - p_s
+    # Per draw, w_v = c_v / n * p_s / r: Var(w_v) = (p_s^2 / r - p_s^2) / n; the gradient is
+    # (sum w) q - w, so its spread is at most sd(w_v) + q_v sd(sum w).
+    sd_w = ((p_s**2 / r - p_s**2) / draws).sqrt()
+    sd_sum = (((p_s**2 / r).sum(-1, keepdim=True) - 1).clamp_min(0) / draws).sqrt()
+    grad_se = (sd_w + q * sd_sum) / math.sqrt(repeats)
+    error = (grads.mean(0) - exact_grad).abs()
+    assert (error <= 5 * grad_se + 1e-12).all(), (error / grad_se).max()
+    # Not trivially so: one draw's gradient is far from the exact one.
+    assert (grads[0] - exact_grad).abs().max() > 10 * error.max()
+
+    log_p = p_s.log()
+    exact_kl = (p_s * (log_p - q.log())).sum(-1)
+    log_q_rows = batch.hidden.log_softmax(-1).gather(1, batch.topk_ids)
+    log_p_rows = target_scale * batch.topk_logprobs - logz[:, None]
+    draw_kd = torch.where(weights != 0, weights * (log_p_rows - log_q_rows), 0.0).sum(-1).view(repeats, rows)
+    torch.testing.assert_close(out.kd, draw_kd.sum(), **F64)  # the fused KD is the sum of the draws' terms
+    kd_se = draw_kd.std(0) / math.sqrt(repeats)
+    assert ((draw_kd.mean(0) - exact_kl).abs() <= 5 * kd_se).all(), (draw_kd.mean(0), exact_kl, kd_se)
+
+
+def test_sampled_targets_refuse_losses_they_cannot_estimate():
+    batch, weights, logz = sampled_batch(make_batch(), 8, 1.0, 1.0)
+    for config in (KDLossConfig(kd_loss="bwd_kl"), KDLossConfig(kd_loss="jsd", beta=0.5),
+                   KDLossConfig(topk_normalization="renormalize")):
+        with pytest.raises(ValueError, match="support distill.loss.kd_loss 'fwd_kl' with topk_normalization "
+                                             "'tail_bucket'.*bwd_kl and jsd are not"):
+            run_fused(batch, config, teacher_logz=logz, topk_weights=weights)
+    run_fused(batch, KDLossConfig(kd_loss="jsd", beta=0.0), teacher_logz=logz, topk_weights=weights)  # = fwd_kl

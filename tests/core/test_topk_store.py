@@ -314,6 +314,7 @@ def test_manifest_is_exactly_what_was_written(tmp_path):
             "bytes": (tmp_path / name).stat().st_size, "sha256": sha256_file(tmp_path / name),
             "coverage_histogram": np.bincount(np.minimum((values * 20).astype(int), 19), minlength=20).tolist(),
             "coverage_sum": pytest.approx(values.sum(), rel=1e-12),
+            "entries": sum(sample.topk_ids.size for _, sample in samples[first:stop]),
         })
     all_coverage = np.concatenate(coverage)
     histogram = np.bincount(np.minimum((all_coverage * 20).astype(int), 19), minlength=20)
@@ -324,7 +325,7 @@ def test_manifest_is_exactly_what_was_written(tmp_path):
                       for name, value in zip(("p05", "p25", "p50", "p75", "p95"), quantiles)},
     }
     assert data == {
-        "schema_version": 2, "logz_temperatures": [1.0],
+        "schema_version": 3, "logz_temperatures": [1.0], "capture_mode": "topk", "capture_params": {},
         "teacher_path": "/models/teacher", "teacher_config_sha256": "c" * 64, "teacher_weights_sha256": "w" * 64,
         "tokenizer_sha256": "t" * 64, "vocab_size": VOCAB, "k": K,
         "capture_dtype": "float32", "capture_temperature": 1.0, "corpus_fingerprint": "f" * 32,
@@ -335,7 +336,7 @@ def test_manifest_is_exactly_what_was_written(tmp_path):
         "shards": shards,
     }
     assert list((tmp_path / "manifest.json").read_text().splitlines()[1:3]) == [
-        '  "capture_dtype": "float32",', '  "capture_temperature": 1.0,']  # sorted keys
+        '  "capture_dtype": "float32",', '  "capture_mode": "topk",']  # sorted keys
     assert Manifest.read(tmp_path / "manifest.json").to_dict()["shards"][0]["sha256"] == shards[0]["sha256"]
 
 
@@ -434,13 +435,14 @@ def start_writer_process(tmp_path: Path, directory: Path, samples) -> subprocess
     """A process writing `samples` to `directory` that stops (sleeping) with a shard in progress
     once two shards are finished, after printing "shard in progress"."""
     arrays = {"count": len(samples)}
-    arrays.update({f"source_{name}": value for name, value in vars(source()).items()})
+    fields = [name for name in vars(source()) if name != "capture_params"]  # a dict: the default {}
+    arrays.update({f"source_{name}": getattr(source(), name) for name in fields})
     for index, (sample_id, sample) in enumerate(samples):
         assert sample_id == f"{index:032x}"
         arrays.update({f"positions{index}": sample.positions, f"ids{index}": sample.topk_ids,
                        f"logprobs{index}": sample.topk_logprobs, f"target{index}": sample.target_logprobs})
     np.savez(tmp_path / "samples.npz", **arrays)
-    script = KILLED_WRITER.format(source_fields=list(vars(source())))
+    script = KILLED_WRITER.format(source_fields=fields)
     return subprocess.Popen([sys.executable, "-c", script, str(directory), str(tmp_path / "samples.npz")],
                             stdout=subprocess.PIPE, text=True)
 
@@ -574,8 +576,8 @@ def test_unknown_schema_version_or_codec_is_rejected(tmp_path):
     write(tmp_path, make_samples(4))
     path = tmp_path / "manifest.json"
     original = json.loads(path.read_text())
-    path.write_text(json.dumps(original | {"schema_version": 3}))
-    with pytest.raises(TopKStoreError, match="unsupported schema_version 3 .*reads version 2"):
+    path.write_text(json.dumps(original | {"schema_version": 4}))
+    with pytest.raises(TopKStoreError, match=r"unsupported schema_version 4 .*reads versions \[2, 3\]"):
         TopKReader(tmp_path)
     path.write_text(json.dumps(original | {"codec_name": "fp8"}))
     with pytest.raises(TopKStoreError, match=r"manifest.json: unknown top-k codec 'fp8'; known codecs"):
@@ -727,3 +729,85 @@ def test_schema_version_1_artifact_is_refused_with_a_re_extract_message(tmp_path
     with pytest.raises(ManifestMismatchError, match=r"unsupported schema_version 1 .*no per-row teacher "
                                                     r"log-normalizers.*re-extract: `kedro run --pipelines teacher_logits`"):
         TopKReader(tmp_path)
+
+
+# --- variable rows: top_p and sampled ---------------------------------------------------------
+
+def variable_samples(mode: str, count: int = 6, seed: int = 4) -> list[tuple[str, TopKArrays]]:
+    """Top-K rows cut to random lengths (`top_p`), with random draw counts too (`sampled`)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for sample_id, sample in make_samples(count, seed=seed):
+        n = sample.num_positions
+        lengths = rng.integers(1, K + 1, n)
+        counts = rng.integers(1, 9, (n, K)) if mode == "sampled" else None
+        out.append((sample_id, TopKArrays.from_any(sample.positions, sample.topk_ids, sample.topk_logprobs,
+                                                   sample.target_logprobs, None, (), lengths, counts)))
+    return out
+
+
+@pytest.mark.parametrize("codec", [RawCodec(), LogQuantZstdCodec()], ids=["raw", "logquant"])
+@pytest.mark.parametrize("mode", ["top_p", "sampled"])
+def test_variable_rows_round_trip_through_the_codec_and_the_store(tmp_path, mode, codec):
+    samples = variable_samples(mode)
+    with TopKShardWriter(tmp_path, source(capture_mode=mode, capture_params={"p": 0.9}), codec,
+                         shard_tokens=60, samples_per_row_group=2) as writer:
+        for sample_id, sample in samples:
+            writer.add(sample_id, sample.positions, sample.topk_ids, sample.topk_logprobs, sample.target_logprobs,
+                       None, sample.row_lengths, sample.counts)
+    reader = TopKReader(tmp_path)
+    manifest = reader.manifest
+    assert (reader.mode, manifest.source.capture_params) == (mode, {"p": 0.9})
+    assert sum(shard.entries for shard in manifest.shards) == sum(int(s.row_lengths.sum()) for _, s in samples)
+    batch = reader.get_many([sample_id for sample_id, _ in samples])
+    for (_, expected), got in zip(samples, batch):
+        lengths = got.row_lengths.numpy()
+        np.testing.assert_array_equal(lengths, expected.row_lengths)
+        assert (got.counts is None) == (mode == "top_p")
+        for row, length in enumerate(lengths):
+            ids, logprobs = got.topk_ids[row].numpy(), got.topk_logprobs[row].numpy()
+            want = dict(zip(expected.topk_ids[row, :length], expected.topk_logprobs[row, :length]))
+            assert set(ids[:length]) == set(want)  # the stored entries, exactly as a set
+            assert (ids[length:] == ids[0]).all() and np.isneginf(logprobs[length:]).all()  # the padding
+            error = np.abs(logprobs[:length] - np.array([want[i] for i in ids[:length]]))
+            assert error.max() <= (0 if codec.name == "raw" else 0.6), error.max()
+            if mode == "sampled":
+                want_counts = dict(zip(expected.topk_ids[row, :length], expected.counts[row, :length]))
+                counts = got.counts[row].numpy()
+                assert [want_counts[i] for i in ids[:length]] == counts[:length].tolist()
+                assert (counts[length:] == 0).all()
+    # No padding on disk: raw stores 4 + 4 (+ 4) bytes per entry, logquant less than the full rows.
+    for (_, sample), (_, full) in zip(samples, make_samples(6, seed=4)):
+        payload = codec.encode(sample)
+        if codec.name == "raw":
+            entries = int(sample.row_lengths.sum())
+            assert (len(payload["topk_ids"]), len(payload["topk_logprobs"])) == (4 * entries, 4 * entries)
+            assert len(payload["row_lengths"]) == 2 * sample.num_positions
+            assert len(payload.get("counts", b"")) == (4 * entries if mode == "sampled" else 0)
+        elif sample.row_lengths.sum() < 0.7 * full.topk_ids.size:
+            assert len(payload["payload"]) < len(codec.encode(full)["payload"])
+
+
+def test_rows_of_another_mode_are_refused_by_name(tmp_path):
+    sample = variable_samples("top_p", count=1)[0][1]
+    with TopKShardWriter(tmp_path, source(), RawCodec()) as writer:
+        with pytest.raises(ValueError, match="rows laid out for capture mode 'top_p'.*the artifact's is 'topk'"):
+            writer.add("a" * 32, sample.positions, sample.topk_ids, sample.topk_logprobs, sample.target_logprobs,
+                       None, sample.row_lengths)
+    with pytest.raises(ValueError, match="capture_mode must be one of"):
+        source(capture_mode="top_k")
+
+
+def test_schema_version_2_artifact_is_read_as_topk(tmp_path):
+    write(tmp_path, make_samples(4))
+    path = tmp_path / "manifest.json"
+    old = json.loads(path.read_text())
+    for name in ("capture_mode", "capture_params"):
+        del old[name]
+    for shard in old["shards"]:
+        del shard["entries"]
+    path.write_text(json.dumps(old | {"schema_version": 2}))
+    reader = TopKReader(tmp_path)
+    assert (reader.mode, reader.manifest.schema_version, reader.manifest.shards[0].entries) == ("topk", 3, None)
+    first_id, first = make_samples(4)[0]
+    np.testing.assert_array_equal(reader.get(first_id).topk_ids.numpy(), first.topk_ids)

@@ -906,3 +906,42 @@ def test_activation_checkpointing_recomputes_layers_with_the_same_run(teacher_di
     checkpointed = load_file(tmp_path / "checkpointed" / "model.safetensors")
     for key in plain:
         torch.testing.assert_close(checkpointed[key], plain[key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_sampled_artifact_trains_with_its_estimator_weights_and_refuses_what_it_cannot(
+        teacher_dir, fixture, tmp_path, monkeypatch):
+    from kd_pipeline.core.topk_store import RawCodec, TopKShardWriter
+
+    corpus, targets, _ = fixture
+    rng = np.random.default_rng(0)
+    source = dataclasses.replace(targets.manifest.source, capture_mode="sampled", logz_temperatures=(1.0,),
+                                 capture_params={"draws": 16, "proposal_temperature": 1.0, "seed": 0})
+    counts_of = {}
+    with TopKShardWriter(tmp_path / "sampled", source, RawCodec(), shard_tokens=200) as writer:
+        for sample_id, record in targets.data.items():
+            n = len(record["positions"])
+            lengths = rng.integers(1, K + 1, n)
+            counts = np.zeros((n, K), np.int64)
+            for row, length in enumerate(lengths):  # 16 draws over the row's `length` ids
+                counts[row, :length] = 1 + rng.multinomial(16 - length, np.full(length, 1 / length))
+            counts_of[sample_id] = counts
+            writer.add(sample_id, record["positions"], record["topk_ids"], record["topk_logprobs"],
+                       record["target_logprobs"], np.zeros((n, 1)), lengths, counts)
+    spy = BatchSpy(monkeypatch)
+    summary = train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=LOSS,
+                            train=quick_config(max_steps=2), output_dir=tmp_path / "student",
+                            topk_dir=tmp_path / "sampled")
+    assert summary["global_step"] == 2 and np.isfinite(summary["final_train"]["loss"])
+    for batch in spy.batches:
+        counts = np.concatenate([counts_of[sample_id] for sample_id in batch["sample_ids"]])
+        width = batch["kd_topk_weights"].shape[1]
+        assert width == (counts > 0).sum(1).max()  # as wide as the batch's longest row
+        np.testing.assert_allclose(batch["kd_topk_weights"].numpy(), counts[:, :width] / 16, rtol=1e-6)
+    run = dict(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, train=quick_config(),
+               output_dir=tmp_path / "other", topk_dir=tmp_path / "sampled")
+    with pytest.raises(ValueError, match="sampled teacher artifact .* support distill.loss.kd_loss 'fwd_kl'"):
+        train_student(loss=dataclasses.replace(LOSS, kd_loss="bwd_kl"), **run)
+    with pytest.raises(ArtifactMismatchError, match="distill.k = 4 on a sampled artifact"):
+        train_student(loss=LOSS, k=4, **run)
+    with pytest.raises(ArtifactMismatchError, match=r"temperature 0.5 .* only at temperatures \[1.0\]"):
+        train_student(loss=dataclasses.replace(LOSS, target_logits_scale=2.0), **run)

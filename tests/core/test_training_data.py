@@ -185,3 +185,35 @@ def test_sliced_tables_keep_their_rows():
         assert item["sample_id"] == row["sample_id"]
         assert item["input_ids"].tolist() == row["input_ids"]
         assert item["loss_mask"].tolist() == row["loss_mask"]
+
+
+def test_variable_rows_are_trimmed_to_the_batch_and_carry_the_estimator_weights():
+    """Sampled rows (lengths 1..4 of K = 4, counts): the batch is as wide as its longest row,
+    rows keep their ids / padding, and `kd_topk_weights` = c / n * p_s / r from the record."""
+    from kd_pipeline.core.losses import SampledWeights
+
+    samples = make_samples()
+    targets = TokenTargets(samples)
+    rng = np.random.default_rng(1)
+    for record in targets.data.values():
+        n = len(record["positions"])
+        record["row_lengths"] = rng.integers(1, 3, n)  # at most 2 entries: the batch is 2 wide
+        record["counts"] = np.where(np.arange(4)[None, :] < record["row_lengths"][:, None], 3, 0)
+        record["topk_logprobs"][np.arange(4)[None, :] >= record["row_lengths"][:, None]] = -np.inf
+        record["logz"] = rng.normal(size=(n, 2)).astype(np.float32)
+    weights = SampledWeights(draws=6, target_scale=2.0, proposal_scale=1.0, target_column=1, proposal_column=0)
+    dataset = DistillDataset(samples, targets, sampled=weights)
+    items = dataset.__getitems__(list(range(len(samples))))
+    batch = DistillCollator(PAD)(items)
+    check_invariant(batch)
+    assert batch["kd_topk_ids"].shape[1] == 2 == batch["kd_topk_weights"].shape[1]
+    records = [targets.data[item["sample_id"]] for item in items]
+    lp = np.concatenate([r["topk_logprobs"][:, :2] for r in records]).astype(np.float64)
+    logz = np.concatenate([r["logz"] for r in records]).astype(np.float64)
+    counts = np.concatenate([r["counts"][:, :2] for r in records])
+    with np.errstate(invalid="ignore"):
+        expected = np.where(counts > 0, counts / 6 * np.exp((2.0 - 1.0) * lp - logz[:, 1:] + logz[:, :1]), 0.0)
+    np.testing.assert_allclose(batch["kd_topk_weights"].numpy(), expected, rtol=1e-6)
+    assert (batch["kd_topk_weights"].numpy()[counts == 0] == 0).all()
+    same_scale = SampledWeights(draws=6, target_scale=1.0, proposal_scale=1.0, target_column=0, proposal_column=0)
+    np.testing.assert_array_equal(same_scale(counts, lp, logz), (counts / 6).astype(np.float32))

@@ -86,6 +86,10 @@ def test_default_pipeline_runs_every_stage_in_process(run_default):
     assert summary == json.loads((root / "student" / "training_summary.json").read_text())
     metrics = catalog["eval_metrics"].load()
     assert metrics["overlap_k"] == 8 and all(math.isfinite(value) for value in metrics.values())
+    # The teacher run again on the validation split: the mode-independent full-vocabulary KL.
+    assert metrics["kl_teacher_student_full"] > 0 and 0 <= metrics["top1_agreement_full"] <= 1
+    assert "heldout/kl_teacher_student_full" in catalog["eval_mlflow_metrics"].load()
+    assert manifest.source.capture_mode == "topk" and catalog["teacher_logits_report"].load()["capture_mode"] == "topk"
     assert catalog["eval_mlflow_metrics"].load()["heldout/student_nll"] == {"value": metrics["student_nll"], "step": 0}
     assert "### student" in catalog["eval_generations"].load()
     assert sorted(path.name for path in (root / "plots").iterdir()) == ["held_out_loss.csv", "training_curves.png"]

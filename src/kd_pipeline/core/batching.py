@@ -104,13 +104,17 @@ def pad_right(input_ids: Sequence[np.ndarray], loss_masks: Sequence[np.ndarray],
 class SampleTargets:
     """One sample's teacher rows: `positions [n]`, `topk_ids [n, K]`, `topk_logprobs [n, K]`
     (descending), and `target_logprobs [n]` and the log-normalizers `logz [n, T]` (at the
-    manifest's `logz_temperatures`) when the record has them."""
+    manifest's `logz_temperatures`) when the record has them; variable rows (`top_p`,
+    `sampled` artifacts) also `row_lengths [n]` (padded beyond, `topk_store.codec.pad_rows`)
+    and `sampled` rows `counts [n, K]`."""
 
     positions: np.ndarray
     topk_ids: np.ndarray
     topk_logprobs: np.ndarray
     target_logprobs: np.ndarray | None = None
     logz: np.ndarray | None = None
+    row_lengths: np.ndarray | None = None
+    counts: np.ndarray | None = None
 
 
 def _field(record: Any, name: str, required: bool = True) -> Any:
@@ -127,16 +131,22 @@ def _as_numpy(value: Any) -> np.ndarray:
 
 def sample_targets(record: Any, k: int | None = None) -> SampleTargets:
     """One decoded artifact record (attribute or mapping access) as `SampleTargets`, its first
-    `k` top-k columns only when `k` is given (rows are sorted by descending log-prob)."""
+    `k` top-k columns only when `k` is given (rows are sorted by descending log-prob; a variable
+    row longer than `k` is cut to its `k` most probable entries)."""
     topk_ids = _as_numpy(_field(record, "topk_ids"))
     topk_logprobs = _as_numpy(_field(record, "topk_logprobs")).astype(np.float32, copy=False)
+    lengths, counts = (_field(record, name, required=False) for name in ("row_lengths", "counts"))
+    lengths = None if lengths is None else _as_numpy(lengths).astype(np.int64)
+    counts = None if counts is None else _as_numpy(counts)
     if k is not None:
         topk_ids, topk_logprobs = topk_ids[:, :k], topk_logprobs[:, :k]
+        lengths = None if lengths is None else np.minimum(lengths, k)
+        counts = None if counts is None else counts[:, :k]
     target = _field(record, "target_logprobs", required=False)
     logz = _field(record, "logz", required=False)
     return SampleTargets(_as_numpy(_field(record, "positions")).astype(np.int64, copy=False), topk_ids,
                          topk_logprobs, None if target is None else _as_numpy(target),
-                         None if logz is None else _as_numpy(logz).astype(np.float32, copy=False))
+                         None if logz is None else _as_numpy(logz).astype(np.float32, copy=False), lengths, counts)
 
 
 def check_rows(sample_id: str, loss_mask: np.ndarray, target: SampleTargets) -> None:

@@ -25,6 +25,11 @@ position `p` with `loss_mask[p + 1] == 1`, whose output predicts token `p + 1`
 * `student_bits_per_byte` (and `teacher_bits_per_byte`): the summed NLL of the trained tokens
   over `ln 2` times the UTF-8 bytes they cover (from the corpus's `byte_ends`): comparable
   across tokenizers, unlike per-token NLL; absent for corpora without byte ends. `num_bytes`.
+* `kl_teacher_student_full` (with the teacher model, `EvalConfig.full_vocab_kl`): KL(p || q)
+  over the **full** vocabulary, the teacher run again on the split; `top1_agreement_full`: the
+  student's argmax equals the teacher's full-vocabulary argmax. Unlike the top-k metrics they do
+  not depend on the artifact's capture mode (`topk`, `top_p`, `sampled`), so modes compare.
+  (With a `sampled` artifact, `top1_agreement` compares with the most probable *drawn* id.)
 * `num_samples`, `num_tokens`, `overlap_k`.
 
 The student is run once per batch of length-sorted samples under `torch.no_grad()`; only the
@@ -47,7 +52,7 @@ import torch
 from kd_pipeline.core.batching import TargetsProvider, check_rows, fetch_targets, pad_right, sample_targets
 from kd_pipeline.core.devices import is_device_spec, resolve_device
 from kd_pipeline.core.models.head import HeadTransform, decoder_and_head, head_transform
-from kd_pipeline.core.params import dataclass_from_params, require, require_choice, require_int
+from kd_pipeline.core.params import dataclass_from_params, require, require_bool, require_choice, require_int
 from kd_pipeline.core.topk_store.reader import VERIFY_MODES
 
 #: Metric names `evaluate_student` returns without a teacher artifact.
@@ -65,6 +70,8 @@ TEACHER_METRICS = (
     "teacher_topk_mass",
     "student_mass_on_teacher_topk",
 )
+#: Metric names added when the teacher model is run again (`EvalConfig.full_vocab_kl`).
+FULL_TEACHER_METRICS = ("kl_teacher_student_full", "top1_agreement_full")
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,9 @@ class EvalConfig:
         device: `auto` (CUDA when available), `cpu` or `cuda[:i]`.
         topk_verify: when the artifact's shard checksums are checked (`TopKReader(verify=...)`):
             `full` all at open, `lazy` each on first read, `auto` full up to 16 GiB of shards.
+        full_vocab_kl: run the teacher again on the split for `kl_teacher_student_full` and
+            `top1_agreement_full` (full-vocabulary metrics that do not depend on what the
+            artifact stores, so capture modes compare; costs one teacher forward of the split).
     """
 
     split: str = "validation"
@@ -90,9 +100,11 @@ class EvalConfig:
     max_samples: int | None = None
     device: str = "auto"
     topk_verify: str = "auto"
+    full_vocab_kl: bool = True
 
     def __post_init__(self) -> None:
         require_choice("evaluate.metrics", "topk_verify", self.topk_verify, VERIFY_MODES)
+        require_bool("evaluate.metrics", "full_vocab_kl", self.full_vocab_kl)
         for name in ("batch_size", "token_chunk_size"):
             require_int("evaluate.metrics", name, getattr(self, name), minimum=1)
         for name in ("overlap_k", "max_samples"):
@@ -243,7 +255,10 @@ def evaluate_on_artifact(student_dir: str | os.PathLike, corpus, topk_dir: str |
                                  tokenizer_hash=tokenizer_hash(tokenizer),
                                  vocab_size=int(model.get_output_embeddings().weight.shape[0]),
                                  teacher_identity=teacher_identity, teacher_dir=teacher_dir)
-    return evaluate_student(model, corpus.split(config.split), reader, config, num_tokens=len(tokenizer))
+    teacher_model = (load_causal_lm(teacher_dir, device=next(model.parameters()).device)
+                     if config.full_vocab_kl else None)
+    return evaluate_student(model, corpus.split(config.split), reader, config, num_tokens=len(tokenizer),
+                            teacher_model=teacher_model)
 
 
 def _overlap_k(config: EvalConfig, artifact_k: int) -> int:
@@ -294,6 +309,7 @@ def _add_chunk_sums(sums: _Sums, head, transform: HeadTransform, hidden: torch.T
             # 0 * log(0 / q) = 0 for tokens the teacher gives no mass (padded rows: both -inf).
             sums.add("kl_teacher_student_full", torch.where(log_p > -math.inf, log_p.exp() * (log_p - log_q), 0.0)
                      .sum(-1))
+            sums.add("top1_agreement_full", (logits.argmax(dim=-1) == teacher_logits.argmax(dim=-1)).float())
 
 
 def _metrics(sums: _Sums, num_tokens: int, num_samples: int, overlap_k: int | None) -> dict[str, float]:
@@ -305,8 +321,9 @@ def _metrics(sums: _Sums, num_tokens: int, num_samples: int, overlap_k: int | No
         "student_nll": mean["student_nll"],
         "student_ppl": math.exp(mean["student_nll"]),
     }
-    if "kl_teacher_student_full" in mean:
-        metrics["kl_teacher_student_full"] = mean["kl_teacher_student_full"]
+    for name in ("kl_teacher_student_full", "top1_agreement_full"):
+        if name in mean:
+            metrics[name] = mean[name]
     if overlap_k is not None:
         metrics.update({
             "teacher_nll": mean["teacher_nll"],
@@ -325,12 +342,15 @@ def _metrics(sums: _Sums, num_tokens: int, num_samples: int, overlap_k: int | No
 
 def _teacher_sums(sums: _Sums, logits: torch.Tensor, log_z: torch.Tensor, topk_ids: torch.Tensor,
                   topk_logprobs: torch.Tensor, overlap_k: int) -> None:
-    """Adds the per-token teacher comparisons of one chunk: logits [n, V], topk_* [n, K]."""
-    student_at_ids = logits.gather(1, topk_ids)  # [n, K]
+    """Adds the per-token teacher comparisons of one chunk: logits [n, V], topk_* [n, K]
+    (variable rows padded per `topk_store.codec.pad_rows`: their padding is no entry)."""
+    padding = (topk_logprobs == -math.inf) & (topk_ids == topk_ids[:, :1])
+    padding[:, 0] = False
+    student_at_ids = logits.gather(1, topk_ids).masked_fill(padding, -math.inf)  # [n, K]
     log_q = student_at_ids - torch.logsumexp(student_at_ids, dim=-1, keepdim=True)  # renormalized over K
     log_p = topk_logprobs - torch.logsumexp(topk_logprobs, dim=-1, keepdim=True)
-    sums.add("kl_teacher_student_topk", (log_p.exp() * (log_p - log_q)).sum(-1))
-    sums.add("kl_student_teacher_topk", (log_q.exp() * (log_q - log_p)).sum(-1))
+    sums.add("kl_teacher_student_topk", torch.where(padding, 0.0, log_p.exp() * (log_p - log_q)).sum(-1))
+    sums.add("kl_student_teacher_topk", torch.where(padding, 0.0, log_q.exp() * (log_q - log_p)).sum(-1))
     sums.add("top1_agreement", (logits.argmax(dim=-1) == topk_ids[:, 0]).float())
     student_top = logits.topk(overlap_k, dim=-1).indices  # [n, k]
     shared = (student_top[:, :, None] == topk_ids[:, None, :overlap_k]).any(-1).sum(-1)  # [n]

@@ -19,7 +19,11 @@ class ExtractionConfig:
     """How the teacher pass runs (parameters `teacher_logits`).
 
     Attributes:
-        k: Top-k entries stored per trained token.
+        k: Top-k entries stored per trained token (`capture.mode: topk`), or the most a
+            `top_p` row stores.
+        capture: What each row stores (`extraction.capture.CaptureConfig`): `{mode: topk}`
+            (default), `{mode: top_p, p: 0.9}` or `{mode: sampled, draws: 32, seed: 0,
+            proposal_temperature: null}`; a mapping, normalized to a `CaptureConfig`.
         codec: Artifact codec: `logquant_zstd` (the compact default; `compact` is an alias)
             or `raw` (exact reference), see `core.topk_store`.
         codec_settings: Codec options (e.g. `{step: 0.08}`), passed to the codec as given.
@@ -36,6 +40,7 @@ class ExtractionConfig:
             temperature / t` for each `t` here. Normalized to a sorted tuple that includes
             `temperature`. Ratios 2, 1 and 1/2 to `temperature` cost one fused reduction each;
             others one `pow` pass over the row's logits each (see docs/benchmarks.md).
+            `sampled` adds its proposal temperature.
         device: `auto` (CUDA when available), `cpu`, `cuda` or `cuda:N`.
         head_chunk_rows: Trained rows per LM-head chunk; 0 = auto (CPU 1024, CUDA 8192).
         check_head: Check once, on a short slice, that the head path equals the model's own
@@ -56,6 +61,7 @@ class ExtractionConfig:
     """
 
     k: int = 64
+    capture: Any = field(default_factory=dict)
     codec: str = "logquant_zstd"
     codec_settings: Mapping[str, Any] = field(default_factory=dict)
     batch_tokens: int = 8192
@@ -103,8 +109,16 @@ class ExtractionConfig:
         object.__setattr__(self, "codec", DEFAULT_CODEC if self.codec == "compact" else self.codec)
         object.__setattr__(self, "codec_settings", dict(self.codec_settings))
         object.__setattr__(self, "temperature", float(self.temperature))
-        object.__setattr__(self, "logz_temperatures",
-                           tuple(sorted({float(t) for t in temperatures} | {self.temperature})))
+        from kd_pipeline.core.extraction.capture import CaptureConfig
+
+        capture = self.capture
+        require(isinstance(capture, (Mapping, CaptureConfig)), what, "capture", "a mapping", capture)
+        capture = capture if isinstance(capture, CaptureConfig) else CaptureConfig.from_params(capture)
+        object.__setattr__(self, "capture", capture)
+        held = {float(t) for t in temperatures} | {self.temperature}
+        if capture.mode == "sampled":  # the estimator's weights need the proposal's log-normalizer
+            held.add(capture.proposal(self.temperature))
+        object.__setattr__(self, "logz_temperatures", tuple(sorted(held)))
         try:
             get_codec(self.codec, self.codec_settings)
         except ValueError as error:
@@ -115,7 +129,12 @@ class ExtractionConfig:
         return dataclass_from_params(cls, params, "teacher_logits")
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"capture": self.capture.to_dict()}
+
+    @property
+    def row_width(self) -> int:
+        """The artifact's `k`: entries per row in memory (`capture.draws` for `sampled`)."""
+        return self.capture.row_width(self.k)
 
     def resolved_device(self, local_rank: int | None = None) -> torch.device:
         """The device this process uses; under torchrun each CUDA rank takes its LOCAL_RANK GPU."""

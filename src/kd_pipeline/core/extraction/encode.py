@@ -20,6 +20,9 @@ class PrecomputedCodec:
     def settings(self) -> dict:
         return self.inner.settings()
 
+    def columns_for(self, mode: str = "topk") -> tuple[str, ...]:
+        return self.inner.columns_for(mode)
+
     def submit(self, arrays) -> None:
         self._queue.append((arrays.num_positions, self._pool.submit(self.inner.encode, arrays)))
 
@@ -29,8 +32,8 @@ class PrecomputedCodec:
             raise RuntimeError("encode queue out of order")
         return future.result()
 
-    def decode(self, payload, num_positions: int, k: int, logz_scales: tuple[float, ...] = ()):
-        return self.inner.decode(payload, num_positions, k, logz_scales)
+    def decode(self, payload, num_positions: int, k: int, logz_scales: tuple[float, ...] = (), mode: str = "topk"):
+        return self.inner.decode(payload, num_positions, k, logz_scales, mode)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)

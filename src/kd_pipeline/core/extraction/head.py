@@ -6,7 +6,9 @@ value is the row max, and logsumexp is then computed in place on the chunk (`sub
 `sum`): no extra full-vocabulary copy and no separate max pass. The same exp-shifted buffer
 gives each row's log-normalizer at every configured temperature (`tempered_log_sums`): one
 fused reduction per temperature, a few bytes per row, so that training can temper the stored
-top-k exactly.
+top-k exactly. The `top_p` and `sampled` capture modes (`extraction.capture`) select their
+variable rows from the same chunk: `top_p` cuts the top-k prefix, `sampled` draws from the
+exp-shifted buffer before the log-normalizers reuse it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from kd_pipeline.core.extraction.capture import CaptureConfig, row_keys, row_uniforms, sample_rows, top_p_lengths
 from kd_pipeline.core.extraction.plan import BatchInputs, make_batch
 from kd_pipeline.core.models.device_map import materialized
 from kd_pipeline.core.models.head import decoder_and_head, head_transform
@@ -24,12 +27,19 @@ from kd_pipeline.core.models.head import decoder_and_head, head_transform
 
 @dataclass
 class HeadRows:
-    """Per trained row: top-k ids / log-probs (descending) and the target log-prob."""
+    """Per trained row: top-k ids / log-probs (descending) and the target log-prob; variable
+    rows (`top_p`, `sampled`) padded per `topk_store.codec.pad_rows`."""
 
     topk_ids: torch.Tensor  # [N, k] int32
     topk_logprobs: torch.Tensor  # [N, k] float32
     target_logprobs: torch.Tensor  # [N] float32
     logz: torch.Tensor  # [N, T] float32: log sum_v p(v)**s per scale s (`TopKArrays.logz`)
+    row_lengths: torch.Tensor | None = None  # [N] int32 (top_p, sampled)
+    counts: torch.Tensor | None = None  # [N, k] int32 draw counts (sampled)
+
+    def host_tensors(self) -> tuple:
+        """Its tensors (None where absent), in field order."""
+        return (self.topk_ids, self.topk_logprobs, self.target_logprobs, self.logz, self.row_lengths, self.counts)
 
 
 def tempered_log_sums(exp_shifted: torch.Tensor, scales: Sequence[float], log_sum: torch.Tensor) -> torch.Tensor:
@@ -69,10 +79,12 @@ class TopKHead:
     """
 
     def __init__(self, model, k: int, temperature: float = 1.0, chunk_rows: int = 1024, fp32_logits: bool = True,
-                 logz_scales: Sequence[float] = (1.0,), num_tokens: int | None = None):
+                 logz_scales: Sequence[float] = (1.0,), num_tokens: int | None = None,
+                 capture: CaptureConfig | None = None):
         """`logz_scales`: `temperature / t` for each log-normalizer temperature `t` (the
         artifact's `logz_scales`); `num_tokens`: `len(tokenizer)`, when the head is padded
-        beyond it (padded rows never get probability mass)."""
+        beyond it (padded rows never get probability mass); `capture`: what a row stores
+        (default `topk`)."""
         _, self.head = decoder_and_head(model)
         self.weight = self.head.weight
         self.bias = getattr(self.head, "bias", None)
@@ -86,12 +98,16 @@ class TopKHead:
         if k > self.vocab_size:
             raise ValueError(f"teacher_logits.k = {k} exceeds the teacher vocabulary size {self.vocab_size}")
         self.k = k
+        self.capture = capture or CaptureConfig()
+        self.width = self.capture.row_width(k)
         self.temperature = float(temperature)
+        self.proposal_scale = self.temperature / self.capture.proposal(self.temperature)
         self.chunk_rows = chunk_rows
         self.logz_scales = tuple(float(scale) for scale in logz_scales)
         self.transform = head_transform(model, num_tokens)
-        if k > (self.transform.vocab_size or self.vocab_size):
-            raise ValueError(f"teacher_logits.k = {k} exceeds the tokenizer's {self.transform.vocab_size} tokens")
+        if self.width > (self.transform.vocab_size or self.vocab_size):
+            raise ValueError(f"teacher_logits.k / capture.draws = {self.width} exceeds the tokenizer's "
+                             f"{self.transform.vocab_size or self.vocab_size} tokens")
         self._buffer: torch.Tensor | None = None
 
     def _head_parameters(self) -> tuple:
@@ -122,22 +138,27 @@ class TopKHead:
         return logits
 
     @torch.no_grad()
-    def __call__(self, hidden: torch.Tensor, labels: torch.Tensor) -> HeadRows:
-        """`hidden [N, H]` rows at trained positions, `labels [N]` the actual next tokens."""
+    def __call__(self, hidden: torch.Tensor, labels: torch.Tensor, keys: np.ndarray | None = None) -> HeadRows:
+        """`hidden [N, H]` rows at trained positions, `labels [N]` the actual next tokens, `keys
+        [N]` the rows' identities (`capture.row_keys`; needed by `sampled`)."""
+        if self.capture.mode == "sampled" and (keys is None or len(keys) != hidden.shape[0]):
+            raise ValueError("the sampled capture needs one row key per row")
         with materialized(self.head):
             self.weight, self.bias = self._head_parameters()
             try:
-                return self._rows(hidden.to(self.weight.device), labels.to(self.weight.device))
+                return self._rows(hidden.to(self.weight.device), labels.to(self.weight.device), keys)
             finally:
                 self.weight, self.bias = self.head.weight, getattr(self.head, "bias", None)
 
-    def _rows(self, hidden: torch.Tensor, labels: torch.Tensor) -> HeadRows:
-        n = hidden.shape[0]
+    def _rows(self, hidden: torch.Tensor, labels: torch.Tensor, keys: np.ndarray | None) -> HeadRows:
+        n, mode = hidden.shape[0], self.capture.mode
         device = hidden.device
-        out_ids = torch.empty(n, self.k, dtype=torch.int32, device=device)
-        out_lp = torch.empty(n, self.k, dtype=torch.float32, device=device)
+        out_ids = torch.empty(n, self.width, dtype=torch.int32, device=device)
+        out_lp = torch.empty(n, self.width, dtype=torch.float32, device=device)
         out_tgt = torch.empty(n, dtype=torch.float32, device=device)
         out_logz = torch.empty(n, len(self.logz_scales), dtype=torch.float32, device=device)
+        out_lengths = None if mode == "topk" else torch.empty(n, dtype=torch.int32, device=device)
+        out_counts = torch.empty(n, self.width, dtype=torch.int32, device=device) if mode == "sampled" else None
         scales = torch.tensor(self.logz_scales, dtype=torch.float32, device=device)
         for start in range(0, n, self.chunk_rows):
             stop = min(start + self.chunk_rows, n)
@@ -145,19 +166,34 @@ class TopKHead:
             self.transform.apply_(logits)
             if self.temperature != 1.0:
                 logits.div_(self.temperature)
-            values, ids = torch.topk(logits, self.k, dim=-1, largest=True, sorted=True)
+            if mode == "sampled":
+                values = ids = None
+                row_max = logits.amax(dim=-1, keepdim=True)
+            else:
+                values, ids = torch.topk(logits, self.k, dim=-1, largest=True, sorted=True)
+                row_max = values[:, :1]
             target = logits.gather(1, labels[start:stop, None].long())
-            row_max = values[:, :1]
             # In place: logits <- exp(logits - max); lse = max + log(sum).
             exp_shifted = logits.sub_(row_max).exp_()
             log_sum = exp_shifted.sum(dim=-1, keepdim=True).log_()
             lse = log_sum + row_max
+            if mode == "sampled":  # before the log-normalizers, which may overwrite the buffer
+                uniforms = torch.from_numpy(row_uniforms(keys[start:stop], self.width)).to(device)
+                ids, logprobs, out_counts[start:stop], out_lengths[start:stop] = sample_rows(
+                    exp_shifted, log_sum, uniforms, self.proposal_scale)
+            else:
+                logprobs = values - lse
+                if mode == "top_p":
+                    lengths = out_lengths[start:stop] = top_p_lengths(logprobs, self.capture.p)
+                    padding = torch.arange(self.k, device=device)[None, :] >= lengths[:, None]
+                    ids = torch.where(padding, ids[:, :1], ids)
+                    logprobs = logprobs.masked_fill(padding, -torch.inf)
             out_ids[start:stop] = ids
-            out_lp[start:stop] = values - lse
+            out_lp[start:stop] = logprobs
             out_tgt[start:stop] = (target - lse).squeeze(1)
             # log Z_s = log sum exp(s (a - max)) - s log sum exp(a - max): the max cancels.
             out_logz[start:stop] = tempered_log_sums(exp_shifted, self.logz_scales, log_sum) - scales * log_sum
-        return HeadRows(out_ids, out_lp, out_tgt, out_logz)
+        return HeadRows(out_ids, out_lp, out_tgt, out_logz, out_lengths, out_counts)
 
 
 @torch.no_grad()
@@ -167,7 +203,10 @@ def teacher_rows(model, head: TopKHead, batch: BatchInputs, device: torch.device
     input_ids = batch.input_ids.to(device, non_blocking=True)
     hidden = decoder(input_ids=input_ids, use_cache=False).last_hidden_state
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.flat_positions.to(device))
-    return head(rows, batch.labels.to(device))
+    keys = None
+    if head.capture.mode == "sampled":
+        keys = row_keys(batch.sample_ids or [""] * len(batch.positions), batch.positions, head.capture.seed)
+    return head(rows, batch.labels.to(device), keys)
 
 
 @torch.no_grad()
@@ -195,10 +234,12 @@ def check_head_path(model, head: TopKHead, input_ids: np.ndarray, device: torch.
     ref_lp = reference.gather(1, got.topk_ids.long())
     ref_tgt = reference.gather(1, batch.labels.to(device)[:, None]).squeeze(1)
     ref_logz = torch.stack([(scale * reference).logsumexp(-1) for scale in head.logz_scales], -1)
-    error = max(float((ref_lp - got.topk_logprobs).abs().max()), float((ref_tgt - got.target_logprobs).abs().max()),
-                float((ref_logz - got.logz).abs().max()))
-    ref_top = reference.max(dim=-1).values
-    error = max(error, float((ref_top - got.topk_logprobs[:, 0]).abs().max()))
+    stored = torch.isfinite(got.topk_logprobs)  # variable rows: their padding is -inf
+    error = max(float((ref_lp - got.topk_logprobs)[stored].abs().max()),
+                float((ref_tgt - got.target_logprobs).abs().max()), float((ref_logz - got.logz).abs().max()))
+    if head.capture.mode != "sampled":  # the first entry is the row's top
+        ref_top = reference.max(dim=-1).values
+        error = max(error, float((ref_top - got.topk_logprobs[:, 0]).abs().max()))
     if atol is None:
         # The model's own logits come out of its head in the model's dtype (bf16: ~0.1 apart at |z| ~ 20).
         atol = 1e-3 if head.head.weight.dtype == torch.float32 else 0.25

@@ -63,6 +63,7 @@ class BatchInputs:
     labels: torch.Tensor  # [N] long: input_ids[b, p + 1]
     positions: list[np.ndarray]  # per sample: trained positions p (int32), ascending
     tokens: int  # real (unpadded) tokens in the batch
+    sample_ids: list[str] | None = None  # the samples' ids (the `sampled` capture's row identity)
 
 
 def make_batch(input_ids: Sequence[np.ndarray], loss_masks: Sequence[np.ndarray], pad_id: int = 0,
@@ -72,7 +73,8 @@ def make_batch(input_ids: Sequence[np.ndarray], loss_masks: Sequence[np.ndarray]
     flat_positions = padded.flat_positions()
     labels = padded.input_ids.view(-1)[flat_positions + 1]
     positions = [trained_positions(mask).astype(np.int32) for mask in loss_masks]
-    return BatchInputs(padded.input_ids, flat_positions, labels, positions, int(sum(len(ids) for ids in input_ids)))
+    return BatchInputs(padded.input_ids, flat_positions, labels, positions, int(sum(len(ids) for ids in input_ids)),
+                       None if sample_ids is None else list(sample_ids))
 
 
 @dataclass

@@ -85,6 +85,9 @@ def artifact_report(topk_dir: str | os.PathLike) -> dict:
         "bytes": manifest.num_bytes,
         "bytes_per_trained_token": round(manifest.num_bytes / tokens, 2) if tokens else None,
         "k": source.k,
+        "capture_mode": source.capture_mode,
+        "capture_params": dict(source.capture_params),
+        "entries_per_trained_token": _entries_per_token(manifest),
         "codec": manifest.codec_name,
         "codec_settings": dict(manifest.codec_settings),
         "capture_dtype": source.capture_dtype,
@@ -100,6 +103,14 @@ def artifact_report(topk_dir: str | os.PathLike) -> dict:
                                        "trained_tokens", "seconds", "tokens_per_second", "trained_tokens_per_second",
                                        "target_in_topk_rate", "teacher_target_nll")),
     }
+
+
+def _entries_per_token(manifest) -> float | None:
+    """Mean stored entries per trained token (None for schema 2 shards, which do not count them)."""
+    entries = [shard.entries for shard in manifest.shards]
+    if not manifest.num_trained_tokens or any(count is None for count in entries):
+        return None
+    return round(sum(entries) / manifest.num_trained_tokens, 3)
 
 
 def _pick(run: dict | None, keys: tuple[str, ...]) -> dict | None:

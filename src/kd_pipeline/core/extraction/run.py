@@ -54,14 +54,16 @@ def run_batches(model, head: TopKHead, corpus: CorpusArrays, batches: Sequence[P
     cuda = device.type == "cuda"
 
     def emit(batch: PlannedBatch, inputs: BatchInputs, host) -> list:
-        ids, logprobs, targets, logz = (t.numpy() for t in host)
+        ids, logprobs, targets, logz, lengths, counts = (None if t is None else t.numpy() for t in host)
         labels = inputs.labels.numpy()
         out, start = [], 0
         for row, positions in zip(batch.rows, inputs.positions):
             stop = start + len(positions)
             if sample_ids[row] not in done:
                 arrays = TopKArrays.from_any(positions, ids[start:stop], logprobs[start:stop], targets[start:stop],
-                                             logz[start:stop], head.logz_scales)
+                                             logz[start:stop], head.logz_scales,
+                                             None if lengths is None else lengths[start:stop],
+                                             None if counts is None else counts[start:stop])
                 if encoder is not None:
                     encoder.submit(arrays)
                 out.append((sample_ids[row], arrays))
@@ -80,7 +82,7 @@ def run_batches(model, head: TopKHead, corpus: CorpusArrays, batches: Sequence[P
     def write(samples: list) -> None:
         for sample_id, arrays in samples:
             writer.add(sample_id, arrays.positions, arrays.topk_ids, arrays.topk_logprobs, arrays.target_logprobs,
-                       arrays.logz)
+                       arrays.logz, arrays.row_lengths, arrays.counts)
 
     started = time.perf_counter()
     in_flight: list = []  # computed (maybe still running on the GPU), not yet on the host
@@ -89,8 +91,7 @@ def run_batches(model, head: TopKHead, corpus: CorpusArrays, batches: Sequence[P
         for batch in batches:
             inputs = corpus.batch(batch)
             rows = teacher_rows(model, head, inputs, device)
-            host = tuple(t.to("cpu", non_blocking=cuda)
-                         for t in (rows.topk_ids, rows.topk_logprobs, rows.target_logprobs, rows.logz))
+            host = tuple(None if t is None else t.to("cpu", non_blocking=cuda) for t in rows.host_tensors())
             event = None
             if cuda:
                 event = torch.cuda.Event()
@@ -125,7 +126,7 @@ def load_teacher_for_extraction(teacher_dir: str | os.PathLike, config: Extracti
     if config.device_map is not None:
         device = execution_device(model.get_input_embeddings())
     head = TopKHead(model, config.k, config.temperature, config.resolved_head_chunk_rows(device),
-                    logz_scales=config.logz_scales, num_tokens=num_tokens)
+                    logz_scales=config.logz_scales, num_tokens=num_tokens, capture=config.capture)
     return model, head, device, dtype
 
 
@@ -211,11 +212,13 @@ def _artifact_source(teacher_dir: Path, identity: dict, tokenizer_hash: str, hea
         teacher_weights_sha256=identity["weights_sha256"],
         tokenizer_sha256=tokenizer_hash,
         vocab_size=head.vocab_size,
-        k=config.k,
+        k=config.row_width,
         capture_dtype=dtype_name(dtype),
         capture_temperature=config.temperature,
         corpus_fingerprint=corpus.fingerprint,
         logz_temperatures=config.logz_temperatures,
+        capture_mode=config.capture.mode,
+        capture_params=config.capture.manifest_params(config.k, config.temperature),
     )
 
 

@@ -10,6 +10,7 @@ from kd_pipeline.core.losses.config import (
     TOPK_NORMALIZATIONS,
     KDLossConfig,
     LossOutput,
+    require_sampled_support,
 )
 from kd_pipeline.core.losses.fused import (
     TopKDistillationFunction,
@@ -18,6 +19,7 @@ from kd_pipeline.core.losses.fused import (
     fused_topk_kd_loss,
 )
 from kd_pipeline.core.losses.reference import topk_kd_loss_reference
+from kd_pipeline.core.losses.sampled import SampledWeights
 
 __all__ = [
     "IGNORE_INDEX",
@@ -26,9 +28,11 @@ __all__ = [
     "TOPK_NORMALIZATIONS",
     "KDLossConfig",
     "LossOutput",
+    "SampledWeights",
     "TopKDistillationFunction",
     "TopKDistillationLoss",
     "auto_chunk_size",
     "fused_topk_kd_loss",
+    "require_sampled_support",
     "topk_kd_loss_reference",
 ]

@@ -41,6 +41,12 @@ def _first_occurrence(ids: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(is_new).scatter_(1, order, is_new)
 
 
+def _padding_slots(first_slot: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
+    """(C, K) bool: padding of a variable row, a repeated id whose teacher log-prob is -inf
+    (`config.py`); no bucket on either side."""
+    return ~first_slot & (teacher_logprobs == -math.inf)
+
+
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
     """log(1 - exp(x)) for x <= 0, accurate at both ends (Maechler 2012, "Accurately
     Computing log(1 - exp(-|a|))")."""
@@ -263,10 +269,11 @@ def _kd_terms(
     unique_topk_lse = reads.topk_logits.masked_fill(~reads.first_slot, -math.inf).logsumexp(dim=1)
     mass_sum = _weighted_sum(weights, (unique_topk_lse - unscaled_lse).exp())
     log_p = _teacher_bucket_logprobs(teacher, teacher_logz, part.tail_nonempty, config)
+    student_topk = scaled_topk.masked_fill(_padding_slots(reads.first_slot, teacher), -math.inf)
     if part.tail_lse is not None:
-        log_q = torch.cat([scaled_topk, part.tail_lse[:, None]], 1) - part.scaled_lse[:, None]
+        log_q = torch.cat([student_topk, part.tail_lse[:, None]], 1) - part.scaled_lse[:, None]
     else:
-        log_q = scaled_topk.log_softmax(1)
+        log_q = student_topk.log_softmax(1)
     per_token, grad_log_q = _divergence_and_grad(log_p, log_q, config.effective_kd_loss, config.beta)
     kd_sum = _weighted_sum(weights, per_token)
     if kd_coef is None:
@@ -279,6 +286,38 @@ def _kd_terms(
     # log_q = log_softmax over the K slots: the Jacobian is (I - q 1^T).
     grad_topk = grad_log_q - log_q.exp() * grad_log_q.sum(1, keepdim=True)
     return _KDTerms(kd_sum, coverage_sum, mass_sum, grad_topk, None, None)
+
+
+def _sampled_kd_terms(
+    reads: _LogitReads,
+    scaled_topk: torch.Tensor,
+    part: _Partition,
+    unscaled_lse: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    teacher_logz: torch.Tensor | None,
+    topk_weights: torch.Tensor,
+    weights: torch.Tensor,
+    kd_coef: torch.Tensor | None,
+    config: KDLossConfig,
+) -> _KDTerms:
+    """The sampled estimator (`config.py`): KD = sum_k w_k (log p_s(k) - log q(k)) with the
+    full-vocabulary student `log q = z - lse`; d/d log q_k = -w_k, so d/dz = (sum w) softmax(z)
+    - w at the ids (through `grad_scaled_lse` and `grad_topk`)."""
+    teacher = topk_logprobs.to(weights.dtype)
+    estimator = topk_weights.to(weights.dtype)
+    coverage_sum = _weighted_sum(weights, teacher.exp().sum(1))
+    unique_topk_lse = reads.topk_logits.masked_fill(~reads.first_slot, -math.inf).logsumexp(dim=1)
+    mass_sum = _weighted_sum(weights, (unique_topk_lse - unscaled_lse).exp())
+    log_p = config.target_logits_scale * teacher
+    if teacher_logz is not None:
+        log_p = log_p - teacher_logz.to(weights.dtype).unsqueeze(1)
+    log_q = scaled_topk - part.scaled_lse[:, None]
+    per_token = torch.where(estimator != 0, estimator * (log_p - log_q), 0.0).sum(1)
+    kd_sum = _weighted_sum(weights, per_token)
+    if kd_coef is None:
+        return _KDTerms(kd_sum, coverage_sum, mass_sum, None, None, None)
+    grad_topk = _scale_rows(kd_coef, -estimator)
+    return _KDTerms(kd_sum, coverage_sum, mass_sum, grad_topk, None, -grad_topk.sum(1))
 
 
 def _logits_grad_in_place(
@@ -350,6 +389,7 @@ def chunk_step(
     compute_grad: bool,
     head: HeadTransform = IDENTITY_HEAD,
     buffers: ChunkBuffers | None = None,
+    topk_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
     """Loss sums of one chunk and the gradient of the weighted loss w.r.t. its raw logits.
 
@@ -394,7 +434,8 @@ def chunk_step(
     if scale != 1.0:
         work.mul_(scale)
     scaled_topk = reads.topk_logits * scale if has_kd else None
-    tail_mode = has_kd and config.topk_normalization == "tail_bucket"
+    # The sampled estimator needs only the full-vocabulary partition (no tail bucket).
+    tail_mode = has_kd and config.topk_normalization == "tail_bucket" and topk_weights is None
     part = _partition_in_place(work, topk_ids, scaled_topk, reads.first_slot, tail_mode)
     if unscaled_lse is None:
         unscaled_lse = part.scaled_lse
@@ -404,8 +445,12 @@ def chunk_step(
     grad_scaled_lse = torch.zeros_like(part.scaled_lse)
     kd = None
     if has_kd:
-        kd = _kd_terms(reads, scaled_topk, part, unscaled_lse, topk_logprobs, teacher_logz, weights,
-                       kd_coef, config)
+        if topk_weights is None:
+            kd = _kd_terms(reads, scaled_topk, part, unscaled_lse, topk_logprobs, teacher_logz, weights,
+                           kd_coef, config)
+        else:
+            kd = _sampled_kd_terms(reads, scaled_topk, part, unscaled_lse, topk_logprobs, teacher_logz,
+                                   topk_weights, weights, kd_coef, config)
         sums[0], sums[2], sums[3] = kd.kd_sum, kd.coverage_sum, kd.mass_sum
         if kd.grad_scaled_lse is not None:
             grad_scaled_lse = grad_scaled_lse + kd.grad_scaled_lse

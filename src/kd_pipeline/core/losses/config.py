@@ -26,6 +26,20 @@ Semantics in one place (both `reference.py` and `fused.py` implement exactly thi
       rounding). `s != 1` therefore needs `teacher_logz`; without it the loss refuses (tempering
       the tail as if it were one token is wrong by up to nats per token). When the ids cover
       the whole vocabulary the tail is empty on both sides and drops out.
+* Variable rows (`top_p` / `sampled` artifacts, padded per batch): a slot whose id repeats an
+  earlier slot of its row *and* whose teacher log-prob is -inf is padding: it is no bucket on
+  either side (the student's log-prob there is -inf too), so variable rows give exactly the loss
+  of their stored entries alone.
+* Sampled targets (`topk_weights` given, `sampled` artifacts): the K slots are the distinct ids
+  of `n` draws from a proposal `r`, and `topk_weights[i, k] = c_k / n * p_s(k) / r(k)` (0 at
+  padding), so `sum_k w_k f(k)` is an unbiased estimate of `E_{p_s}[f]` (Anshumann et al. 2025).
+  KD is then `sum_k w_k (log p_s(k) - log q(k))` with the student's **full-vocabulary**
+  log-softmax `q` (an unbiased estimate of KL(p_s || q)), and its gradient w.r.t. the student
+  logits, `(sum_k w_k) softmax(z) - w` at the ids, is an unbiased estimate of the
+  full-vocabulary `softmax(z) - p_s`. This estimator is linear in the teacher distribution,
+  which only forward KL is: `bwd_kl` and `jsd` are refused, and so is `renormalize` (the
+  student renormalized over the drawn ids is biased); `tail_bucket` names the full-vocabulary
+  student side here (the estimate already spreads over the whole vocabulary, no tail bucket).
 * `kd_loss`: `fwd_kl` = KL(p || q), `bwd_kl` = KL(q || p), `jsd` = the generalized JSD of TRL and
   Liger, `beta * KL(p || m) + (1 - beta) * KL(q || m)` with `m = beta * p + (1 - beta) * q`;
   `beta == 0` is special-cased to `fwd_kl` and `beta == 1` to `bwd_kl` (the general formula
@@ -183,6 +197,18 @@ class LossOutput(NamedTuple):
     weight_sum: torch.Tensor
 
 
+def require_sampled_support(config: KDLossConfig, what: str = "sampled teacher targets") -> None:
+    """Refuse, by name, a loss the sampled (importance-weighted) estimator cannot compute
+    without bias (see the module docstring)."""
+    if config.effective_kd_loss != "fwd_kl" or config.topk_normalization != "tail_bucket":
+        raise ValueError(
+            f"{what} support distill.loss.kd_loss 'fwd_kl' with topk_normalization 'tail_bucket' (the "
+            f"full-vocabulary student) only, got kd_loss {config.kd_loss!r} (beta {config.beta}) with "
+            f"{config.topk_normalization!r}: the unbiased estimate is linear in the teacher distribution, which "
+            "bwd_kl and jsd are not, and renormalizing the student over the drawn ids is biased; use a topk or "
+            "top_p artifact for those")
+
+
 def check_loss_inputs(
     num_tokens: int,
     vocab_size: int,
@@ -192,6 +218,7 @@ def check_loss_inputs(
     token_weights: torch.Tensor,
     config: KDLossConfig,
     teacher_logz: torch.Tensor | None = None,
+    topk_weights: torch.Tensor | None = None,
 ) -> None:
     """Checks the shapes, dtypes and presence of the non-logit loss inputs (no device sync).
 
@@ -206,6 +233,7 @@ def check_loss_inputs(
         config: the loss config.
         teacher_logz: (N,) float `log sum_v p(v)**s` at `s = target_logits_scale`, or None
             (then 0 is assumed at `s == 1`; `tail_bucket` with `s != 1` refuses).
+        topk_weights: (N, K) float sampled-estimator weights (`sampled` artifacts), or None.
 
     Raises:
         ValueError: naming the offending argument.
@@ -220,8 +248,8 @@ def check_loss_inputs(
     if (topk_ids is None) != (topk_logprobs is None):
         raise ValueError("topk_ids and topk_logprobs must be given together (or both be None)")
     if topk_ids is None:
-        if teacher_logz is not None:
-            raise ValueError("teacher_logz was given without topk_ids/topk_logprobs")
+        if teacher_logz is not None or topk_weights is not None:
+            raise ValueError("teacher_logz / topk_weights were given without topk_ids/topk_logprobs")
         if config.kd_loss_weight > 0:
             raise ValueError("topk_ids/topk_logprobs are None but KDLossConfig.kd_loss_weight > 0")
     else:
@@ -239,6 +267,11 @@ def check_loss_inputs(
             )
         if not topk_logprobs.is_floating_point():
             raise ValueError(f"topk_logprobs must be floating point, got {topk_logprobs.dtype}")
+        if topk_weights is not None:
+            if tuple(topk_weights.shape) != tuple(topk_ids.shape) or not topk_weights.is_floating_point():
+                raise ValueError(f"topk_weights must be a float tensor of shape {tuple(topk_ids.shape)}, got "
+                                 f"{topk_weights.dtype} {tuple(topk_weights.shape)}")
+            require_sampled_support(config)
         if teacher_logz is not None and (
             tuple(teacher_logz.shape) != (num_tokens,) or not teacher_logz.is_floating_point()
         ):
@@ -250,6 +283,7 @@ def check_loss_inputs(
             teacher_logz is None
             and config.topk_normalization == "tail_bucket"
             and config.target_logits_scale != 1.0
+            and topk_weights is None
         ):
             raise ValueError(
                 f"topk_normalization 'tail_bucket' at target_logits_scale "

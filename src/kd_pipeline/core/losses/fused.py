@@ -88,6 +88,7 @@ def _accumulate_chunk(
     grad_bias: torch.Tensor | None,
     head: HeadTransform,
     buffers: ChunkBuffers | None,
+    topk_weights: torch.Tensor | None = None,
 ) -> None:
     """Runs `step` on the chunk `rows` and folds its results into the accumulators in place."""
     hidden_chunk = hidden[rows]  # (C, H)
@@ -104,6 +105,7 @@ def _accumulate_chunk(
         config,
         compute_grad,
         head,
+        topk_weights=None if topk_weights is None else topk_weights[rows],
         **extra,
     )
     sums += chunk_sums
@@ -138,6 +140,7 @@ class TopKDistillationFunction(torch.autograd.Function):
         config: KDLossConfig,
         needs_grad: tuple[bool, bool, bool],
         head: HeadTransform = IDENTITY_HEAD,
+        topk_weights: torch.Tensor | None = None,
     ):
         num_tokens, hidden_size = hidden.shape
         vocab_size = weight.shape[0]
@@ -166,7 +169,7 @@ class TopKDistillationFunction(torch.autograd.Function):
                 _accumulate_chunk(
                     step, slice(start, min(start + chunk_size, num_tokens)), hidden, weight, bias,
                     topk_ids, topk_logprobs, teacher_logz, labels, token_weights, config, compute_grad,
-                    sums, grad_hidden, grad_weight, grad_bias, head, buffers,
+                    sums, grad_hidden, grad_weight, grad_bias, head, buffers, topk_weights,
                 )
 
         dtype = compute_dtype(hidden.dtype)
@@ -220,6 +223,7 @@ class TopKDistillationFunction(torch.autograd.Function):
             None,  # config
             None,  # needs_grad
             None,  # head
+            None,  # topk_weights
         )
 
 
@@ -235,6 +239,7 @@ def fused_topk_kd_loss(
     *,
     teacher_logz: torch.Tensor | None = None,
     head: HeadTransform | None = None,
+    topk_weights: torch.Tensor | None = None,
 ) -> LossOutput:
     """Top-k KD + SFT loss of the student logits `head(hidden @ weight.T + bias)`, chunked over tokens.
 
@@ -254,6 +259,9 @@ def fused_topk_kd_loss(
         head: the model's logit transform (`models.head.head_transform(model, len(tokenizer))`:
             soft-cap, scaling, real vocabulary size), so the loss scores what
             `model(...).logits` would; None = the plain linear head.
+        topk_weights: (N, K) float, for `sampled` artifacts: the unbiased estimator's weight of
+            each slot (`c / n * p_s / r`, 0 at padding; `core.losses.sampled_kd_weights`); None
+            for top-k / top-p rows. Needs fwd_kl with `tail_bucket` (`config.py`).
 
     Returns:
         `LossOutput`; `loss` is differentiable w.r.t. `hidden`, `weight` and `bias`. The
@@ -287,7 +295,7 @@ def fused_topk_kd_loss(
         head = dataclasses.replace(head, vocab_size=None)
     check_loss_inputs(
         hidden.shape[0], weight.shape[0], topk_ids, topk_logprobs, labels, token_weights, config,
-        teacher_logz,
+        teacher_logz, topk_weights,
     )
     grad_on = torch.is_grad_enabled()
     needs_grad = (
@@ -297,7 +305,7 @@ def fused_topk_kd_loss(
     )
     outputs = TopKDistillationFunction.apply(
         hidden, weight, bias, topk_ids, topk_logprobs, teacher_logz, labels, token_weights, config,
-        needs_grad, head,
+        needs_grad, head, topk_weights,
     )
     return LossOutput(*outputs)
 
@@ -320,11 +328,12 @@ class TopKDistillationLoss(torch.nn.Module):
         token_weights: torch.Tensor,
         teacher_logz: torch.Tensor | None = None,
         head: HeadTransform | None = None,
+        topk_weights: torch.Tensor | None = None,
     ) -> LossOutput:
         """See `fused_topk_kd_loss`; shapes (N, H), (V, H), (V,), (N, K), (N, K), (N,), (N,), (N,)."""
         return fused_topk_kd_loss(
             hidden, weight, bias, topk_ids, topk_logprobs, labels, token_weights, self.config,
-            teacher_logz=teacher_logz, head=head,
+            teacher_logz=teacher_logz, head=head, topk_weights=topk_weights,
         )
 
     def extra_repr(self) -> str:

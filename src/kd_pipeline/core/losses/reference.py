@@ -30,6 +30,7 @@ def topk_kd_loss_reference(
     config: KDLossConfig,
     *,
     teacher_logz: torch.Tensor | None = None,
+    topk_weights: torch.Tensor | None = None,
 ) -> LossOutput:
     """Computes the top-k KD + SFT loss from full student logits.
 
@@ -45,6 +46,7 @@ def topk_kd_loss_reference(
         config: loss hyperparameters.
         teacher_logz: (N,) float `log sum_v p(v)**s` of the stored teacher distribution at
             `s = target_logits_scale` (needed by `tail_bucket` when `s != 1`).
+        topk_weights: (N, K) sampled-estimator weights (`sampled` artifacts), or None.
 
     Returns:
         `LossOutput`; `loss` is differentiable w.r.t. `student_logits`.
@@ -52,7 +54,7 @@ def topk_kd_loss_reference(
     num_tokens, vocab_size = student_logits.shape
     check_loss_inputs(
         num_tokens, vocab_size, topk_ids, topk_logprobs, labels, token_weights, config,
-        teacher_logz,
+        teacher_logz, topk_weights,
     )
     dtype = torch.promote_types(student_logits.dtype, torch.float32)
     unscaled = student_logits.to(dtype)
@@ -74,8 +76,11 @@ def topk_kd_loss_reference(
     if topk_ids is not None:
         teacher = topk_logprobs.to(dtype)
         logz = None if teacher_logz is None else teacher_logz.to(dtype)
-        log_p, log_q = _bucket_logprobs(scaled, topk_ids, teacher, logz, config)
-        kd_per_token = _divergence(log_p, log_q, config.effective_kd_loss, config.beta)
+        if topk_weights is None:
+            log_p, log_q = _bucket_logprobs(scaled, topk_ids, teacher, logz, config)
+            kd_per_token = _divergence(log_p, log_q, config.effective_kd_loss, config.beta)
+        else:
+            kd_per_token = _sampled_estimate(scaled, topk_ids, teacher, logz, topk_weights.to(dtype), config)
         kd = _weighted_sum(weights, kd_per_token)
         if config.kd_loss_weight > 0:
             loss = loss + config.kd_loss_weight * config.kd_factor * kd
@@ -106,8 +111,12 @@ def _bucket_logprobs(
         (log_p, log_q), each (N, K) for `renormalize` or (N, K+1) for `tail_bucket`.
     """
     target_scale = config.target_logits_scale
+    # Padding of variable rows: a slot repeating an earlier slot's id with teacher log-prob -inf.
+    earlier = torch.ones(topk_ids.shape[1], topk_ids.shape[1], dtype=torch.bool).tril(-1)
+    repeated = ((topk_ids[:, :, None] == topk_ids[:, None, :]) & earlier).any(-1)
+    padding = repeated & torch.isneginf(teacher_logprobs)
     if config.topk_normalization == "renormalize":
-        log_q = scaled_logits.gather(1, topk_ids).log_softmax(-1)
+        log_q = scaled_logits.gather(1, topk_ids).masked_fill(padding, -math.inf).log_softmax(-1)
         log_p = (target_scale * teacher_logprobs).log_softmax(-1)
         return log_p, log_q
 
@@ -118,7 +127,7 @@ def _bucket_logprobs(
     # (its result is discarded by the where) so that autograd does not produce 0 * nan.
     tail_terms = log_q_vocab.masked_fill(in_topk, -math.inf).where(tail_nonempty[:, None], 0.0)
     log_q_tail = torch.where(tail_nonempty, tail_terms.logsumexp(-1), -math.inf)
-    log_q = torch.cat([log_q_vocab.gather(1, topk_ids), log_q_tail[:, None]], dim=-1)
+    log_q = torch.cat([log_q_vocab.gather(1, topk_ids).masked_fill(padding, -math.inf), log_q_tail[:, None]], dim=-1)
 
     # Exact tempered teacher: p_s = p**s / Z_s over the full vocabulary, known on the K ids.
     tempered = target_scale * teacher_logprobs
@@ -128,6 +137,16 @@ def _bucket_logprobs(
     log_teacher_tail = torch.where(tail_nonempty, teacher_tail.log(), -math.inf)
     log_p = torch.cat([tempered, log_teacher_tail[:, None]], -1).log_softmax(-1)
     return log_p, log_q
+
+
+def _sampled_estimate(scaled_logits: torch.Tensor, topk_ids: torch.Tensor, teacher_logprobs: torch.Tensor,
+                      teacher_logz: torch.Tensor | None, estimator: torch.Tensor, config: KDLossConfig) -> torch.Tensor:
+    """(N,) `sum_k w_k (log p_s(k) - log_softmax(z)(k))`: the sampled estimate of KL(p_s || q)."""
+    log_p = config.target_logits_scale * teacher_logprobs
+    if teacher_logz is not None:
+        log_p = log_p - teacher_logz[:, None]
+    log_q = scaled_logits.log_softmax(-1).gather(1, topk_ids)
+    return torch.where(estimator != 0, estimator * (log_p - log_q), 0.0).sum(-1)
 
 
 def _divergence(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, beta: float) -> torch.Tensor:

@@ -11,6 +11,13 @@ that a reader rebuilds exactly the codec that wrote the shards.
   positions, `float32` target log-probs, `float32` log-normalizers, one binary column each.
   Decoding is bit-exact.
 - `logquant_zstd` (`topk_store.logquant`): the compact default.
+
+Capture modes (`CAPTURE_MODES`, the manifest's `capture_mode`): `topk` rows all hold `k`
+entries; `top_p` and `sampled` rows hold a variable number (`row_lengths`, 1..k), and `sampled`
+entries carry their draw counts (`counts`). Codecs store only the entries a row has (no padding
+on disk); in memory a variable row is padded to `k` by `pad_rows`: padding slots repeat the
+row's first id with log-prob -inf (and count 0), which the losses treat as "no entry" (a
+repeated id is not a second bucket).
 """
 
 from __future__ import annotations
@@ -22,13 +29,32 @@ from typing import Any, ClassVar, Mapping
 import numpy as np
 
 __all__ = [
+    "CAPTURE_MODES",
     "CODECS",
     "RawCodec",
     "TopKArrays",
     "TopKCodec",
     "get_codec",
+    "pad_rows",
     "register_codec",
 ]
+
+CAPTURE_MODES = ("topk", "top_p", "sampled")
+"""What a row of the artifact holds: the teacher's top-k ids (`topk`), the smallest top set
+holding a probability mass `p` (`top_p`), or the distinct ids of `n` draws from the teacher with
+their counts (`sampled`); see `extraction.config.CaptureConfig`."""
+
+
+def pad_rows(topk_ids: np.ndarray, topk_logprobs: np.ndarray, row_lengths: np.ndarray,
+             counts: np.ndarray | None = None) -> None:
+    """In place: slots at or past each row's length get the row's first id, log-prob -inf and
+    count 0 (the padding convention of variable rows)."""
+    padding = np.arange(topk_ids.shape[1])[None, :] >= np.asarray(row_lengths)[:, None]
+    if topk_ids.shape[0]:
+        topk_ids[padding] = np.broadcast_to(topk_ids[:, :1], topk_ids.shape)[padding]
+    topk_logprobs[padding] = -np.inf
+    if counts is not None:
+        counts[padding] = 0
 
 
 @dataclass(frozen=True)
@@ -46,6 +72,9 @@ class TopKArrays:
             `s_j` (exact tempered log-probs are `s_j * topk_logprobs - logz[:, j]`). Default:
             no columns.
         logz_scales: (T,) the tempering scales `s_j` (capture temperature / temperature j).
+        row_lengths: (n,) int32 entries of each row (1..k) for `top_p` / `sampled` rows, None
+            for `topk` rows (all k); the arrays are then padded by `pad_rows`.
+        counts: (n, k) int32 draws of each entry (`sampled` rows; 0 at padding), else None.
     """
 
     positions: np.ndarray
@@ -54,6 +83,8 @@ class TopKArrays:
     target_logprobs: np.ndarray
     logz: np.ndarray | None = None
     logz_scales: tuple[float, ...] = ()
+    row_lengths: np.ndarray | None = None
+    counts: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.logz is None:
@@ -64,12 +95,27 @@ class TopKArrays:
     def num_positions(self) -> int:
         return int(self.positions.shape[0])
 
+    @property
+    def num_entries(self) -> int:
+        """Stored entries (the sum of the row lengths)."""
+        if self.row_lengths is None:
+            return int(self.topk_ids.size)
+        return int(self.row_lengths.sum())
+
+    @property
+    def mode(self) -> str:
+        """The capture mode these arrays are laid out for."""
+        return "topk" if self.row_lengths is None else "top_p" if self.counts is None else "sampled"
+
     @classmethod
     def from_any(cls, positions: Any, topk_ids: Any, topk_logprobs: Any, target_logprobs: Any,
-                 logz: Any = None, logz_scales: Any = ()) -> "TopKArrays":
+                 logz: Any = None, logz_scales: Any = (), row_lengths: Any = None,
+                 counts: Any = None) -> "TopKArrays":
         """Convert array-likes (numpy, torch CPU tensors, lists) to the canonical dtypes and check shapes.
 
         `logz` None means no log-normalizer columns (then `logz_scales` must be empty).
+        `row_lengths` / `counts`: variable rows (see the class); their padding is rewritten to
+        the `pad_rows` convention. `counts` needs `row_lengths`.
 
         Raises:
             ValueError: shapes disagree, positions are not strictly increasing, the ids do
@@ -100,7 +146,34 @@ class TopKArrays:
                              f"got shape {logz.shape}")
         if not np.isfinite(logz).all():
             raise ValueError("logz must be finite")
-        return cls(positions.astype(np.int32), topk_ids, topk_logprobs, target_logprobs, logz, logz_scales)
+        lengths, draws = _variable_rows(row_lengths, counts, topk_ids.shape)
+        if lengths is not None:
+            topk_ids, topk_logprobs = topk_ids.copy(), topk_logprobs.copy()
+            pad_rows(topk_ids, topk_logprobs, lengths, draws)
+        return cls(positions.astype(np.int32), topk_ids, topk_logprobs, target_logprobs, logz, logz_scales,
+                   lengths, draws)
+
+
+def _variable_rows(row_lengths: Any, counts: Any, shape: tuple[int, int]):
+    """Checked (row_lengths int32, counts int32 copy) of variable rows, or (None, None)."""
+    if row_lengths is None:
+        if counts is not None:
+            raise ValueError("counts (sampled rows) need row_lengths")
+        return None, None
+    n, k = shape
+    lengths = np.ascontiguousarray(_to_numpy(row_lengths), dtype=np.int64)
+    if lengths.shape != (n,) or (n and (lengths.min() < 1 or lengths.max() > k)):
+        raise ValueError(f"row_lengths must be ({n},) with values in [1, k={k}]")
+    draws = None
+    if counts is not None:
+        draws = np.array(_to_numpy(counts), dtype=np.int64)
+        if draws.shape != shape:
+            raise ValueError(f"counts must be (n={n}, k={k}), got shape {draws.shape}")
+        valid = np.arange(k)[None, :] < lengths[:, None]
+        if draws.size and (draws[valid].min(initial=1) < 1 or draws.max() >= 2**31):
+            raise ValueError("counts must be >= 1 on every stored entry")
+        draws = draws.astype(np.int32)
+    return lengths.astype(np.int32), draws
 
 
 def _to_numpy(value: Any) -> np.ndarray:
@@ -122,6 +195,10 @@ class TopKCodec(abc.ABC):
     name: ClassVar[str]
     columns: ClassVar[tuple[str, ...]]
 
+    def columns_for(self, mode: str = "topk") -> tuple[str, ...]:
+        """The Parquet payload columns of an artifact of capture `mode` (default: `columns`)."""
+        return self.columns
+
     @abc.abstractmethod
     def settings(self) -> dict[str, Any]:
         """JSON-serializable settings; `get_codec(self.name, self.settings())` rebuilds this codec."""
@@ -132,9 +209,10 @@ class TopKCodec(abc.ABC):
 
     @abc.abstractmethod
     def decode(self, payload: Mapping[str, Any], num_positions: int, k: int,
-               logz_scales: tuple[float, ...] = ()) -> TopKArrays:
+               logz_scales: tuple[float, ...] = (), mode: str = "topk") -> TopKArrays:
         """Inverse of `encode`. `payload` values may be bytes or any buffer (memoryview, pyarrow Buffer).
-        `logz_scales`: the scales the sample was encoded with (from the manifest).
+        `logz_scales`: the scales the sample was encoded with, `mode` its capture mode (from
+        the manifest); variable rows come back padded to `k` (`pad_rows`).
 
         Raises:
             ValueError: the payload is inconsistent with `num_positions` and `k`.
@@ -168,39 +246,62 @@ def get_codec(name: str, settings: Mapping[str, Any] | None = None) -> TopKCodec
 
 @register_codec
 class RawCodec(TopKCodec):
-    """Exact reference: fixed-width little-endian arrays, one binary column per field."""
+    """Exact reference: fixed-width little-endian arrays, one binary column per field. Variable
+    rows store only their entries (row-major) plus `row_lengths` (uint16) and, for `sampled`,
+    `counts` (uint32)."""
 
     name = "raw"
     columns = ("positions", "topk_ids", "topk_logprobs", "target_logprobs", "logz")
+
+    def columns_for(self, mode: str = "topk") -> tuple[str, ...]:
+        return self.columns + {"topk": (), "top_p": ("row_lengths",), "sampled": ("row_lengths", "counts")}[mode]
 
     def settings(self) -> dict[str, Any]:
         return {}
 
     def encode(self, sample: TopKArrays) -> dict[str, bytes]:
-        return {
+        valid = (slice(None) if sample.row_lengths is None
+                 else np.arange(sample.topk_ids.shape[1])[None, :] < sample.row_lengths[:, None])
+        out = {
             "positions": sample.positions.astype("<i4").tobytes(),
-            "topk_ids": sample.topk_ids.astype("<u4").tobytes(),
-            "topk_logprobs": sample.topk_logprobs.astype("<f4").tobytes(),
+            "topk_ids": sample.topk_ids[valid].astype("<u4").tobytes(),
+            "topk_logprobs": sample.topk_logprobs[valid].astype("<f4").tobytes(),
             "target_logprobs": sample.target_logprobs.astype("<f4").tobytes(),
             "logz": sample.logz.astype("<f4").tobytes(),
         }
+        if sample.row_lengths is not None:
+            out["row_lengths"] = sample.row_lengths.astype("<u2").tobytes()
+        if sample.counts is not None:
+            out["counts"] = sample.counts[valid].astype("<u4").tobytes()
+        return out
 
     def decode(self, payload: Mapping[str, Any], num_positions: int, k: int,
-               logz_scales: tuple[float, ...] = ()) -> TopKArrays:
+               logz_scales: tuple[float, ...] = (), mode: str = "topk") -> TopKArrays:
         n = num_positions
         positions = _frombuffer(payload["positions"], "<i4", (n,), "positions")
-        topk_ids = _frombuffer(payload["topk_ids"], "<u4", (n, k), "topk_ids")
-        topk_logprobs = _frombuffer(payload["topk_logprobs"], "<f4", (n, k), "topk_logprobs")
         target_logprobs = _frombuffer(payload["target_logprobs"], "<f4", (n,), "target_logprobs")
         logz = _frombuffer(payload["logz"], "<f4", (n, len(logz_scales)), "logz")
-        return TopKArrays(
-            positions.astype(np.int32),
-            topk_ids.astype(np.int64),
-            topk_logprobs.astype(np.float32),  # a copy: the buffer may be a read-only mmap
-            target_logprobs.astype(np.float32),
-            logz.astype(np.float32),
-            tuple(logz_scales),
-        )
+        lengths = counts = None
+        if mode == "topk":
+            topk_ids = _frombuffer(payload["topk_ids"], "<u4", (n, k), "topk_ids").astype(np.int64)
+            # a copy: the buffer may be a read-only mmap
+            topk_logprobs = _frombuffer(payload["topk_logprobs"], "<f4", (n, k), "topk_logprobs").astype(np.float32)
+        else:
+            lengths = _frombuffer(payload["row_lengths"], "<u2", (n,), "row_lengths").astype(np.int32)
+            if n and (lengths.min() < 1 or lengths.max() > k):
+                raise ValueError(f"column 'row_lengths' holds a length outside [1, k={k}]")
+            valid = np.arange(k)[None, :] < lengths[:, None]
+            entries = int(lengths.sum())
+            topk_ids = np.zeros((n, k), np.int64)
+            topk_ids[valid] = _frombuffer(payload["topk_ids"], "<u4", (entries,), "topk_ids")
+            topk_logprobs = np.zeros((n, k), np.float32)
+            topk_logprobs[valid] = _frombuffer(payload["topk_logprobs"], "<f4", (entries,), "topk_logprobs")
+            if mode == "sampled":
+                counts = np.zeros((n, k), np.int32)
+                counts[valid] = _frombuffer(payload["counts"], "<u4", (entries,), "counts")
+            pad_rows(topk_ids, topk_logprobs, lengths, counts)
+        return TopKArrays(positions.astype(np.int32), topk_ids, topk_logprobs, target_logprobs.astype(np.float32),
+                          logz.astype(np.float32), tuple(logz_scales), lengths, counts)
 
 
 def _frombuffer(buffer: Any, dtype: str, shape: tuple[int, ...], column: str) -> np.ndarray:

@@ -44,7 +44,7 @@ from typing import Any, Mapping
 import numpy as np
 import zstandard
 
-from kd_pipeline.core.topk_store.codec import TopKArrays, TopKCodec, register_codec
+from kd_pipeline.core.topk_store.codec import TopKArrays, TopKCodec, pad_rows, register_codec
 
 __all__ = ["LogQuantZstdCodec"]
 
@@ -247,10 +247,15 @@ class LogQuantZstdCodec(TopKCodec):
 
         # Token-major order: occurrences sorted by (id, row). Packing the id above the flat
         # index lets numpy's (SIMD) value sort do it and hands back the permutation for free.
-        entries = n * k
-        index_bits = max(1, int(entries - 1).bit_length())
-        keys = sample.topk_ids.reshape(-1).astype(np.uint64) << np.uint64(index_bits)
-        keys |= np.arange(entries, dtype=np.uint64)
+        # Variable rows (`top_p`, `sampled`) enter with their stored entries only.
+        lengths = np.full(n, k, np.int64) if sample.row_lengths is None else sample.row_lengths.astype(np.int64)
+        valid = None if sample.row_lengths is None else np.arange(k)[None, :] < lengths[:, None]
+        flat_index = (np.arange(n * k, dtype=np.uint64) if valid is None
+                      else np.flatnonzero(valid.reshape(-1)).astype(np.uint64))
+        entries = int(flat_index.size)
+        index_bits = max(1, int(n * k - 1).bit_length())
+        keys = sample.topk_ids.reshape(-1)[flat_index.astype(np.int64)].astype(np.uint64) << np.uint64(index_bits)
+        keys |= flat_index
         keys.sort()
         order = (keys & np.uint64((1 << index_bits) - 1)).astype(np.int64)
         ids_sorted = (keys >> np.uint64(index_bits)).astype(np.int64)
@@ -266,18 +271,23 @@ class LogQuantZstdCodec(TopKCodec):
             raise ValueError("topk_ids holds the same token id twice in one row")
 
         codes = self.quantize(logprobs)
-        # Median code of each row: subtracting it (mod 256, lossless) takes the peaked-vs-flat
-        # spread between rows out of the value stream (~1 bit per entry less).
-        reference = np.partition(codes, k // 2, axis=1)[:, k // 2]
+        # Median code of each row (codes ascend along a row): subtracting it (mod 256, lossless)
+        # takes the peaked-vs-flat spread between rows out of the value stream (~1 bit per entry less).
+        reference = codes[np.arange(n), lengths // 2]
         residuals = (codes - reference[:, None]).reshape(-1)[order]  # uint8 arithmetic wraps mod 256
 
         # Per-row offset = decoded log-prob of the top: chosen so that the decoded row carries
         # exactly the raw top-k mass, log sum_k p_k (a K+1 "rest" bucket stays exact).
         logprobs64 = logprobs.astype(np.float64)
         mass = logprobs64[:, 0] + np.log(np.exp(logprobs64 - logprobs64[:, :1]).sum(axis=1))
-        top = mass - np.log(self._code_weight[codes].sum(axis=1))
+        weights = self._code_weight[codes]
+        top = mass - np.log(weights.sum(axis=1) if valid is None else np.where(valid, weights, 0.0).sum(axis=1))
         position_steps = np.diff(sample.positions.astype(np.int64), prepend=-1) - 1
         tempered_mass = self._tempered_topk_logmass(logprobs64, sample.logz, sample.logz_scales)
+        # Variable rows: their lengths, and for sampled rows the draw counts in token-major order.
+        variable = [] if valid is None else [*_varint_planes(lengths - 1)]
+        if sample.counts is not None:
+            variable += _varint_planes(sample.counts.reshape(-1)[order].astype(np.int64) - 1)
 
         streams: list[np.ndarray] = [
             *_varint_planes(position_steps),
@@ -290,6 +300,7 @@ class LogQuantZstdCodec(TopKCodec):
             *_varint_planes(row_gaps),
             residuals,
             *(plane for column in tempered_mass for plane in _float16_planes(column)),
+            *variable,
         ]
         # Each stream is a zstd frame, or its raw bytes when zstd would not make it smaller
         # (short per-row streams of short samples). The header lists, per stream, a varint of
@@ -317,12 +328,11 @@ class LogQuantZstdCodec(TopKCodec):
                 for j, scale in enumerate(scales)]
 
     def decode(self, payload: Mapping[str, Any], num_positions: int, k: int,
-               logz_scales: tuple[float, ...] = ()) -> TopKArrays:
+               logz_scales: tuple[float, ...] = (), mode: str = "topk") -> TopKArrays:
         n, stored_k, num_distinct, frames = _read_frames(payload["payload"])
         if n != num_positions or stored_k != k:
             raise ValueError(f"logquant_zstd payload holds {n} rows of k={stored_k}, expected {num_positions} of k={k}")
         streams = _FrameCursor(frames)
-        entries = n * k
 
         positions = np.cumsum(streams.varint(n) + 1) - 1
         target_logprobs = _from_float16_planes(streams.take(), streams.take(), n)
@@ -330,19 +340,27 @@ class LogQuantZstdCodec(TopKCodec):
         reference = streams.take()
         distinct_ids = np.cumsum(streams.varint(num_distinct) + 1) - 1
         counts = streams.varint(num_distinct) + 1
+        entries = int(counts.sum())
         first_rows = streams.varint(num_distinct)
         row_gaps = streams.varint(entries - num_distinct)
         residuals = streams.take()
         tempered_mass = [_from_float16_planes(streams.take(), streams.take(), n) for _ in logz_scales]
+        lengths = None if mode == "topk" else streams.varint(n) + 1
+        draws = streams.varint(entries) + 1 if mode == "sampled" else None
         if streams.remaining():
             raise ValueError(f"corrupt logquant_zstd payload: {streams.remaining()} frames left over "
-                             f"(expected log-normalizers at {len(logz_scales)} temperatures)")
-        if reference.size != n or residuals.size != entries or int(counts.sum()) != entries:
-            raise ValueError("corrupt logquant_zstd payload: stream sizes do not match rows * k")
+                             f"(expected log-normalizers at {len(logz_scales)} temperatures, mode {mode})")
+        expected_entries = n * k if lengths is None else int(lengths.sum())
+        if reference.size != n or residuals.size != entries or entries != expected_entries:
+            raise ValueError("corrupt logquant_zstd payload: stream sizes do not match the rows' entries")
+        if lengths is not None and n and (lengths.min() < 1 or lengths.max() > k):
+            raise ValueError(f"corrupt logquant_zstd payload: a row length outside [1, k={k}]")
         if entries == 0:
             return TopKArrays(positions.astype(np.int32), np.zeros((0, k), np.int64),
                               np.zeros((0, k), np.float32), target_logprobs,
-                              np.zeros((0, len(logz_scales)), np.float32), tuple(logz_scales))
+                              np.zeros((0, len(logz_scales)), np.float32), tuple(logz_scales),
+                              None if lengths is None else lengths.astype(np.int32),
+                              None if draws is None else np.zeros((0, k), np.int32))
 
         # Row of every occurrence, in token-major order: each id's run starts at its first row
         # and advances by gap + 1; one cumulative sum with a per-run correction does all runs.
@@ -357,7 +375,24 @@ class LogQuantZstdCodec(TopKCodec):
         if rows.min() < 0 or rows.max() >= n:
             raise ValueError("corrupt logquant_zstd payload: an occurrence row is out of range")
         codes = residuals + reference[rows]  # uint8: wraps mod 256, undoing the encoder
+        topk_ids, row_codes, draws = self._row_major(rows, codes, distinct_ids, counts, n, k, lengths, draws)
+        topk_logprobs = self._code_value[row_codes]
+        topk_logprobs += top[:, None]
+        if lengths is not None:
+            pad_rows(topk_ids, topk_logprobs, lengths, draws)
+        logz = np.empty((n, len(logz_scales)), dtype=np.float32)
+        decoded64 = topk_logprobs.astype(np.float64) if logz_scales else None
+        for j, scale in enumerate(logz_scales):  # the decoded row carries the exact tempered mass
+            logz[:, j] = _row_logsumexp(scale * decoded64) - tempered_mass[j]
+        return TopKArrays(positions.astype(np.int32), topk_ids, topk_logprobs, target_logprobs, logz,
+                          tuple(logz_scales), None if lengths is None else lengths.astype(np.int32), draws)
 
+    @staticmethod
+    def _row_major(rows: np.ndarray, codes: np.ndarray, distinct_ids: np.ndarray, counts: np.ndarray, n: int,
+                   k: int, lengths: np.ndarray | None, draws: np.ndarray | None):
+        """(ids (n, k), codes (n, k) uint8, draw counts (n, k) or None) from the token-major
+        occurrences; each row sorted by code, ties by id (variable rows left-aligned, the
+        padding slots still to fill)."""
         # Sort all entries by (row, code, id) with one uint64 value sort; code ascending is
         # log-prob descending. The id and code come back out of the sorted keys, no gather.
         # (Built in place: at k=128 the temporaries otherwise spill out of the L2 cache.)
@@ -367,25 +402,34 @@ class LogQuantZstdCodec(TopKCodec):
         keys |= codes
         keys <<= np.uint64(id_bits)
         keys |= np.repeat(distinct_ids.view(np.uint64), counts)
-        keys.sort()
-        keys = keys.reshape(n, k)
+        if draws is None:
+            keys.sort()
+        else:  # the draw counts follow their entries: an argsort (keys are distinct: ids are, per row)
+            permutation = np.argsort(keys)
+            keys, draws = keys[permutation], draws[permutation]
         row_shift = np.uint64(id_bits + 8)
-        expected_rows = np.arange(n, dtype=np.uint64)
-        # Sorted keys: if every row's first and last entry carry that row, every row has k entries.
-        if not (np.array_equal(keys[:, 0] >> row_shift, expected_rows)
-                and np.array_equal(keys[:, -1] >> row_shift, expected_rows)):
-            raise ValueError("corrupt logquant_zstd payload: rows do not each hold k entries")
+        if lengths is None:
+            keys = keys.reshape(n, k)
+            expected_rows = np.arange(n, dtype=np.uint64)
+            # Sorted keys: if every row's first and last entry carry that row, every row has k entries.
+            if not (np.array_equal(keys[:, 0] >> row_shift, expected_rows)
+                    and np.array_equal(keys[:, -1] >> row_shift, expected_rows)):
+                raise ValueError("corrupt logquant_zstd payload: rows do not each hold k entries")
+        else:
+            if not np.array_equal(np.bincount((keys >> row_shift).astype(np.int64), minlength=n), lengths):
+                raise ValueError("corrupt logquant_zstd payload: rows do not hold their stored lengths")
+            starts = np.cumsum(lengths) - lengths
+            flat = np.repeat(np.arange(n) * k - starts, lengths) + np.arange(keys.size)
+            padded = np.zeros(n * k, np.uint64)
+            padded[flat] = keys
+            keys = padded.reshape(n, k)
+            if draws is not None:
+                padded_draws = np.zeros(n * k, np.int32)
+                padded_draws[flat] = draws
+                draws = padded_draws.reshape(n, k)
         topk_ids = (keys & np.uint64((1 << id_bits) - 1)).view(np.int64)
         keys >>= np.uint64(id_bits)
-        row_codes = keys.astype(np.uint8)  # the low 8 bits: the code
-        topk_logprobs = self._code_value[row_codes]
-        topk_logprobs += top[:, None]
-        logz = np.empty((n, len(logz_scales)), dtype=np.float32)
-        decoded64 = topk_logprobs.astype(np.float64) if logz_scales else None
-        for j, scale in enumerate(logz_scales):  # the decoded row carries the exact tempered mass
-            logz[:, j] = _row_logsumexp(scale * decoded64) - tempered_mass[j]
-        return TopKArrays(positions.astype(np.int32), topk_ids, topk_logprobs, target_logprobs, logz,
-                          tuple(logz_scales))
+        return topk_ids, keys.astype(np.uint8), draws
 
 
 def _read_frames(payload) -> tuple[int, int, int, list[np.ndarray]]:

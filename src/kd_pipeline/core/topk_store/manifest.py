@@ -12,13 +12,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
 from kd_pipeline.core.atomic import sha256_file
+from kd_pipeline.core.topk_store.codec import CAPTURE_MODES
 
 __all__ = [
     "COVERAGE_BINS",
@@ -35,9 +36,13 @@ __all__ = [
     "manifest_sha256",
 ]
 
-SCHEMA_VERSION = 2
-"""2: per-row teacher log-normalizers at `logz_temperatures` (exact tempered tail mass).
+SCHEMA_VERSION = 3
+"""3: `capture_mode` (`topk`, `top_p`, `sampled`: variable rows) and `capture_params`; shards count
+their stored `entries`.
+2: per-row teacher log-normalizers at `logz_temperatures` (exact tempered tail mass); read as a
+`topk` artifact of version 3.
 1: top-k log-probs only; such artifacts are refused (re-extract), they cannot be tempered exactly."""
+READABLE_SCHEMA_VERSIONS = (2, 3)
 MANIFEST_NAME = "manifest.json"
 # Teacher top-k coverage (sum of p over the stored top-k, per trained token) is kept as counts in
 # this many equal bins over [0, 1]: counts add up across shards and ranks, unlike quantiles.
@@ -87,8 +92,14 @@ class ArtifactSource:
     capture_temperature: float
     corpus_fingerprint: str
     logz_temperatures: tuple[float, ...] = ()
+    capture_mode: str = "topk"
+    capture_params: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.capture_mode not in CAPTURE_MODES:
+            raise ValueError(f"ArtifactSource.capture_mode must be one of {list(CAPTURE_MODES)}, "
+                             f"got {self.capture_mode!r}")
+        object.__setattr__(self, "capture_params", dict(self.capture_params))
         for name in ("teacher_path", "teacher_config_sha256", "teacher_weights_sha256", "tokenizer_sha256",
                      "capture_dtype", "corpus_fingerprint"):
             if not isinstance(getattr(self, name), str):
@@ -146,6 +157,8 @@ class ShardInfo:
         bytes: file size; sha256: hex digest of the file.
         coverage_histogram: counts of trained tokens per `COVERAGE_BINS` bin of sum_k p.
         coverage_sum: sum over trained tokens of sum_k p (for the mean).
+        entries: stored (id, log-prob) entries over its rows (rows x k for `topk`); None in
+            schema 2 manifests.
     """
 
     file: str
@@ -157,6 +170,7 @@ class ShardInfo:
     sha256: str
     coverage_histogram: tuple[int, ...]
     coverage_sum: float
+    entries: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "coverage_histogram", tuple(int(c) for c in self.coverage_histogram))
@@ -303,12 +317,17 @@ class Manifest:
         """
         data = dict(data)
         version = data.get("schema_version")
+        if version == 2:  # the same fields, a topk artifact: read as version 3
+            data.update(capture_mode=data.get("capture_mode", "topk"), capture_params=data.get("capture_params", {}),
+                        schema_version=SCHEMA_VERSION)
+            version = SCHEMA_VERSION
         if version != SCHEMA_VERSION:
             why = (" (version 1 artifacts have no per-row teacher log-normalizers, so the tempered tail is "
                    "not known)" if version == 1 else "")
             # A mismatch (not just a bad file): a resumed extraction over it starts over.
             raise ManifestMismatchError(
-                f"{origin}: unsupported schema_version {version!r} (this code reads version {SCHEMA_VERSION})"
+                f"{origin}: unsupported schema_version {version!r} (this code reads versions "
+                f"{list(READABLE_SCHEMA_VERSIONS)})"
                 f"{why}; re-extract: `kedro run --pipelines teacher_logits`")
         derived = {name: data.pop(name, None) for name in ("num_samples", "num_trained_tokens", "num_bytes",
                                                            "topk_coverage")}

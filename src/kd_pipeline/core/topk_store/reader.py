@@ -63,6 +63,9 @@ class TopKSample:
         target_logprobs: (n,) float32 teacher log-prob of the actual next token.
         logz: (n, T) float32 log-normalizers at the manifest's `logz_temperatures`
             (`log sum_v p(v)**s`, see `TopKArrays.logz`).
+        row_lengths: (n,) int64 entries per row (`top_p`, `sampled` artifacts; the ids and
+            log-probs are padded to k beyond it, `topk_store.codec.pad_rows`), else None.
+        counts: (n, k) int64 draw counts (`sampled`; 0 at padding), else None.
     """
 
     sample_id: str
@@ -71,6 +74,8 @@ class TopKSample:
     topk_logprobs: torch.Tensor
     target_logprobs: torch.Tensor
     logz: torch.Tensor
+    row_lengths: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
 
     @property
     def num_positions(self) -> int:
@@ -88,7 +93,8 @@ class TopKBatch(Sequence):
         sample_ids: the B sample ids.
         offsets: (B + 1,) int64; sample b owns rows `offsets[b]:offsets[b + 1]`.
         positions: (N,) int64; topk_ids: (N, k) int64; topk_logprobs: (N, k) float32;
-        target_logprobs: (N,) float32; logz: (N, T) float32.
+        target_logprobs: (N,) float32; logz: (N, T) float32; row_lengths: (N,) int64 or None;
+        counts: (N, k) int64 or None (see `TopKSample`).
     """
 
     sample_ids: tuple[str, ...]
@@ -98,6 +104,8 @@ class TopKBatch(Sequence):
     topk_logprobs: torch.Tensor
     target_logprobs: torch.Tensor
     logz: torch.Tensor
+    row_lengths: torch.Tensor | None = None
+    counts: torch.Tensor | None = None
 
     @property
     def num_positions(self) -> torch.Tensor:
@@ -112,9 +120,11 @@ class TopKBatch(Sequence):
             raise IndexError(f"batch of {len(self)} samples has no index {index}")
         index %= len(self)
         start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
-        return TopKSample(self.sample_ids[index], self.positions[start:stop], self.topk_ids[start:stop],
-                          self.topk_logprobs[start:stop], self.target_logprobs[start:stop],
-                          self.logz[start:stop])
+        rows = slice(start, stop)
+        return TopKSample(self.sample_ids[index], self.positions[rows], self.topk_ids[rows],
+                          self.topk_logprobs[rows], self.target_logprobs[rows], self.logz[rows],
+                          None if self.row_lengths is None else self.row_lengths[rows],
+                          None if self.counts is None else self.counts[rows])
 
 
 class TopKReader:
@@ -184,6 +194,11 @@ class TopKReader:
     def k(self) -> int:
         return self._manifest.source.k
 
+    @property
+    def mode(self) -> str:
+        """The artifact's capture mode (`topk`, `top_p`, `sampled`)."""
+        return self._manifest.source.capture_mode
+
     def __len__(self) -> int:
         return len(self._sample_ids)
 
@@ -235,8 +250,12 @@ class TopKReader:
         target_logprobs = torch.empty(total, dtype=torch.float32)
         scales = self._manifest.source.logz_scales
         logz = torch.empty((total, len(scales)), dtype=torch.float32)
+        mode = self.mode
+        row_lengths = None if mode == "topk" else torch.empty(total, dtype=torch.int64)
+        draws = torch.empty((total, k), dtype=torch.int64) if mode == "sampled" else None
         # numpy views of the output tensors: decoded arrays are copied in once, no concatenation.
-        out = (positions.numpy(), topk_ids.numpy(), topk_logprobs.numpy(), target_logprobs.numpy(), logz.numpy())
+        out = (positions.numpy(), topk_ids.numpy(), topk_logprobs.numpy(), target_logprobs.numpy(), logz.numpy(),
+               None if row_lengths is None else row_lengths.numpy(), None if draws is None else draws.numpy())
         order = np.lexsort((self._row_of[where], self._group_of[where], self._shard_of[where]))
         for slot in order:
             entry = where[slot]
@@ -244,7 +263,7 @@ class TopKReader:
             payload = self._row_group(shard, group)
             columns = {column: data[offsets_[row]:offsets_[row + 1]] for column, (offsets_, data) in payload.items()}
             try:
-                decoded = self._codec.decode(columns, int(counts[slot]), k, scales)
+                decoded = self._codec.decode(columns, int(counts[slot]), k, scales, mode)
             except ValueError as error:
                 raise ShardCorruptError(f"top-k shard {self._paths[shard]}: sample {sample_ids[slot]} does not "
                                         f"decode ({error}); {_REPAIR_HINT}") from error
@@ -254,8 +273,12 @@ class TopKReader:
             out[2][start:stop] = decoded.topk_logprobs
             out[3][start:stop] = decoded.target_logprobs
             out[4][start:stop] = decoded.logz
+            if row_lengths is not None:
+                out[5][start:stop] = decoded.row_lengths
+            if draws is not None:
+                out[6][start:stop] = decoded.counts
         return TopKBatch(sample_ids, torch.from_numpy(offsets), positions, topk_ids, topk_logprobs, target_logprobs,
-                         logz)
+                         logz, row_lengths, draws)
 
     def close(self) -> None:
         """Release open shard files and cached row groups (the reader stays usable)."""
@@ -396,9 +419,10 @@ class TopKReader:
         parquet = self._files.get(shard_number)
         if parquet is None:
             parquet = self._files[shard_number] = pq.ParquetFile(self._paths[shard_number], memory_map=True)
-        table = parquet.read_row_group(group, columns=list(self._codec.columns))
+        columns = self._codec.columns_for(self.mode)
+        table = parquet.read_row_group(group, columns=list(columns))
         payload = {}
-        for column in self._codec.columns:
+        for column in columns:
             array = table[column].combine_chunks()
             # large_binary layout: buffers = [validity, int64 offsets, data]; slicing the data
             # buffer by the offsets gives each row's bytes without a copy.

@@ -83,11 +83,11 @@ def partial_manifest_name(rank: int) -> str:
     return f"manifest-r{rank:02d}.partial.json"
 
 
-def shard_schema(codec: TopKCodec) -> pa.Schema:
-    """Parquet schema of a shard written with `codec`."""
+def shard_schema(codec: TopKCodec, mode: str = "topk") -> pa.Schema:
+    """Parquet schema of a shard written with `codec` for capture `mode`."""
     return pa.schema([pa.field("sample_id", pa.string(), nullable=False),
                       pa.field("num_positions", pa.int32(), nullable=False)]
-                     + [pa.field(column, pa.large_binary(), nullable=False) for column in codec.columns])
+                     + [pa.field(column, pa.large_binary(), nullable=False) for column in codec.columns_for(mode)])
 
 
 def read_shard_sample_ids(path: Path) -> list[str]:
@@ -138,7 +138,8 @@ class TopKShardWriter:
         self._shardless_manifest = Manifest.create(source, self.codec.name, self.codec.settings(),
                                                shard_tokens=shard_tokens, samples_per_row_group=samples_per_row_group,
                                                world_size=world_size)
-        self._schema = shard_schema(self.codec)
+        self._schema = shard_schema(self.codec, source.capture_mode)
+        self._columns = self.codec.columns_for(source.capture_mode)
         self._shards: dict[int, ShardInfo] = {}
         self._completed: set[str] = set()
         self._in_current_shard: set[str] = set()
@@ -150,6 +151,7 @@ class TopKShardWriter:
         self._shard_tokens = 0
         self._shard_histogram = np.zeros(COVERAGE_BINS, dtype=np.int64)
         self._shard_coverage_sum = 0.0
+        self._shard_entries = 0
         self._closed = False
 
         self._lock = FolderLock(self.directory, purpose=f"teacher top-k writer, rank {rank} of {world_size}",
@@ -180,7 +182,7 @@ class TopKShardWriter:
         return self._shardless_manifest.with_shards(self._shards[i] for i in sorted(self._shards))
 
     def add(self, sample_id: str, positions: Any, topk_ids: Any, topk_logprobs: Any, target_logprobs: Any,
-            logz: Any = None) -> None:
+            logz: Any = None, row_lengths: Any = None, counts: Any = None) -> None:
         """Encode one sample and append it to the current shard.
 
         Args:
@@ -191,6 +193,9 @@ class TopKShardWriter:
                 logz: (n, T) the rows' log-normalizers at `source.logz_temperatures` (see
                 `TopKArrays.logz`), or None when the only temperature is the capture one
                 (its column is 0). numpy arrays or CPU torch tensors.
+            row_lengths: (n,) entries per row for `top_p` / `sampled` artifacts (their ids and
+                log-probs padded beyond it); counts: (n, k) draw counts (`sampled`); see
+                `TopKArrays`. Must match the source's `capture_mode`.
 
         Raises:
             ValueError: bad shapes/values or a sample id already written; names the sample.
@@ -209,7 +214,13 @@ class TopKShardWriter:
                     raise ValueError(f"logz is missing: the artifact stores log-normalizers at temperatures "
                                      f"{list(self.source.logz_temperatures)}")
                 logz = np.zeros((len(positions), len(scales)), dtype=np.float32)
-            sample = TopKArrays.from_any(positions, topk_ids, topk_logprobs, target_logprobs, logz, scales)
+            sample = TopKArrays.from_any(positions, topk_ids, topk_logprobs, target_logprobs, logz, scales,
+                                         row_lengths, counts)
+            if sample.mode != self.source.capture_mode:
+                raise ValueError(f"rows laid out for capture mode {sample.mode!r} (row_lengths "
+                                 f"{'given' if row_lengths is not None else 'None'}, counts "
+                                 f"{'given' if counts is not None else 'None'}), the artifact's is "
+                                 f"{self.source.capture_mode!r}")
             k, vocab_size = self.source.k, self.source.vocab_size
             if sample.topk_ids.shape[1] != k:
                 raise ValueError(f"topk_ids has k={sample.topk_ids.shape[1]}, the artifact has k={k}")
@@ -226,6 +237,7 @@ class TopKShardWriter:
         self._shard_tokens += sample.num_positions
         self._shard_histogram += histogram
         self._shard_coverage_sum += coverage_sum
+        self._shard_entries += sample.num_entries
         if len(self._pending) >= self._shardless_manifest.samples_per_row_group:
             self._flush_row_group()
         if self._shard_tokens >= self._shardless_manifest.shard_tokens:
@@ -297,7 +309,7 @@ class TopKShardWriter:
             "sample_id": pa.array([row[0] for row in self._pending], pa.string()),
             "num_positions": pa.array([row[1] for row in self._pending], pa.int32()),
         }
-        for column in self.codec.columns:
+        for column in self._columns:
             columns[column] = pa.array([row[2][column] for row in self._pending], pa.large_binary())
         self._parquet.write_table(pa.table(columns, schema=self._schema), row_group_size=len(self._pending))
         self._pending.clear()
@@ -315,7 +327,7 @@ class TopKShardWriter:
         info = ShardInfo(file=final.name, rank=self.rank, index=index, rows=self._shard_rows,
                          trained_tokens=self._shard_tokens, bytes=temp.stat().st_size, sha256=sha256_file(temp),
                          coverage_histogram=tuple(self._shard_histogram.tolist()),
-                         coverage_sum=self._shard_coverage_sum)
+                         coverage_sum=self._shard_coverage_sum, entries=self._shard_entries)
         os.replace(temp, final)
         self._shards[index] = info
         self._completed |= self._in_current_shard
@@ -327,6 +339,7 @@ class TopKShardWriter:
         self._shard_rows = self._shard_tokens = 0
         self._shard_histogram = np.zeros(COVERAGE_BINS, dtype=np.int64)
         self._shard_coverage_sum = 0.0
+        self._shard_entries = 0
 
     def _write_partial(self, complete: bool) -> None:
         data = self.manifest.to_dict()

@@ -15,6 +15,9 @@ returns, for a batch of B samples padded to T tokens:
   the token `labels[b, p + 1]` (absent when the dataset has no targets: the SFT-only baseline);
 - `kd_teacher_logz [N]` float32, the rows' teacher log-normalizer at the loss's temperature
   (the artifact's `logz` column `logz_column`; only when the dataset was given one);
+- with a `top_p` / `sampled` artifact, K is the batch's longest row: shorter rows are padded
+  (a repeated id with log-prob -inf, which the loss ignores, `core.losses.config`); with a
+  `sampled` one also `kd_topk_weights [N, K]` float32, the estimator's weights (0 at padding);
 - `sample_index [B]` long and `sample_ids` (list of B str), for error messages.
 """
 
@@ -35,6 +38,7 @@ from kd_pipeline.core.batching import (
     pad_right,
     sample_targets,
 )
+from kd_pipeline.core.losses.sampled import SampledWeights
 
 if TYPE_CHECKING:  # pyarrow is only needed to read a corpus table, not to collate
     import pyarrow as pa
@@ -55,10 +59,13 @@ class DistillDataset(torch.utils.data.Dataset):
             `Manifest.source.logz_column`), or None.
         logz_optional: a record without log-normalizers is taken without them (the loss then
             assumes `log Z = 0`, exact at the capture temperature itself) instead of refused.
+        sampled: a `sampled` artifact's `losses.SampledWeights` (the items then carry the
+            estimator weights), or None.
     """
 
     def __init__(self, samples: "pa.Table", targets: TargetsProvider | None = None, k: int | None = None,
-                 split: str = "train", logz_column: int | None = None, logz_optional: bool = False):
+                 split: str = "train", logz_column: int | None = None, logz_optional: bool = False,
+                 sampled: SampledWeights | None = None):
         if samples.num_rows == 0:
             raise ValueError(f"the corpus has no {split!r} samples")
         self.split = split
@@ -66,6 +73,7 @@ class DistillDataset(torch.utils.data.Dataset):
         self.k = k
         self.logz_column = logz_column
         self.logz_optional = logz_optional
+        self.sampled = sampled
         self.sample_ids: list[str] = samples["sample_id"].to_pylist()
         self._ids = flat_list_column(samples["input_ids"], np.int64)
         self._mask = flat_list_column(samples["loss_mask"], np.int8)
@@ -101,6 +109,13 @@ class DistillDataset(torch.utils.data.Dataset):
                         raise ValueError(f"{self.split} sample {sample_id}: the artifact record has no logz column "
                                          f"{self.logz_column} (log-normalizers at the loss's temperature)")
                     item["teacher_logz"] = target.logz[:, self.logz_column]
+                if target.row_lengths is not None:
+                    item["row_lengths"] = target.row_lengths
+                if self.sampled is not None:
+                    if target.counts is None or target.logz is None:
+                        raise ValueError(f"{self.split} sample {sample_id}: the artifact record has no draw counts "
+                                         "or log-normalizers (the sampled estimator needs both)")
+                    item["topk_weights"] = self.sampled(target.counts, target.topk_logprobs, target.logz)
             items.append(item)
         return items
 
@@ -186,10 +201,16 @@ class DistillCollator:
                 raise ValueError("DistillCollator: some items of the batch have top-k targets and some do not")
             # Items in batch order, each's rows in increasing position order = row-major order of
             # kd_positions_mask.nonzero(), which is how the trainer gathers hidden states.
+            # Variable rows: the batch's longest row sets K (entries are left-aligned, padding after).
+            width = max((int(np.max(item["row_lengths"], initial=1)) for item in items if "row_lengths" in item),
+                        default=None)
             batch["kd_topk_ids"] = torch.from_numpy(
-                np.concatenate([np.asarray(item["topk_ids"], dtype=np.int64) for item in items]))
+                np.concatenate([np.asarray(item["topk_ids"][:, :width], dtype=np.int64) for item in items]))
             batch["kd_topk_logprobs"] = torch.from_numpy(
-                np.concatenate([np.asarray(item["topk_logprobs"], dtype=np.float32) for item in items]))
+                np.concatenate([np.asarray(item["topk_logprobs"][:, :width], dtype=np.float32) for item in items]))
+            if any("topk_weights" in item for item in items):
+                batch["kd_topk_weights"] = torch.from_numpy(
+                    np.concatenate([np.asarray(item["topk_weights"][:, :width], dtype=np.float32) for item in items]))
             with_logz = ["teacher_logz" in item for item in items]
             if all(with_logz):
                 batch["kd_teacher_logz"] = torch.from_numpy(

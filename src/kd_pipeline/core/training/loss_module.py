@@ -119,6 +119,7 @@ class StudentWithLoss(torch.nn.Module):
         kd_topk_ids: torch.Tensor | None = None,
         kd_topk_logprobs: torch.Tensor | None = None,
         kd_teacher_logz: torch.Tensor | None = None,
+        kd_topk_weights: torch.Tensor | None = None,
     ) -> LossOutput:
         """Fused KD + SFT loss of one micro-batch (a `DistillCollator` batch).
 
@@ -131,6 +132,7 @@ class StudentWithLoss(torch.nn.Module):
             kd_topk_ids, kd_topk_logprobs: (N, K) teacher top-k, or None for SFT only.
             kd_teacher_logz: (N,) the teacher's log-normalizer at the loss's temperature (exact
                 tempered tail for `tail_bucket`), or None.
+            kd_topk_weights: (N, K) the sampled estimator's weights (`sampled` artifacts), or None.
 
         Returns:
             `LossOutput` (see `fused_topk_kd_loss`).
@@ -140,7 +142,8 @@ class StudentWithLoss(torch.nn.Module):
         sft_labels = None if labels is None else flat_labels(
             {"labels": labels, "kd_positions_mask": kd_positions_mask})
         out = fused_topk_kd_loss(hidden, weight, bias, kd_topk_ids, kd_topk_logprobs, sft_labels, token_weights,
-                                 self.loss_config, teacher_logz=kd_teacher_logz, head=self.head_transform)
+                                 self.loss_config, teacher_logz=kd_teacher_logz, head=self.head_transform,
+                                 topk_weights=kd_topk_weights)
         return _touch_all_if_empty(out, hidden_states, hidden, weight, bias)
 
     def _trained_hidden_and_head(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -20,7 +20,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from kd_pipeline.core.atomic import atomic_dir, canonical_json, write_json_atomic
 from kd_pipeline.core.locking import FolderLock
-from kd_pipeline.core.losses import KDLossConfig
+from kd_pipeline.core.losses import KDLossConfig, SampledWeights, require_sampled_support
 from kd_pipeline.core.models.identity import model_identity, tokenizer_hash
 from kd_pipeline.core.models.loading import load_tokenizer
 from kd_pipeline.core.models.student import init_student
@@ -127,7 +127,8 @@ def train_student(
                  if cross_tokenizer is not None else None)
         # At the capture temperature itself log Z = 0: a provider without log-normalizers is exact too.
         logz = (None if cross is not None else
-                dict(logz_column=_logz_column(loss, targets), logz_optional=loss.target_logits_scale == 1.0))
+                dict(logz_column=_logz_column(loss, targets), logz_optional=loss.target_logits_scale == 1.0,
+                     sampled=_sampled_weights(loss, targets, k)))
         train_set, eval_set = _datasets(corpus, targets, used_k, tokenizer if cross else None, logz)
 
         args = training_arguments(train, checkpoint_dir, eval_set is not None, report_to, model.config.model_type)
@@ -256,14 +257,38 @@ def _open_targets(loss: KDLossConfig, targets, topk_dir, corpus, student_tokeniz
     return targets, used_k, manifest_id
 
 
+def _capture_mode(targets) -> str:
+    return "topk" if targets is None else targets.manifest.source.capture_mode
+
+
 def _logz_column(loss: KDLossConfig, targets) -> int | None:
     """The artifact's `logz` column at the loss's teacher temperature, checked before training:
     `tail_bucket` needs it (the tempered tail is exact only with it) and is refused, naming the
-    temperatures the artifact holds, when it is missing; `renormalize` needs none."""
-    if targets is None or loss.topk_normalization != "tail_bucket":
+    temperatures the artifact holds, when it is missing; `renormalize` needs none; the sampled
+    estimator needs it (its weights and its KD value)."""
+    if targets is None or (loss.topk_normalization != "tail_bucket" and _capture_mode(targets) != "sampled"):
         return None
     return targets.manifest.source.logz_column(
         loss.target_logits_scale, f"distill.loss (tail_bucket, target_logits_scale {loss.target_logits_scale:g})")
+
+
+def _sampled_weights(loss: KDLossConfig, targets, k: int | None) -> SampledWeights | None:
+    """The estimator weights of a `sampled` artifact, after refusing (by name, before any step)
+    a loss or a `k` the unbiased estimator does not support; None for other artifacts."""
+    if _capture_mode(targets) != "sampled":
+        return None
+    source = targets.manifest.source
+    require_sampled_support(loss, f"the sampled teacher artifact (capture_params {dict(source.capture_params)})")
+    if k is not None and k != source.k:
+        raise ArtifactMismatchError(f"distill.k = {k} on a sampled artifact: its rows are draws, not a ranking, and "
+                                    "keeping the most probable of them biases the estimate; use k: null")
+    proposal_temperature = float(source.capture_params["proposal_temperature"])
+    proposal_scale = source.capture_temperature / proposal_temperature
+    return SampledWeights(
+        draws=int(source.capture_params["draws"]), target_scale=float(loss.target_logits_scale),
+        proposal_scale=proposal_scale,
+        target_column=source.logz_column(loss.target_logits_scale, "distill.loss (the sampled estimator)"),
+        proposal_column=source.logz_column(proposal_scale, "the sampled artifact's proposal"))
 
 
 def _train(trainer: DistillationTrainer, resume_from: Path | None) -> dict:

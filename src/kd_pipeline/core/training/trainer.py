@@ -190,7 +190,7 @@ class DistillationTrainer(Trainer):
         return model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                      kd_positions_mask=inputs["kd_positions_mask"], token_weights=weights, labels=inputs["labels"],
                      kd_topk_ids=inputs.get("kd_topk_ids"), kd_topk_logprobs=inputs.get("kd_topk_logprobs"),
-                     kd_teacher_logz=inputs.get("kd_teacher_logz"))
+                     kd_teacher_logz=inputs.get("kd_teacher_logz"), kd_topk_weights=inputs.get("kd_topk_weights"))
 
     # ---- saving: the student's own keys -------------------------------------------------------
 
