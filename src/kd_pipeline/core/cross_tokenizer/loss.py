@@ -133,6 +133,155 @@ def _segment_logsumexp(values: torch.Tensor, segments: torch.Tensor, num_segment
     return shift + sums.log()
 
 
+class _MatchedBuckets(NamedTuple):
+    """A chunk's KD buckets: the distinct (group, matched class) pairs, padded per group.
+
+    Attributes:
+        log_p: (G, B) teacher log-mass per bucket (before the span merge), -inf padding.
+        log_q: (G, B) student log-mass per bucket at the group's first row, -inf padding.
+        has_bucket: (G,) whether the group has a matched class at all.
+        slot_matched: (G, K) whether each teacher top-k slot is in a matched class.
+        member_group: (M,) group of each (bucket, student id) member.
+        member_ids: (M,) its student id.
+    """
+
+    log_p: torch.Tensor
+    log_q: torch.Tensor
+    has_bucket: torch.Tensor
+    slot_matched: torch.Tensor
+    member_group: torch.Tensor
+    member_ids: torch.Tensor
+
+
+def _sft_terms(
+    logits: torch.Tensor, log_q: torch.Tensor, labels: torch.Tensor, sft_weights: torch.Tensor, config: KDLossConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`sum_r v_r SFT_r`, the (C,) student log-probs of the labels, 0 where none)."""
+    label_valid = labels != IGNORE_INDEX
+    safe_labels = torch.where(label_valid, labels, 0).unsqueeze(1)
+    label_log_q = log_q.gather(1, safe_labels).squeeze(1)
+    if config.scale_sft_logits or config.logits_scale == 1.0:
+        sft_per_row = -label_log_q
+    else:
+        sft_per_row = -logits.log_softmax(dim=1).gather(1, safe_labels).squeeze(1)
+    sft_w = torch.where(label_valid, sft_weights.to(logits.dtype), 0.0)
+    return torch.where(sft_w != 0, sft_w * sft_per_row, 0.0).sum(), label_log_q
+
+
+def _chains(
+    label_log_q: torch.Tensor, start: torch.Tensor, stop: torch.Tensor, teacher_chain: torch.Tensor,
+    options: CrossTokenizerOptions,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student chain, teacher chain) per group: the realized log-probs of each group's later
+    tokens under `observed` (0 for one-token groups), zeros under `first_token`."""
+    num_rows, num_groups = int(label_log_q.shape[0]), int(start.shape[0])
+    dtype, device = label_log_q.dtype, label_log_q.device
+    if options.span_merge != "observed":
+        zeros = torch.zeros(num_groups, dtype=dtype, device=device)
+        return zeros, zeros
+    later = later_row_mask(start, stop, num_rows)
+    group_of_row = torch.bucketize(torch.arange(num_rows, device=device), start, right=True) - 1
+    chain_s = torch.zeros(num_groups, dtype=dtype, device=device).index_add(0, group_of_row[later], label_log_q[later])
+    return chain_s, teacher_chain.to(dtype)
+
+
+def _matched_buckets(
+    first_log_q: torch.Tensor, topk_ids: torch.Tensor, teacher: torch.Tensor, projection: ProjectionTensors
+) -> _MatchedBuckets:
+    """Sums the teacher's top-k slots and the student's full row per matched class of each group."""
+    num_groups, k = teacher.shape
+    dtype, device = first_log_q.dtype, first_log_q.device
+    slot_class = projection.teacher_class[topk_ids]  # (G, K)
+    slot_matched = projection.class_matched[slot_class]
+    num_classes = projection.num_classes
+
+    # Buckets: distinct (group, matched class) pairs, sorted by group then class.
+    slot_group = torch.arange(num_groups, device=device).unsqueeze(1).expand(-1, k)
+    keys = (slot_group * num_classes + slot_class)[slot_matched]
+    bucket_keys, slot_bucket = torch.unique(keys, sorted=True, return_inverse=True)
+    num_buckets = int(bucket_keys.shape[0])
+    bucket_group = bucket_keys // num_classes
+    bucket_class = bucket_keys % num_classes
+    teacher_bucket = _segment_logsumexp(teacher[slot_matched], slot_bucket, num_buckets)  # (B,)
+
+    # Every student id of every bucket's class (CSR lists of the projection), then their mass.
+    ptr = projection.class_student_ptr
+    member_counts = ptr[bucket_class + 1] - ptr[bucket_class]
+    member_bucket = torch.repeat_interleave(torch.arange(num_buckets, device=device), member_counts)
+    member_offset = torch.arange(member_bucket.shape[0], device=device) - torch.repeat_interleave(
+        member_counts.cumsum(0) - member_counts, member_counts
+    )
+    member_ids = projection.class_student_ids[ptr[bucket_class][member_bucket] + member_offset]
+    member_group = bucket_group[member_bucket]
+    student_bucket = _segment_logsumexp(first_log_q[member_group, member_ids], member_bucket, num_buckets)
+
+    # Padded (G, Bmax) bucket matrices.
+    per_group = torch.bincount(bucket_group, minlength=num_groups)
+    width = max(int(per_group.max()) if num_buckets else 0, 1)
+    position = torch.arange(num_buckets, device=device) - (per_group.cumsum(0) - per_group)[bucket_group]
+    log_p = torch.full((num_groups, width), -math.inf, dtype=dtype, device=device)
+    log_p = log_p.index_put((bucket_group, position), teacher_bucket)
+    log_q = torch.full((num_groups, width), -math.inf, dtype=dtype, device=device)
+    log_q = log_q.index_put((bucket_group, position), student_bucket)
+    return _MatchedBuckets(log_p, log_q, per_group > 0, slot_matched, member_group, member_ids)
+
+
+def _student_tail(
+    first_log_q: torch.Tensor, buckets: _MatchedBuckets, chain_s: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """((G,) log of the student's merged mass outside the group's matched buckets,
+    `log(1 - e^c (1 - r))` with r the first row's mass outside them (-inf when no id is outside),
+    (G,) whether any student id is outside them)."""
+    outside = torch.ones(first_log_q.shape, dtype=torch.bool, device=first_log_q.device)
+    outside[buckets.member_group, buckets.member_ids] = False
+    tail_nonempty = outside.any(1)
+    rest = first_log_q.masked_fill(~outside, -math.inf)
+    rest = rest.where(tail_nonempty.unsqueeze(1), 0.0)
+    rest_lse = torch.where(tail_nonempty, rest.logsumexp(1), -math.inf)
+    # log(1 - e^c (1 - r)) = logaddexp(log(1 - e^c), c + log r); exactly r when c == 0.
+    chained = chain_s < 0
+    safe_chain = torch.where(chained, chain_s, -1.0)
+    student_tail = torch.where(chained, torch.logaddexp(_log1mexp(safe_chain), safe_chain + rest_lse), rest_lse)
+    return torch.where(tail_nonempty, student_tail, -math.inf), tail_nonempty
+
+
+def _kd_per_group(
+    first_log_q: torch.Tensor, buckets: _MatchedBuckets, chain_s: torch.Tensor, chain_t: torch.Tensor,
+    config: KDLossConfig,
+) -> torch.Tensor:
+    """(G,) KD divergence over the merged matched buckets (+ the tail bucket), 0 without any."""
+    has = buckets.has_bucket.unsqueeze(1)
+    merged_p = buckets.log_p + chain_t.unsqueeze(1)
+    merged_q = buckets.log_q + chain_s.unsqueeze(1)
+    target_scale = config.target_logits_scale
+    if config.topk_normalization == "renormalize":
+        bucket_log_p = (target_scale * torch.where(has, merged_p, 0.0)).log_softmax(1)
+        bucket_log_q = torch.where(has, merged_q, 0.0).log_softmax(1)
+    else:
+        student_tail, tail_nonempty = _student_tail(first_log_q, buckets, chain_s)
+        teacher_tail = torch.where(tail_nonempty, _teacher_tail_logmass(merged_p), -math.inf)
+        bucket_log_p = (target_scale * torch.cat([merged_p, teacher_tail[:, None]], 1)).log_softmax(1)
+        bucket_log_q = torch.cat([merged_q, student_tail[:, None]], 1)
+    kd_per_group = _divergence(bucket_log_p, bucket_log_q, config.effective_kd_loss, config.beta)
+    return torch.where(buckets.has_bucket, kd_per_group, 0.0)
+
+
+def _uld_per_group(
+    first_log_q: torch.Tensor, teacher: torch.Tensor, buckets: _MatchedBuckets, chain_s: torch.Tensor,
+    chain_t: torch.Tensor, projection: ProjectionTensors, target_scale: float,
+) -> torch.Tensor:
+    """(G,) L1 distance of the sorted unmatched probabilities over the teacher's K ranks."""
+    k, vocab = teacher.shape[1], first_log_q.shape[1]
+    teacher_unmatched = torch.where(buckets.slot_matched, -math.inf, target_scale * (teacher + chain_t[:, None]))
+    p_sorted = teacher_unmatched.sort(dim=1, descending=True).values.exp()
+    student_unmatched = first_log_q.masked_fill(~projection.student_unmatched.unsqueeze(0), -math.inf)
+    q_top = student_unmatched.topk(min(k, vocab), dim=1).values
+    q_sorted = (q_top + chain_s[:, None]).exp()
+    if q_sorted.shape[1] < k:
+        q_sorted = torch.nn.functional.pad(q_sorted, (0, k - q_sorted.shape[1]))
+    return (p_sorted - q_sorted).abs().sum(1)
+
+
 def _group_terms(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -154,130 +303,36 @@ def _group_terms(
     [sum w KD, sum w ULD, sum v SFT, sum w matched_mass, sum w agreement, sum w].
     """
     dtype = logits.dtype
-    device = logits.device
-    num_rows, vocab = logits.shape
     scale = config.logits_scale
-    scaled = logits * scale if scale != 1.0 else logits
-    log_q = scaled.log_softmax(dim=1)  # (C, V)
-    sums = torch.zeros(6, dtype=torch.float64, device=device)
-    loss = torch.zeros((), dtype=dtype, device=device)
+    log_q = (logits * scale if scale != 1.0 else logits).log_softmax(dim=1)  # (C, V)
+    sums = torch.zeros(6, dtype=torch.float64, device=logits.device)
+    loss = torch.zeros((), dtype=dtype, device=logits.device)
 
-    label_valid = labels != IGNORE_INDEX
-    safe_labels = torch.where(label_valid, labels, 0).unsqueeze(1)
-    label_log_q = log_q.gather(1, safe_labels).squeeze(1)  # (C,)
-    if config.scale_sft_logits or scale == 1.0:
-        sft_per_row = -label_log_q
-    else:
-        sft_per_row = -logits.log_softmax(dim=1).gather(1, safe_labels).squeeze(1)
-    sft_w = torch.where(label_valid, sft_weights.to(dtype), 0.0)
-    sft_sum = torch.where(sft_w != 0, sft_w * sft_per_row, 0.0).sum()
+    sft_sum, label_log_q = _sft_terms(logits, log_q, labels, sft_weights, config)
     sums[2] = sft_sum.detach()
     if config.sft_loss_weight > 0:
         loss = loss + config.sft_loss_weight * sft_sum
-
-    num_groups = int(start.shape[0])
-    if num_groups == 0:
+    if int(start.shape[0]) == 0:
         return loss, sums
     w = group_weights.to(dtype)
     sums[5] = w.sum()
 
-    # Chains: realized log-probs of the later tokens of each group (0 for one-token groups).
-    if options.span_merge == "observed":
-        later = later_row_mask(start, stop, num_rows)
-        group_of_row = torch.bucketize(torch.arange(num_rows, device=device), start, right=True) - 1
-        chain_s = torch.zeros(num_groups, dtype=dtype, device=device).index_add(
-            0, group_of_row[later], label_log_q[later]
-        )
-        chain_t = teacher_chain.to(dtype)
-    else:
-        chain_s = torch.zeros(num_groups, dtype=dtype, device=device)
-        chain_t = torch.zeros(num_groups, dtype=dtype, device=device)
-
+    chain_s, chain_t = _chains(label_log_q, start, stop, teacher_chain, options)
     first_log_q = log_q[start]  # (G, V)
     teacher = topk_logprobs.to(dtype)
-    k = teacher.shape[1]
-    slot_class = projection.teacher_class[topk_ids]  # (G, K)
-    slot_matched = projection.class_matched[slot_class]
-    num_classes = projection.num_classes
-
-    # Buckets: distinct (group, matched class) pairs, sorted by group then class.
-    slot_group = torch.arange(num_groups, device=device).unsqueeze(1).expand(-1, k)
-    keys = (slot_group * num_classes + slot_class)[slot_matched]
-    bucket_keys, slot_bucket = torch.unique(keys, sorted=True, return_inverse=True)
-    num_buckets = int(bucket_keys.shape[0])
-    bucket_group = bucket_keys // num_classes
-    bucket_class = bucket_keys % num_classes
-    teacher_bucket = _segment_logsumexp(teacher[slot_matched], slot_bucket, num_buckets)  # (B,)
-
-    ptr = projection.class_student_ptr
-    member_counts = ptr[bucket_class + 1] - ptr[bucket_class]
-    member_bucket = torch.repeat_interleave(torch.arange(num_buckets, device=device), member_counts)
-    member_offset = torch.arange(member_bucket.shape[0], device=device) - torch.repeat_interleave(
-        member_counts.cumsum(0) - member_counts, member_counts
-    )
-    member_ids = projection.class_student_ids[ptr[bucket_class][member_bucket] + member_offset]
-    member_group = bucket_group[member_bucket]
-    student_bucket = _segment_logsumexp(first_log_q[member_group, member_ids], member_bucket, num_buckets)
-
-    # Padded (G, Bmax) bucket matrices.
-    per_group = torch.bincount(bucket_group, minlength=num_groups)
-    width = max(int(per_group.max()) if num_buckets else 0, 1)
-    position = torch.arange(num_buckets, device=device) - (per_group.cumsum(0) - per_group)[bucket_group]
-    log_p_raw = torch.full((num_groups, width), -math.inf, dtype=dtype, device=device)
-    log_p_raw = log_p_raw.index_put((bucket_group, position), teacher_bucket)
-    log_q_raw = torch.full((num_groups, width), -math.inf, dtype=dtype, device=device)
-    log_q_raw = log_q_raw.index_put((bucket_group, position), student_bucket)
-    has_bucket = per_group > 0
-
+    buckets = _matched_buckets(first_log_q, topk_ids, teacher, projection)
     with torch.no_grad():
-        sums[3] = (w * log_p_raw.exp().sum(1)).sum()
-        top_p = log_p_raw.argmax(1)
-        top_q = log_q_raw.argmax(1)
-        sums[4] = (w * (has_bucket & (top_p == top_q)).to(dtype)).sum()
+        sums[3] = (w * buckets.log_p.exp().sum(1)).sum()
+        agree = buckets.has_bucket & (buckets.log_p.argmax(1) == buckets.log_q.argmax(1))
+        sums[4] = (w * agree.to(dtype)).sum()
 
-    merged_p = log_p_raw + chain_t.unsqueeze(1)
-    merged_q = log_q_raw + chain_s.unsqueeze(1)
-    target_scale = config.target_logits_scale
-    if config.topk_normalization == "renormalize":
-        safe_p = torch.where(has_bucket.unsqueeze(1), merged_p, 0.0)
-        safe_q = torch.where(has_bucket.unsqueeze(1), merged_q, 0.0)
-        bucket_log_p = (target_scale * safe_p).log_softmax(1)
-        bucket_log_q = safe_q.log_softmax(1)
-    else:
-        # Student rest: mass of the ids outside this group's matched buckets.
-        outside = torch.ones((num_groups, vocab), dtype=torch.bool, device=device)
-        outside[member_group, member_ids] = False
-        tail_nonempty = outside.any(1)
-        rest = first_log_q.masked_fill(~outside, -math.inf)
-        rest = rest.where(tail_nonempty.unsqueeze(1), 0.0)
-        rest_lse = torch.where(tail_nonempty, rest.logsumexp(1), -math.inf)
-        # log(1 - e^c (1 - r)) = logaddexp(log(1 - e^c), c + log r); exactly r when c == 0.
-        chained = chain_s < 0
-        safe_chain = torch.where(chained, chain_s, -1.0)
-        student_tail = torch.where(
-            chained, torch.logaddexp(_log1mexp(safe_chain), safe_chain + rest_lse), rest_lse
-        )
-        student_tail = torch.where(tail_nonempty, student_tail, -math.inf)
-        teacher_tail = torch.where(tail_nonempty, _teacher_tail_logmass(merged_p), -math.inf)
-        bucket_log_p = (target_scale * torch.cat([merged_p, teacher_tail[:, None]], 1)).log_softmax(1)
-        bucket_log_q = torch.cat([merged_q, student_tail[:, None]], 1)
-    kd_per_group = _divergence(bucket_log_p, bucket_log_q, config.effective_kd_loss, config.beta)
-    kd_per_group = torch.where(has_bucket, kd_per_group, 0.0)
-    kd_sum = torch.where(w != 0, w * kd_per_group, 0.0).sum()
+    kd_sum = torch.where(w != 0, w * _kd_per_group(first_log_q, buckets, chain_s, chain_t, config), 0.0).sum()
     sums[0] = kd_sum.detach()
     if config.kd_loss_weight > 0:
         loss = loss + config.kd_loss_weight * config.kd_factor * kd_sum
-
     if options.uld_loss_weight > 0:
-        teacher_unmatched = torch.where(slot_matched, -math.inf, target_scale * (teacher + chain_t[:, None]))
-        p_sorted = teacher_unmatched.sort(dim=1, descending=True).values.exp()
-        student_unmatched = first_log_q.masked_fill(~projection.student_unmatched.unsqueeze(0), -math.inf)
-        q_top = student_unmatched.topk(min(k, vocab), dim=1).values
-        q_sorted = (q_top + chain_s[:, None]).exp()
-        if q_sorted.shape[1] < k:
-            q_sorted = torch.nn.functional.pad(q_sorted, (0, k - q_sorted.shape[1]))
-        uld_per_group = (p_sorted - q_sorted).abs().sum(1)
-        uld_sum = torch.where(w != 0, w * uld_per_group, 0.0).sum()
+        uld = _uld_per_group(first_log_q, teacher, buckets, chain_s, chain_t, projection, config.target_logits_scale)
+        uld_sum = torch.where(w != 0, w * uld, 0.0).sum()
         sums[1] = uld_sum.detach()
         loss = loss + options.uld_loss_weight * uld_sum
     return loss, sums
