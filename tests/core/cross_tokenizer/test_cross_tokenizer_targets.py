@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from kd_pipeline.core.cross_tokenizer.alignment import encode_with_byte_ends, trained_byte_count, trained_char_count
+from kd_pipeline.core.cross_tokenizer.alignment import encode_with_byte_ends, trained_byte_count
+from kd_pipeline.core.cross_tokenizer.evaluation import trained_char_count
 from kd_pipeline.core.cross_tokenizer.loss import CrossTokenizerOptions, cross_tokenizer_kd_loss
 from kd_pipeline.core.cross_tokenizer.reference import cross_tokenizer_loss_reference
 from kd_pipeline.core.cross_tokenizer.targets import collate_groups, sample_groups

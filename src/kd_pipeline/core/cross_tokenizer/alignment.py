@@ -196,19 +196,3 @@ def trained_byte_count(byte_ends: np.ndarray, loss_mask: np.ndarray) -> int:
     sizes = np.diff(np.concatenate([[0], ends]))
     return int(sizes[np.asarray(loss_mask).astype(bool)].sum())
 
-
-def trained_char_count(text: str, byte_ends: np.ndarray, loss_mask: np.ndarray) -> int:
-    """Characters of `text` whose first UTF-8 byte lies in a trained token (token t covers
-    `ends[t-1]:ends[t]`): the denominator of bits per character.
-
-    A character split across tokens counts once, with the token holding its lead byte.
-    """
-    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
-    ends = np.asarray(byte_ends, dtype=np.int64)
-    starts = np.concatenate([[0], ends[:-1]])
-    delta = np.zeros(len(data) + 1, dtype=np.int64)
-    trained = np.asarray(loss_mask).astype(bool) & (ends > starts) & (ends <= len(data))
-    np.add.at(delta, starts[trained], 1)
-    np.add.at(delta, ends[trained], -1)
-    in_trained = np.cumsum(delta)[: len(data)] > 0
-    return int((in_trained & ((data & 0xC0) != 0x80)).sum())

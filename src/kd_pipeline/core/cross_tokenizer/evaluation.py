@@ -24,13 +24,30 @@ import os
 import numpy as np
 import torch
 
-from kd_pipeline.core.cross_tokenizer.alignment import trained_byte_count, trained_char_count
+from kd_pipeline.core.cross_tokenizer.alignment import trained_byte_count
 from kd_pipeline.core.cross_tokenizer.data import CrossTokenizerCollator, CrossTokenizerDataset, group_batch
 from kd_pipeline.core.cross_tokenizer.loss import CrossTokenizerOptions, cross_tokenizer_kd_loss
 from kd_pipeline.core.evaluation.metrics import EvalConfig
 from kd_pipeline.core.losses import KDLossConfig
 from kd_pipeline.core.models.head import decoder_and_head, head_transform
 from kd_pipeline.core.training.data import flat_labels
+
+
+def trained_char_count(text: str, byte_ends: np.ndarray, loss_mask: np.ndarray) -> int:
+    """Characters of `text` whose first UTF-8 byte lies in a trained token (token t covers
+    `ends[t-1]:ends[t]`): the denominator of bits per character.
+
+    A character split across tokens counts once, with the token holding its lead byte.
+    """
+    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    ends = np.asarray(byte_ends, dtype=np.int64)
+    starts = np.concatenate([[0], ends[:-1]])
+    delta = np.zeros(len(data) + 1, dtype=np.int64)
+    trained = np.asarray(loss_mask).astype(bool) & (ends > starts) & (ends <= len(data))
+    np.add.at(delta, starts[trained], 1)
+    np.add.at(delta, ends[trained], -1)
+    in_trained = np.cumsum(delta)[: len(data)] > 0
+    return int((in_trained & ((data & 0xC0) != 0x80)).sum())
 
 
 @torch.no_grad()
