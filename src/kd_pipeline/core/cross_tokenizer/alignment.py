@@ -195,4 +195,3 @@ def trained_byte_count(byte_ends: np.ndarray, loss_mask: np.ndarray) -> int:
     ends = np.asarray(byte_ends, dtype=np.int64)
     sizes = np.diff(np.concatenate([[0], ends]))
     return int(sizes[np.asarray(loss_mask).astype(bool)].sum())
-
