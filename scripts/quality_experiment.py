@@ -2,7 +2,8 @@
 
 Runs the core library directly (no Kedro/MLflow) with the parameters of
 conf/base/parameters_distill.yml, so both arms are exactly the default job with
-`kd_loss_weight` = its default or 0. Needs the outputs of `kedro run --pipelines
+`kd_loss_weight` = its default or 0. The seed sets the data order and, for a `from_config`
+student, its random init (the same in both arms of a seed). Needs the outputs of `kedro run --pipelines
 corpus_prep,teacher_logits`. Prints a table and writes JSON.
 
     .venv/bin/python scripts/quality_experiment.py --seeds 0 1 2 --eval-steps 5 \
@@ -19,14 +20,18 @@ validation split, and each arm's artifact bytes per trained token.
 
 With `--cross-tokenizer '{student_tokenizer: DIR}'` (and a `from_config` `--student-init`) both
 arms are students with that tokenizer (issue 12): the pair's vocabulary map is built into the
-workdir, and the final metrics are `core/cross_tokenizer/evaluation.py`'s (bits per byte, aligned
-KL and agreement); the curves stay held-out CE per student token, the same tokenizer in both arms.
+workdir, and the final metrics are `core/cross_tokenizer/evaluation.py`'s (bits per byte and per
+character, aligned KL and agreement). The held-out curves are CE per student token; with the same
+tokenizer and text in both arms they convert to bits per byte by one factor, tokens / (ln 2 x
+bytes) of the validation split (`curve_bits_per_byte`), and the step at which KD+SFT reaches
+SFT-only's final value is read on that curve (also linearly interpolated between evaluations).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -84,9 +89,12 @@ def run_arm(name, seed, params, args, corpus, reader, teacher):
     if args.max_steps:
         trainer["max_steps"] = args.max_steps
     out = Path(args.workdir) / f"{name}-seed{seed}"
+    student_init = dict(args.student_init or params["student_init"])
+    if student_init.get("method") == "from_config":  # the seed also draws the random init (paired across arms)
+        student_init["seed"] = seed
     started = time.time()
     summary = train_student(
-        teacher_dir=args.teacher, corpus=corpus, student_init=StudentInit.from_params(args.student_init or params["student_init"]),
+        teacher_dir=args.teacher, corpus=corpus, student_init=StudentInit.from_params(student_init),
         loss=KDLossConfig.from_dict(loss), train=TrainConfig.from_dict(trainer), output_dir=out,
         topk_dir=args.artifact if name == "kd_sft" else None, k=args.k if args.k else params.get("k"),
         checkpoint_dir=Path(args.workdir) / f"{name}-seed{seed}_checkpoints",
@@ -106,8 +114,12 @@ def run_arm(name, seed, params, args, corpus, reader, teacher):
         metrics = evaluate_student(model, corpus.split("validation"), reader, EvalConfig(), teacher_model=teacher)
     label = args.label if name == "kd_sft" and args.label else name
     artifact = artifact_summary(args.artifact, args.k) if name == "kd_sft" else {}
-    return {"arm": label, "seed": seed, "curve": curve, "metrics": metrics, "seconds": time.time() - started,
-            "artifact": artifact}
+    run = {"arm": label, "seed": seed, "curve": curve, "metrics": metrics, "seconds": time.time() - started,
+           "train_seconds": summary.get("train_seconds_in_steps"), "artifact": artifact}
+    if args.cross is not None:  # per student token -> per byte: one factor, the same text and tokenizer
+        factor = metrics["num_tokens"] / (math.log(2) * metrics["num_bytes"])
+        run["curve_bits_per_byte"] = [(step, value * factor) for step, value in curve]
+    return run
 
 
 def artifact_summary(directory, k=None):
@@ -142,6 +154,19 @@ def _key_values(items):
 
 def first_step_reaching(curve, target):
     return next((step for step, value in curve if value <= target), None)
+
+
+def interpolated_step_reaching(curve, target):
+    """The step at which the piecewise-linear curve first gets down to `target` (None: never)."""
+    previous = None
+    for step, value in curve:
+        if value <= target:
+            if previous is None or previous[1] == value:
+                return float(step)
+            (step0, value0) = previous
+            return step0 + (value0 - target) / (value0 - value) * (step - step0)
+        previous = (step, value)
+    return None
 
 
 def main(argv=None):
@@ -217,13 +242,19 @@ def summarize(runs, args):
         kd = next((r for r in runs if r["seed"] == seed and r["arm"] == "kd_sft"), None)
         if sft is None or kd is None:
             continue
-        sft_final_step, sft_final = sft["curve"][-1]
-        reach = first_step_reaching(kd["curve"], sft_final)
-        rows.append({"seed": seed, "sft_final_step": sft_final_step, "kd_step_reaching_sft_final": reach,
-                     "step_fraction": None if reach is None else reach / sft_final_step})
+        curve = "curve_bits_per_byte" if "curve_bits_per_byte" in sft else "curve"
+        sft_final_step, sft_final = sft[curve][-1]
+        reach = first_step_reaching(kd[curve], sft_final)
+        reach_interpolated = interpolated_step_reaching(kd[curve], sft_final)
+        rows.append({"seed": seed, "curve": curve, "sft_final_step": sft_final_step, "sft_final": sft_final,
+                     "kd_final": kd[curve][-1][1], "kd_step_reaching_sft_final": reach,
+                     "step_fraction": None if reach is None else reach / sft_final_step,
+                     "kd_step_reaching_sft_final_interpolated": reach_interpolated,
+                     "step_fraction_interpolated": (None if reach_interpolated is None
+                                                    else reach_interpolated / sft_final_step)})
     summary = {"runs": runs, "per_seed": rows, "aggregate": {}}
-    keys = (("student_bits_per_byte", "student_nll", "aligned_kl_teacher_student", "aligned_agreement",
-             "matched_mass") if args.cross is not None else
+    keys = (("student_bits_per_byte", "student_bits_per_char", "student_nll", "aligned_kl_teacher_student",
+             "aligned_agreement", "matched_mass", "teacher_bits_per_byte") if args.cross is not None else
             ("kl_teacher_student_full", "student_nll", "top1_agreement_full", "kl_teacher_student_topk",
              "kl_student_teacher_topk", "top1_agreement", "topk_overlap"))
     arms = list(dict.fromkeys(r["arm"] for r in runs))
@@ -241,7 +272,7 @@ def summarize(runs, args):
     # "Better beyond the seed spread": the arm's worst seed beats the baseline's best seed.
     lower_is_better = {"student_nll": True, "kl_teacher_student_topk": True, "kl_student_teacher_topk": True,
                        "top1_agreement": False, "topk_overlap": False, "student_bits_per_byte": True,
-                       "aligned_kl_teacher_student": True, "aligned_agreement": False,
+                       "student_bits_per_char": True, "aligned_kl_teacher_student": True, "aligned_agreement": False,
                        "kl_teacher_student_full": True, "top1_agreement_full": False}
     baseline = args.baseline
     for arm in arms:
@@ -265,9 +296,13 @@ def summarize(runs, args):
         if verdicts:
             print(f"better than {baseline} beyond the seed spread, {key}: {verdicts}")
     for row in rows:
-        print(f"seed {row['seed']}: SFT-only final held-out CE at step {row['sft_final_step']}; "
-              f"KD+SFT first reaches it at step {row['kd_step_reaching_sft_final']} "
-              f"(fraction {row['step_fraction']})")
+        print(f"seed {row['seed']}: SFT-only final held-out {row['curve']} {row['sft_final']:.4f} at step "
+              f"{row['sft_final_step']} (KD+SFT final {row['kd_final']:.4f}); KD+SFT first reaches it at step "
+              f"{row['kd_step_reaching_sft_final']} (fraction {row['step_fraction']}; interpolated "
+              f"{row['kd_step_reaching_sft_final_interpolated']}, {row['step_fraction_interpolated']})")
+    for run in sorted(runs, key=lambda r: (r["seed"], r["arm"])):
+        points = run.get("curve_bits_per_byte", run["curve"])
+        print(f"seed {run['seed']} {run['arm']:8s} " + " ".join(f"{step}:{value:.4f}" for step, value in points))
 
 
 if __name__ == "__main__":

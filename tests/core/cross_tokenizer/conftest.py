@@ -70,3 +70,19 @@ def wordpiece() -> Tokenizer:
     trainer = trainers.WordPieceTrainer(vocab_size=120, special_tokens=["[UNK]", "[CLS]", "[SEP]"], show_progress=False)
     tokenizer.train_from_iterator(texts, trainer)
     return tokenizer
+
+
+@pytest.fixture
+def chars_in_trained_tokens():
+    """Independent count for bits per character: characters whose first byte's offset lies in a
+    trained token (token t covers ends[t-1]:ends[t])."""
+
+    def count(text, ends, mask):
+        spans = [(int(ends[t - 1]) if t else 0, int(ends[t])) for t in range(len(ends)) if mask[t]]
+        total, offset = 0, 0
+        for char in text:
+            total += any(lo <= offset < hi for lo, hi in spans)
+            offset += len(char.encode("utf-8"))
+        return total
+
+    return count

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kd_pipeline.core.cross_tokenizer.alignment import encode_with_byte_ends, trained_byte_count
+from kd_pipeline.core.cross_tokenizer.evaluation import trained_char_count
 from kd_pipeline.core.cross_tokenizer.loss import CrossTokenizerOptions, cross_tokenizer_kd_loss
 from kd_pipeline.core.cross_tokenizer.reference import cross_tokenizer_loss_reference
 from kd_pipeline.core.cross_tokenizer.targets import collate_groups, sample_groups
@@ -59,6 +60,21 @@ def test_byte_counts_for_bits_per_byte_agree_across_tokenizers(byte_bpe, unigram
     assert trained_byte_count(s_ends, s_mask) == total - 0  # the student's first token is "▁" (0 bytes)
     with pytest.raises(ValueError, match="sample s2: 3 teacher target_logprobs for"):
         sample_groups(t_ends, t_mask, np.zeros(3), s_ends, s_mask, "s2")
+
+
+def test_char_counts_for_bits_per_char(byte_bpe, unigram, chars_in_trained_tokens):
+    _, t_ends, t_mask = encoded(byte_bpe, TEXT)
+    _, s_ends, s_mask = encoded(unigram, TEXT)
+    assert trained_char_count(TEXT, t_ends, t_mask) == len(TEXT) - 1  # all but the untrained "I"
+    assert trained_char_count(TEXT, s_ends, s_mask) == len(TEXT)
+    # The byte-level BPE cuts inside multi-byte characters (CJK, emoji): each still counts once.
+    data = TEXT.encode("utf-8")
+    assert any(end < len(data) and data[end] & 0xC0 == 0x80 for end in t_ends)
+    for ends, mask in ((t_ends, t_mask), (s_ends, s_mask)):
+        for first in range(3):  # untrain every third token
+            sparse = mask.copy()
+            sparse[first::3] = 0
+            assert trained_char_count(TEXT, ends, sparse) == chars_in_trained_tokens(TEXT, ends, sparse)
 
 
 def test_aligned_loss_on_real_tokenizers_matches_the_reference(byte_bpe, unigram):

@@ -127,7 +127,7 @@ def test_a_map_of_another_pair_is_refused(setup, tmp_path, byte_bpe):
         run(setup, tmp_path, KDLossConfig(kd_loss_weight=1.0, sft_loss_weight=1.0), vocab_map_path=path)
 
 
-def test_cross_tokenizer_evaluation_in_bits_per_byte(setup, tmp_path):
+def test_cross_tokenizer_evaluation_in_bits_per_byte(setup, tmp_path, chars_in_trained_tokens):
     import math
 
     from kd_pipeline.core.cross_tokenizer.alignment import trained_byte_count
@@ -143,7 +143,7 @@ def test_cross_tokenizer_evaluation_in_bits_per_byte(setup, tmp_path):
     metrics = evaluate_cross_tokenizer_student(model, tokenizer, samples, targets, vocab_map.projection(),
                                                EvalConfig(batch_size=3, token_chunk_size=7))
     # Independent: full logits of each sample, NLL of its trained student tokens, their bytes.
-    nll = num_bytes = tokens = teacher_nll = teacher_bytes = 0.0
+    nll = num_bytes = tokens = teacher_nll = teacher_bytes = num_chars = teacher_chars = 0.0
     for row in samples.to_pylist():
         student = student_sample(tokenizer, row["text"], np.asarray(row["byte_ends"]), np.asarray(row["loss_mask"]),
                                  tokenizer.eos_token_id)
@@ -156,9 +156,14 @@ def test_cross_tokenizer_evaluation_in_bits_per_byte(setup, tmp_path):
         num_bytes += trained_byte_count(student.byte_ends, student.loss_mask)
         teacher_nll -= float(targets.data[row["sample_id"]]["target_logprobs"].astype(np.float64).sum())
         teacher_bytes += trained_byte_count(np.asarray(row["byte_ends"]), np.asarray(row["loss_mask"]))
+        num_chars += chars_in_trained_tokens(row["text"], student.byte_ends, student.loss_mask)
+        teacher_chars += chars_in_trained_tokens(row["text"], row["byte_ends"], row["loss_mask"])
     assert metrics["num_tokens"] == tokens and metrics["num_bytes"] == num_bytes
     assert metrics["student_nll"] == pytest.approx(nll / tokens, rel=1e-5)
     assert metrics["student_bits_per_byte"] == pytest.approx(nll / (math.log(2) * num_bytes), rel=1e-5)
     assert metrics["teacher_bits_per_byte"] == pytest.approx(teacher_nll / (math.log(2) * teacher_bytes), rel=1e-6)
+    assert metrics["num_chars"] == num_chars
+    assert metrics["student_bits_per_char"] == pytest.approx(nll / (math.log(2) * num_chars), rel=1e-5)
+    assert metrics["teacher_bits_per_char"] == pytest.approx(teacher_nll / (math.log(2) * teacher_chars), rel=1e-6)
     assert metrics["aligned_kl_teacher_student"] > 0 and 0 <= metrics["aligned_agreement"] <= 1
     assert metrics["num_groups"] > 0

@@ -4,9 +4,10 @@ same-tokenizer students (values only; the pipeline logs them).
 Over the validation split re-tokenized by the student (`data.CrossTokenizerDataset`):
 
 * `student_nll` (nats per student token), `student_bits_per_byte` (summed NLL over `ln 2` times
-  the bytes its trained tokens cover); `teacher_nll`, `teacher_bits_per_byte` likewise from the
-  artifact's `target_logprobs` and the teacher's byte ends. Bits per byte is the number to compare
-  across tokenizers.
+  the bytes its trained tokens cover), `student_bits_per_char` (over the characters whose lead
+  byte they cover); `teacher_nll`, `teacher_bits_per_byte`, `teacher_bits_per_char` likewise from
+  the artifact's `target_logprobs` and the teacher's byte ends. Bits per byte (or character) is
+  the number to compare across tokenizers.
 * On the aligned spans (`loss.py`, first-token comparison, T = 1): `aligned_kl_teacher_student`,
   KL(teacher || student) between the two next-token distributions summed per matched class and
   renormalized over the classes of the teacher's top-k (the `renormalize` view, as
@@ -30,6 +31,23 @@ from kd_pipeline.core.evaluation.metrics import EvalConfig
 from kd_pipeline.core.losses import KDLossConfig
 from kd_pipeline.core.models.head import decoder_and_head, head_transform
 from kd_pipeline.core.training.data import flat_labels
+
+
+def trained_char_count(text: str, byte_ends: np.ndarray, loss_mask: np.ndarray) -> int:
+    """Characters of `text` whose first UTF-8 byte lies in a trained token (token t covers
+    `ends[t-1]:ends[t]`): the denominator of bits per character.
+
+    A character split across tokens counts once, with the token holding its lead byte.
+    """
+    data = np.frombuffer(text.encode("utf-8"), dtype=np.uint8)
+    ends = np.asarray(byte_ends, dtype=np.int64)
+    starts = np.concatenate([[0], ends[:-1]])
+    delta = np.zeros(len(data) + 1, dtype=np.int64)
+    trained = np.asarray(loss_mask).astype(bool) & (ends > starts) & (ends <= len(data))
+    np.add.at(delta, starts[trained], 1)
+    np.add.at(delta, ends[trained], -1)
+    in_trained = np.cumsum(delta)[: len(data)] > 0
+    return int((in_trained & ((data & 0xC0) != 0x80)).sum())
 
 
 @torch.no_grad()
@@ -64,7 +82,7 @@ def evaluate_cross_tokenizer_student(model, tokenizer, samples, teacher, project
     teacher_masks = [np.asarray(mask, dtype=np.int8) for mask in samples["loss_mask"].to_pylist()]
     teacher_ends = samples["byte_ends"].to_pylist()
     totals = dict(student_nll=0.0, teacher_nll=0.0, kl=0.0, agree=0.0, mass=0.0, groups=0.0, student_tokens=0,
-                  teacher_tokens=0, student_bytes=0, teacher_bytes=0)
+                  teacher_tokens=0, student_bytes=0, teacher_bytes=0, student_chars=0, teacher_chars=0)
     for start in range(0, len(dataset), config.batch_size):
         indices = list(range(start, min(start + config.batch_size, len(dataset))))
         items = dataset.__getitems__(indices)
@@ -88,7 +106,11 @@ def evaluate_cross_tokenizer_student(model, tokenizer, samples, teacher, project
             totals["teacher_nll"] += item["teacher_nll_sum"]
             totals["teacher_tokens"] += int(teacher_masks[index].sum())
             totals["teacher_bytes"] += trained_byte_count(np.asarray(teacher_ends[index]), teacher_masks[index])
-            totals["student_bytes"] += trained_byte_count(item["ct"].student.byte_ends, item["ct"].student.loss_mask)
+            student = item["ct"].student
+            totals["student_bytes"] += trained_byte_count(student.byte_ends, student.loss_mask)
+            text = dataset.texts[index]
+            totals["teacher_chars"] += trained_char_count(text, teacher_ends[index], teacher_masks[index])
+            totals["student_chars"] += trained_char_count(text, student.byte_ends, student.loss_mask)
     if totals["student_tokens"] == 0:
         raise ValueError(f"no trained student tokens in the {config.split!r} samples")
     ln2 = math.log(2)
@@ -97,10 +119,13 @@ def evaluate_cross_tokenizer_student(model, tokenizer, samples, teacher, project
         "num_samples": float(len(dataset)),
         "num_tokens": float(totals["student_tokens"]),
         "num_bytes": float(totals["student_bytes"]),
+        "num_chars": float(totals["student_chars"]),
         "student_nll": totals["student_nll"] / totals["student_tokens"],
         "student_bits_per_byte": totals["student_nll"] / (ln2 * max(totals["student_bytes"], 1)),
+        "student_bits_per_char": totals["student_nll"] / (ln2 * max(totals["student_chars"], 1)),
         "teacher_nll": totals["teacher_nll"] / max(totals["teacher_tokens"], 1),
         "teacher_bits_per_byte": totals["teacher_nll"] / (ln2 * max(totals["teacher_bytes"], 1)),
+        "teacher_bits_per_char": totals["teacher_nll"] / (ln2 * max(totals["teacher_chars"], 1)),
         "aligned_kl_teacher_student": totals["kl"] / groups,
         "aligned_agreement": totals["agree"] / groups,
         "matched_mass": totals["mass"] / groups,

@@ -49,10 +49,15 @@ tokenizer = student tokenizer) every slot is its own matched bucket, chains are 
 term is empty, so this is `fused_topk_kd_loss` (tested).
 
 **Chunking.** Rows are processed in chunks that never split a group (so a group's chain lies in
-its chunk). Each chunk's [C, V] logits are recomputed, the chunk's loss is differentiated by
-autograd w.r.t. those logits only, and the gradient is folded into `grad_hidden` /
-`grad_weight` / `grad_bias` at once (the pattern of `losses/fused.py`), so no [N, V] tensor is
-kept for the backward.
+its chunk). Each chunk's [C, V] logits are recomputed; what the loss reads of them (each row's
+log-sum-exp, the logits at the label, at the matched classes' student ids of a group's first row,
+at its top-K unmatched ids, and the log-sum-exp of the rest) is gathered without autograd, the
+loss is differentiated by autograd w.r.t. those small tensors only, and `_logits_grad` assembles
+the [C, V] gradient from them in one buffer (softmax times the log-sum-exp's gradient, the
+gathers' gradients scattered back), folded into `grad_hidden` / `grad_weight` / `grad_bias` at
+once (the pattern of `losses/fused.py`). So no [N, V] tensor is kept for the backward and a
+chunk holds the logits, the gradient and the first rows' outside-the-buckets copy, not an
+autograd graph of a dozen [C, V] tensors.
 """
 
 from __future__ import annotations
@@ -133,69 +138,61 @@ def _segment_logsumexp(values: torch.Tensor, segments: torch.Tensor, num_segment
     return shift + sums.log()
 
 
-def _group_terms(
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    sft_weights: torch.Tensor,
-    start: torch.Tensor,
-    stop: torch.Tensor,
-    topk_ids: torch.Tensor,
-    topk_logprobs: torch.Tensor,
-    teacher_chain: torch.Tensor,
-    group_weights: torch.Tensor,
-    projection: ProjectionTensors,
-    config: KDLossConfig,
-    options: CrossTokenizerOptions,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted loss of one chunk (differentiable in `logits`) and its metric sums.
+class _MatchedBuckets(NamedTuple):
+    """A chunk's KD buckets: the distinct (group, matched class) pairs, padded per group.
 
-    Args are the chunk's rows (`logits` (C, V) unscaled, `labels`, `sft_weights`) and its groups
-    (`start`/`stop` relative to the chunk). Returns (loss, sums) with sums (6,) float64:
-    [sum w KD, sum w ULD, sum v SFT, sum w matched_mass, sum w agreement, sum w].
+    Attributes:
+        teacher: (G, B) teacher log-mass per bucket (before the span merge), -inf padding.
+        position: (B,) each bucket's column in the padded (G, B) matrices.
+        bucket_group: (B,) its group.
+        has_bucket: (G,) whether the group has a matched class at all.
+        slot_matched: (G, K) whether each teacher top-k slot is in a matched class.
+        member_bucket: (M,) bucket of each (bucket, student id) member.
+        member_group: (M,) its group.
+        member_ids: (M,) its student id.
     """
-    dtype = logits.dtype
-    device = logits.device
-    num_rows, vocab = logits.shape
-    scale = config.logits_scale
-    scaled = logits * scale if scale != 1.0 else logits
-    log_q = scaled.log_softmax(dim=1)  # (C, V)
-    sums = torch.zeros(6, dtype=torch.float64, device=device)
-    loss = torch.zeros((), dtype=dtype, device=device)
 
-    label_valid = labels != IGNORE_INDEX
-    safe_labels = torch.where(label_valid, labels, 0).unsqueeze(1)
-    label_log_q = log_q.gather(1, safe_labels).squeeze(1)  # (C,)
-    if config.scale_sft_logits or scale == 1.0:
-        sft_per_row = -label_log_q
-    else:
-        sft_per_row = -logits.log_softmax(dim=1).gather(1, safe_labels).squeeze(1)
-    sft_w = torch.where(label_valid, sft_weights.to(dtype), 0.0)
-    sft_sum = torch.where(sft_w != 0, sft_w * sft_per_row, 0.0).sum()
-    sums[2] = sft_sum.detach()
-    if config.sft_loss_weight > 0:
-        loss = loss + config.sft_loss_weight * sft_sum
+    teacher: torch.Tensor
+    position: torch.Tensor
+    bucket_group: torch.Tensor
+    has_bucket: torch.Tensor
+    slot_matched: torch.Tensor
+    member_bucket: torch.Tensor
+    member_group: torch.Tensor
+    member_ids: torch.Tensor
 
-    num_groups = int(start.shape[0])
-    if num_groups == 0:
-        return loss, sums
-    w = group_weights.to(dtype)
-    sums[5] = w.sum()
 
-    # Chains: realized log-probs of the later tokens of each group (0 for one-token groups).
-    if options.span_merge == "observed":
-        later = later_row_mask(start, stop, num_rows)
-        group_of_row = torch.bucketize(torch.arange(num_rows, device=device), start, right=True) - 1
-        chain_s = torch.zeros(num_groups, dtype=dtype, device=device).index_add(
-            0, group_of_row[later], label_log_q[later]
-        )
-        chain_t = teacher_chain.to(dtype)
-    else:
-        chain_s = torch.zeros(num_groups, dtype=dtype, device=device)
-        chain_t = torch.zeros(num_groups, dtype=dtype, device=device)
+class _RowValues(NamedTuple):
+    """What the loss reads of a chunk's (C, V) student logits z (scaled by `logits_scale`),
+    gathered without an autograd graph; the loss is differentiated w.r.t. these small tensors
+    and the (C, V) gradient is assembled from theirs (`_logits_grad`).
 
-    first_log_q = log_q[start]  # (G, V)
-    teacher = topk_logprobs.to(dtype)
-    k = teacher.shape[1]
+    Attributes:
+        lse: (C,) log sum exp z.
+        label: (C,) z at the label (0 where none).
+        members: (M,) z at the first row of each bucket member's group, at its id.
+        tail_lse: (G,) log sum exp of the first row's z outside its group's matched buckets
+            (-inf when no id is outside), or None (`renormalize`).
+        uld: (G, K') z at the first row's top-K' unmatched student ids, or None (no ULD term).
+        uld_ids: (G, K') those ids, or None.
+        raw_lse, raw_label: the same of the unscaled logits, for an unscaled SFT term (else None).
+    """
+
+    lse: torch.Tensor
+    label: torch.Tensor
+    members: torch.Tensor
+    tail_lse: torch.Tensor | None
+    uld: torch.Tensor | None
+    uld_ids: torch.Tensor | None
+    raw_lse: torch.Tensor | None
+    raw_label: torch.Tensor | None
+
+
+def _matched_buckets(topk_ids: torch.Tensor, teacher: torch.Tensor, projection: ProjectionTensors) -> _MatchedBuckets:
+    """The teacher's top-k slots summed per matched class of each group, and the student ids of
+    those classes (their mass is summed by `_student_buckets`)."""
+    num_groups, k = teacher.shape
+    dtype, device = teacher.dtype, teacher.device
     slot_class = projection.teacher_class[topk_ids]  # (G, K)
     slot_matched = projection.class_matched[slot_class]
     num_classes = projection.num_classes
@@ -209,6 +206,7 @@ def _group_terms(
     bucket_class = bucket_keys % num_classes
     teacher_bucket = _segment_logsumexp(teacher[slot_matched], slot_bucket, num_buckets)  # (B,)
 
+    # Every student id of every bucket's class (CSR lists of the projection).
     ptr = projection.class_student_ptr
     member_counts = ptr[bucket_class + 1] - ptr[bucket_class]
     member_bucket = torch.repeat_interleave(torch.arange(num_buckets, device=device), member_counts)
@@ -216,71 +214,239 @@ def _group_terms(
         member_counts.cumsum(0) - member_counts, member_counts
     )
     member_ids = projection.class_student_ids[ptr[bucket_class][member_bucket] + member_offset]
-    member_group = bucket_group[member_bucket]
-    student_bucket = _segment_logsumexp(first_log_q[member_group, member_ids], member_bucket, num_buckets)
 
-    # Padded (G, Bmax) bucket matrices.
+    # Padded (G, Bmax) teacher matrix.
     per_group = torch.bincount(bucket_group, minlength=num_groups)
     width = max(int(per_group.max()) if num_buckets else 0, 1)
     position = torch.arange(num_buckets, device=device) - (per_group.cumsum(0) - per_group)[bucket_group]
-    log_p_raw = torch.full((num_groups, width), -math.inf, dtype=dtype, device=device)
-    log_p_raw = log_p_raw.index_put((bucket_group, position), teacher_bucket)
-    log_q_raw = torch.full((num_groups, width), -math.inf, dtype=dtype, device=device)
-    log_q_raw = log_q_raw.index_put((bucket_group, position), student_bucket)
-    has_bucket = per_group > 0
+    padded = torch.full((num_groups, width), -math.inf, dtype=dtype, device=device)
+    padded = padded.index_put((bucket_group, position), teacher_bucket)
+    return _MatchedBuckets(padded, position, bucket_group, per_group > 0, slot_matched, member_bucket,
+                           bucket_group[member_bucket], member_ids)
 
-    with torch.no_grad():
-        sums[3] = (w * log_p_raw.exp().sum(1)).sum()
-        top_p = log_p_raw.argmax(1)
-        top_q = log_q_raw.argmax(1)
-        sums[4] = (w * (has_bucket & (top_p == top_q)).to(dtype)).sum()
 
-    merged_p = log_p_raw + chain_t.unsqueeze(1)
-    merged_q = log_q_raw + chain_s.unsqueeze(1)
+@torch.no_grad()
+def _gather_row_values(
+    logits: torch.Tensor, labels: torch.Tensor, start: torch.Tensor, buckets: _MatchedBuckets | None,
+    projection: ProjectionTensors, k: int, config: KDLossConfig, options: CrossTokenizerOptions,
+) -> tuple[_RowValues, torch.Tensor, torch.Tensor | None]:
+    """(`_RowValues`, scaled logits z, the first rows' z with -inf at bucket members or None).
+
+    z and the masked first rows are returned for the gradient's softmaxes (`_logits_grad`).
+    """
+    scale = config.logits_scale
+    z = logits * scale if scale != 1.0 else logits
+    safe_labels = torch.where(labels != IGNORE_INDEX, labels, 0).unsqueeze(1)
+    lse = z.logsumexp(1)
+    label = z.gather(1, safe_labels).squeeze(1)
+    raw_lse = raw_label = None
+    if not (config.scale_sft_logits or scale == 1.0):
+        raw_lse, raw_label = logits.logsumexp(1), logits.gather(1, safe_labels).squeeze(1)
+    if buckets is None:
+        return _RowValues(lse, label, label[:0], None, None, None, raw_lse, raw_label), z, None
+    members = z[start[buckets.member_group], buckets.member_ids]
+    uld = uld_ids = None
+    if options.uld_loss_weight > 0:
+        unmatched = z[start].masked_fill_(~projection.student_unmatched.unsqueeze(0), -math.inf)
+        uld, uld_ids = unmatched.topk(min(k, z.shape[1]), dim=1)
+        del unmatched
+    tail_lse = outside = None
+    if config.topk_normalization != "renormalize":
+        outside = z[start]
+        outside[buckets.member_group, buckets.member_ids] = -math.inf
+        tail_lse = outside.logsumexp(1)  # -inf when every id is a member
+    return _RowValues(lse, label, members, tail_lse, uld, uld_ids, raw_lse, raw_label), z, outside
+
+
+def _sft_sum(values: _RowValues, labels: torch.Tensor, sft_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`sum_r v_r SFT_r`, the (C,) student log-probs of the labels under z)."""
+    label_log_q = values.label - values.lse
+    sft_log_q = label_log_q if values.raw_lse is None else values.raw_label - values.raw_lse
+    sft_w = torch.where(labels != IGNORE_INDEX, sft_weights.to(values.lse.dtype), 0.0)
+    return torch.where(sft_w != 0, -sft_w * sft_log_q, 0.0).sum(), label_log_q
+
+
+def _chains(
+    label_log_q: torch.Tensor, start: torch.Tensor, stop: torch.Tensor, teacher_chain: torch.Tensor,
+    options: CrossTokenizerOptions,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(student chain, teacher chain) per group: the realized log-probs of each group's later
+    tokens under `observed` (0 for one-token groups), zeros under `first_token`."""
+    num_rows, num_groups = int(label_log_q.shape[0]), int(start.shape[0])
+    dtype, device = label_log_q.dtype, label_log_q.device
+    if options.span_merge != "observed":
+        zeros = torch.zeros(num_groups, dtype=dtype, device=device)
+        return zeros, zeros
+    later = later_row_mask(start, stop, num_rows)
+    group_of_row = torch.bucketize(torch.arange(num_rows, device=device), start, right=True) - 1
+    chain_s = torch.zeros(num_groups, dtype=dtype, device=device).index_add(0, group_of_row[later], label_log_q[later])
+    return chain_s, teacher_chain.to(dtype)
+
+
+def _student_buckets(values: _RowValues, buckets: _MatchedBuckets, first_lse: torch.Tensor) -> torch.Tensor:
+    """(G, B) student log-mass per bucket at the group's first row, -inf padding."""
+    num_buckets = int(buckets.position.shape[0])
+    summed = _segment_logsumexp(values.members, buckets.member_bucket, num_buckets) - first_lse[buckets.bucket_group]
+    padded = torch.full(buckets.teacher.shape, -math.inf, dtype=summed.dtype, device=summed.device)
+    return padded.index_put((buckets.bucket_group, buckets.position), summed)
+
+
+def _student_tail(tail_lse: torch.Tensor, first_lse: torch.Tensor, chain_s: torch.Tensor) -> torch.Tensor:
+    """(G,) log of the student's merged mass outside the group's matched buckets,
+    `log(1 - e^c (1 - r))` with r the first row's mass outside them (-inf when no id is outside)."""
+    tail_nonempty = torch.isfinite(tail_lse)
+    rest_lse = torch.where(tail_nonempty, tail_lse - first_lse, -math.inf)
+    # log(1 - e^c (1 - r)) = logaddexp(log(1 - e^c), c + log r); exactly r when c == 0.
+    chained = chain_s < 0
+    safe_chain = torch.where(chained, chain_s, -1.0)
+    student_tail = torch.where(chained, torch.logaddexp(_log1mexp(safe_chain), safe_chain + rest_lse), rest_lse)
+    return torch.where(tail_nonempty, student_tail, -math.inf)
+
+
+def _kd_per_group(
+    student: torch.Tensor, buckets: _MatchedBuckets, tail: torch.Tensor | None, chain_s: torch.Tensor,
+    chain_t: torch.Tensor, config: KDLossConfig,
+) -> torch.Tensor:
+    """(G,) KD divergence over the merged matched buckets (+ the tail bucket), 0 without any."""
+    has = buckets.has_bucket.unsqueeze(1)
+    merged_p = buckets.teacher + chain_t.unsqueeze(1)
+    merged_q = student + chain_s.unsqueeze(1)
     target_scale = config.target_logits_scale
-    if config.topk_normalization == "renormalize":
-        safe_p = torch.where(has_bucket.unsqueeze(1), merged_p, 0.0)
-        safe_q = torch.where(has_bucket.unsqueeze(1), merged_q, 0.0)
-        bucket_log_p = (target_scale * safe_p).log_softmax(1)
-        bucket_log_q = safe_q.log_softmax(1)
+    if tail is None:  # renormalize
+        bucket_log_p = (target_scale * torch.where(has, merged_p, 0.0)).log_softmax(1)
+        bucket_log_q = torch.where(has, merged_q, 0.0).log_softmax(1)
     else:
-        # Student rest: mass of the ids outside this group's matched buckets.
-        outside = torch.ones((num_groups, vocab), dtype=torch.bool, device=device)
-        outside[member_group, member_ids] = False
-        tail_nonempty = outside.any(1)
-        rest = first_log_q.masked_fill(~outside, -math.inf)
-        rest = rest.where(tail_nonempty.unsqueeze(1), 0.0)
-        rest_lse = torch.where(tail_nonempty, rest.logsumexp(1), -math.inf)
-        # log(1 - e^c (1 - r)) = logaddexp(log(1 - e^c), c + log r); exactly r when c == 0.
-        chained = chain_s < 0
-        safe_chain = torch.where(chained, chain_s, -1.0)
-        student_tail = torch.where(
-            chained, torch.logaddexp(_log1mexp(safe_chain), safe_chain + rest_lse), rest_lse
-        )
-        student_tail = torch.where(tail_nonempty, student_tail, -math.inf)
-        teacher_tail = torch.where(tail_nonempty, _teacher_tail_logmass(merged_p), -math.inf)
+        teacher_tail = torch.where(torch.isfinite(tail), _teacher_tail_logmass(merged_p), -math.inf)
         bucket_log_p = (target_scale * torch.cat([merged_p, teacher_tail[:, None]], 1)).log_softmax(1)
-        bucket_log_q = torch.cat([merged_q, student_tail[:, None]], 1)
+        bucket_log_q = torch.cat([merged_q, tail[:, None]], 1)
     kd_per_group = _divergence(bucket_log_p, bucket_log_q, config.effective_kd_loss, config.beta)
-    kd_per_group = torch.where(has_bucket, kd_per_group, 0.0)
-    kd_sum = torch.where(w != 0, w * kd_per_group, 0.0).sum()
+    return torch.where(buckets.has_bucket, kd_per_group, 0.0)
+
+
+def _uld_per_group(
+    q_top: torch.Tensor, teacher: torch.Tensor, slot_matched: torch.Tensor, chain_s: torch.Tensor,
+    chain_t: torch.Tensor, target_scale: float,
+) -> torch.Tensor:
+    """(G,) L1 distance of the sorted unmatched probabilities over the teacher's K ranks
+    (`q_top`: the student's top unmatched log-probs, descending)."""
+    k = teacher.shape[1]
+    teacher_unmatched = torch.where(slot_matched, -math.inf, target_scale * (teacher + chain_t[:, None]))
+    p_sorted = teacher_unmatched.sort(dim=1, descending=True).values.exp()
+    q_sorted = (q_top + chain_s[:, None]).exp()
+    if q_sorted.shape[1] < k:
+        q_sorted = torch.nn.functional.pad(q_sorted, (0, k - q_sorted.shape[1]))
+    return (p_sorted - q_sorted).abs().sum(1)
+
+
+def _group_terms(
+    values: _RowValues,
+    labels: torch.Tensor,
+    sft_weights: torch.Tensor,
+    start: torch.Tensor,
+    stop: torch.Tensor,
+    buckets: _MatchedBuckets | None,
+    teacher: torch.Tensor,
+    teacher_chain: torch.Tensor,
+    group_weights: torch.Tensor,
+    config: KDLossConfig,
+    options: CrossTokenizerOptions,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted loss of one chunk (differentiable in `values`' tensors) and its metric sums.
+
+    `values` are the chunk's rows' (`_gather_row_values`), `start`/`stop` its groups' rows
+    (relative to the chunk). Returns (loss, sums) with sums (6,) float64:
+    [sum w KD, sum w ULD, sum v SFT, sum w matched_mass, sum w agreement, sum w].
+    """
+    dtype = values.lse.dtype
+    sums = torch.zeros(6, dtype=torch.float64, device=values.lse.device)
+    loss = torch.zeros((), dtype=dtype, device=values.lse.device)
+    sft_sum, label_log_q = _sft_sum(values, labels, sft_weights)
+    sums[2] = sft_sum.detach()
+    if config.sft_loss_weight > 0:
+        loss = loss + config.sft_loss_weight * sft_sum
+    if buckets is None:
+        return loss, sums
+    w = group_weights.to(dtype)
+    sums[5] = w.sum()
+
+    chain_s, chain_t = _chains(label_log_q, start, stop, teacher_chain, options)
+    first_lse = values.lse[start]
+    student = _student_buckets(values, buckets, first_lse)
+    with torch.no_grad():
+        sums[3] = (w * buckets.teacher.exp().sum(1)).sum()
+        agree = buckets.has_bucket & (buckets.teacher.argmax(1) == student.argmax(1))
+        sums[4] = (w * agree.to(dtype)).sum()
+
+    tail = None if values.tail_lse is None else _student_tail(values.tail_lse, first_lse, chain_s)
+    kd_sum = torch.where(w != 0, w * _kd_per_group(student, buckets, tail, chain_s, chain_t, config), 0.0).sum()
     sums[0] = kd_sum.detach()
     if config.kd_loss_weight > 0:
         loss = loss + config.kd_loss_weight * config.kd_factor * kd_sum
-
-    if options.uld_loss_weight > 0:
-        teacher_unmatched = torch.where(slot_matched, -math.inf, target_scale * (teacher + chain_t[:, None]))
-        p_sorted = teacher_unmatched.sort(dim=1, descending=True).values.exp()
-        student_unmatched = first_log_q.masked_fill(~projection.student_unmatched.unsqueeze(0), -math.inf)
-        q_top = student_unmatched.topk(min(k, vocab), dim=1).values
-        q_sorted = (q_top + chain_s[:, None]).exp()
-        if q_sorted.shape[1] < k:
-            q_sorted = torch.nn.functional.pad(q_sorted, (0, k - q_sorted.shape[1]))
-        uld_per_group = (p_sorted - q_sorted).abs().sum(1)
-        uld_sum = torch.where(w != 0, w * uld_per_group, 0.0).sum()
+    if values.uld is not None:
+        q_top = values.uld - first_lse[:, None]
+        uld = _uld_per_group(q_top, teacher, buckets.slot_matched, chain_s, chain_t, config.target_logits_scale)
+        uld_sum = torch.where(w != 0, w * uld, 0.0).sum()
         sums[1] = uld_sum.detach()
         loss = loss + options.uld_loss_weight * uld_sum
     return loss, sums
+
+
+def _logits_grad(
+    logits: torch.Tensor, z: torch.Tensor, outside: torch.Tensor | None, values: _RowValues,
+    grads: _RowValues, labels: torch.Tensor, start: torch.Tensor, buckets: _MatchedBuckets | None,
+    scale: float,
+) -> torch.Tensor:
+    """d loss / d logits (C, V) from the gradients w.r.t. the gathered values: d lse / dz is
+    softmax(z), d tail_lse / dz the softmax over the outside ids, the gathers scatter back."""
+    grad = (z - values.lse[:, None]).exp_().mul_(grads.lse[:, None])  # the only (C, V) buffer
+    safe_labels = torch.where(labels != IGNORE_INDEX, labels, 0)
+    rows = torch.arange(z.shape[0], device=z.device)
+    grad.index_put_((rows, safe_labels), grads.label, accumulate=True)
+    if buckets is not None:
+        grad.index_put_((start[buckets.member_group], buckets.member_ids), grads.members, accumulate=True)
+        if grads.tail_lse is not None:
+            finite = torch.isfinite(values.tail_lse)
+            safe_tail = torch.where(finite, values.tail_lse, 0.0)
+            weight = torch.where(finite, grads.tail_lse, 0.0)
+            grad.index_add_(0, start, outside.sub_(safe_tail[:, None]).exp_().mul_(weight[:, None]))  # consumes it
+        if grads.uld is not None:
+            grad.index_put_((start[:, None].expand_as(values.uld_ids), values.uld_ids), grads.uld, accumulate=True)
+    if scale != 1.0:
+        grad.mul_(scale)
+    if grads.raw_lse is not None:  # the unscaled SFT term
+        grad.add_((logits - values.raw_lse[:, None]).exp_().mul_(grads.raw_lse[:, None]))
+        grad.index_put_((rows, safe_labels), grads.raw_label, accumulate=True)
+    return grad
+
+
+def _chunk_loss(
+    logits: torch.Tensor, labels: torch.Tensor, sft_weights: torch.Tensor, start: torch.Tensor, stop: torch.Tensor,
+    topk_ids: torch.Tensor, topk_logprobs: torch.Tensor, teacher_chain: torch.Tensor, group_weights: torch.Tensor,
+    projection: ProjectionTensors, config: KDLossConfig, options: CrossTokenizerOptions, compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(metric sums (6,), d loss / d logits or None) of one chunk's (C, V) logits.
+
+    The (C, V) work runs without autograd (`_gather_row_values`); autograd differentiates the
+    loss w.r.t. the gathered (C,)/(G, K)-sized values only, and `_logits_grad` turns that into
+    the logits' gradient, so a chunk holds ~3 (C, V) buffers instead of a graph of a dozen.
+    """
+    teacher = topk_logprobs.to(logits.dtype)
+    buckets = _matched_buckets(topk_ids, teacher, projection) if start.numel() else None
+    values, z, outside = _gather_row_values(logits, labels, start, buckets, projection, teacher.shape[1],
+                                            config, options)
+    leaves = _RowValues(*(None if v is None or not v.is_floating_point() else v.detach().requires_grad_(compute_grad)
+                          for v in values))
+    leaves = leaves._replace(uld_ids=values.uld_ids)
+    with torch.enable_grad():
+        loss, sums = _group_terms(leaves, labels, sft_weights, start, stop, buckets, teacher, teacher_chain,
+                                  group_weights, config, options)
+        if not (compute_grad and loss.requires_grad):
+            return sums, None
+        inputs = [(name, v) for name, v in leaves._asdict().items() if v is not None and v.requires_grad]
+        found = torch.autograd.grad(loss, [v for _, v in inputs], allow_unused=True)
+    grads = {name: (torch.zeros_like(v) if g is None else g) for (name, v), g in zip(inputs, found)}
+    grads = _RowValues(**{name: grads.get(name) for name in _RowValues._fields})
+    return sums, _logits_grad(logits, z, outside, values, grads, labels, start, buckets, config.logits_scale)
 
 
 class CrossTokenizerDistillationFunction(torch.autograd.Function):
@@ -308,25 +474,21 @@ class CrossTokenizerDistillationFunction(torch.autograd.Function):
                 hidden_chunk = hidden[first:end]
                 with torch.no_grad():
                     logits = _chunk_logits(hidden_chunk, weight, bias).to(dtype).contiguous()
-                with torch.enable_grad():
-                    logits.requires_grad_(compute_grad)
-                    chunk_loss, chunk_sums = _group_terms(
-                        logits, labels[first:end], sft_weights[first:end],
-                        start[lo:hi] - first, stop[lo:hi] - first,
-                        groups.topk_ids[lo:hi], groups.topk_logprobs[lo:hi],
-                        groups.teacher_chain[lo:hi], groups.weights[lo:hi],
-                        projection, config, options,
-                    )
-                    sums += chunk_sums
-                    if compute_grad and chunk_loss.requires_grad:
-                        (grad_logits,) = torch.autograd.grad(chunk_loss, logits)
-                        grad_logits = grad_logits.to(weight.dtype)
-                        if grad_hidden is not None:
-                            grad_hidden[first:end] = grad_logits @ weight
-                        if grad_weight is not None:
-                            grad_weight.addmm_(grad_logits.t(), hidden_chunk)
-                        if grad_bias is not None:
-                            grad_bias.add_(grad_logits.sum(0))
+                chunk_sums, grad_logits = _chunk_loss(
+                    logits, labels[first:end], sft_weights[first:end], start[lo:hi] - first, stop[lo:hi] - first,
+                    groups.topk_ids[lo:hi], groups.topk_logprobs[lo:hi], groups.teacher_chain[lo:hi],
+                    groups.weights[lo:hi], projection, config, options, compute_grad,
+                )
+                sums += chunk_sums
+                del logits
+                if grad_logits is not None:
+                    grad_logits = grad_logits.to(weight.dtype)
+                    if grad_hidden is not None:
+                        grad_hidden[first:end] = grad_logits @ weight
+                    if grad_weight is not None:
+                        grad_weight.addmm_(grad_logits.t(), hidden_chunk)
+                    if grad_bias is not None:
+                        grad_bias.add_(grad_logits.sum(0))
         kd, uld, sft, mass, agree, weight_sum = (value.clone() for value in sums.to(dtype).unbind())
         loss = torch.zeros((), dtype=dtype, device=hidden.device)
         if config.kd_loss_weight > 0:
