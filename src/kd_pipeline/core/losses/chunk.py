@@ -263,7 +263,11 @@ def _kd_terms(
     weights: torch.Tensor,
     kd_coef: torch.Tensor | None,
     config: KDLossConfig,
+    topk_weights: torch.Tensor | None = None,
 ) -> _KDTerms:
+    if topk_weights is not None:  # sampled targets: the importance-weighted estimator
+        return _sampled_kd_terms(reads, scaled_topk, part, unscaled_lse, topk_logprobs, teacher_logz,
+                                 topk_weights, weights, kd_coef, config)
     teacher = topk_logprobs.to(weights.dtype)
     coverage_sum = _weighted_sum(weights, teacher.exp().sum(1))
     unique_topk_lse = reads.topk_logits.masked_fill(~reads.first_slot, -math.inf).logsumexp(dim=1)
@@ -434,8 +438,7 @@ def chunk_step(
     if scale != 1.0:
         work.mul_(scale)
     scaled_topk = reads.topk_logits * scale if has_kd else None
-    # The sampled estimator needs only the full-vocabulary partition (no tail bucket).
-    tail_mode = has_kd and config.topk_normalization == "tail_bucket" and topk_weights is None
+    tail_mode = has_kd and config.topk_normalization == "tail_bucket" and topk_weights is None  # sampled: no tail
     part = _partition_in_place(work, topk_ids, scaled_topk, reads.first_slot, tail_mode)
     if unscaled_lse is None:
         unscaled_lse = part.scaled_lse
@@ -445,12 +448,8 @@ def chunk_step(
     grad_scaled_lse = torch.zeros_like(part.scaled_lse)
     kd = None
     if has_kd:
-        if topk_weights is None:
-            kd = _kd_terms(reads, scaled_topk, part, unscaled_lse, topk_logprobs, teacher_logz, weights,
-                           kd_coef, config)
-        else:
-            kd = _sampled_kd_terms(reads, scaled_topk, part, unscaled_lse, topk_logprobs, teacher_logz,
-                                   topk_weights, weights, kd_coef, config)
+        kd = _kd_terms(reads, scaled_topk, part, unscaled_lse, topk_logprobs, teacher_logz, weights,
+                       kd_coef, config, topk_weights)
         sums[0], sums[2], sums[3] = kd.kd_sum, kd.coverage_sum, kd.mass_sum
         if kd.grad_scaled_lse is not None:
             grad_scaled_lse = grad_scaled_lse + kd.grad_scaled_lse
