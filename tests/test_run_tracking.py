@@ -73,3 +73,20 @@ def test_runner_tag_is_the_class_name():
     assert _runner_name("<kedro.runner.sequential_runner.SequentialRunner object at 0x7f7afd807990>") == "SequentialRunner"
     assert _runner_name(SequentialRunner()) == "SequentialRunner"
     assert _runner_name("ParallelRunner") == "ParallelRunner" and _runner_name(None) is None
+
+
+def test_vocab_map_tags_name_the_tokenizer_pair_and_the_map(tmp_path):
+    import json
+
+    from kd_pipeline.tracking import vocab_map_tags
+
+    summary = {"content_hash": "ab" * 32, "teacher_fingerprint": "t" * 64, "student_fingerprint": "s" * 64,
+               "teacher_matched_ids": "48953", "student_matched_ids": "7979"}
+    (tmp_path / "vocab_map.json").write_text(json.dumps(summary))
+    tags = vocab_map_tags(tmp_path, {"student_tokenizer": "data/06_models/student_tokenizer"})
+    assert tags == {"cross_tokenizer_student_tokenizer": "data/06_models/student_tokenizer",
+                    "teacher_tokenizer_fingerprint": "t" * 64, "student_tokenizer_fingerprint": "s" * 64,
+                    "vocab_map_sha256": "ab" * 32, "vocab_map_matched_teacher_ids": "48953",
+                    "vocab_map_matched_student_ids": "7979"}
+    (tmp_path / "vocab_map.json").write_text(json.dumps({"cross_tokenizer": None}))
+    assert vocab_map_tags(tmp_path, None) == {}  # the student shares the teacher's tokenizer
