@@ -89,3 +89,20 @@ def test_the_capture_mode_and_full_vocab_kl_are_logged_as_mlflow_params():
     flat = flatten_params(params)
     assert flat["teacher_logits.capture.mode"] == "topk"
     assert flat["evaluate.metrics.full_vocab_kl"] == "True"
+
+
+def test_vocab_map_tags_name_the_tokenizer_pair_and_the_map(tmp_path):
+    import json
+
+    from kd_pipeline.tracking import vocab_map_tags
+
+    summary = {"content_hash": "ab" * 32, "teacher_fingerprint": "t" * 64, "student_fingerprint": "s" * 64,
+               "teacher_matched_ids": "48953", "student_matched_ids": "7979"}
+    (tmp_path / "vocab_map.json").write_text(json.dumps(summary))
+    tags = vocab_map_tags(tmp_path, {"student_tokenizer": "data/06_models/student_tokenizer"})
+    assert tags == {"cross_tokenizer_student_tokenizer": "data/06_models/student_tokenizer",
+                    "teacher_tokenizer_fingerprint": "t" * 64, "student_tokenizer_fingerprint": "s" * 64,
+                    "vocab_map_sha256": "ab" * 32, "vocab_map_matched_teacher_ids": "48953",
+                    "vocab_map_matched_student_ids": "7979"}
+    (tmp_path / "vocab_map.json").write_text(json.dumps({"cross_tokenizer": None}))
+    assert vocab_map_tags(tmp_path, None) == {}  # the student shares the teacher's tokenizer

@@ -89,6 +89,25 @@ def dvc_experiment_tags() -> dict[str, str]:
     return {tag: os.environ[env] for env, tag in names.items() if os.environ.get(env)}
 
 
+#: The vocabulary map folder's summary file (written by distill's build_vocab_map node).
+VOCAB_MAP_SUMMARY = "vocab_map.json"
+
+
+def vocab_map_tags(vocab_map: Path | None, cross_tokenizer: Mapping | None) -> dict[str, str]:
+    """The tokenizer pair of a student with its own tokenizer (`distill.cross_tokenizer`): both
+    tokenizers' fingerprints and the vocabulary map's content hash, from the map's summary
+    (`vocab_map.json`); {} for a student sharing the teacher's tokenizer."""
+    if not cross_tokenizer or vocab_map is None:
+        return {}
+    summary = json.loads((Path(vocab_map) / VOCAB_MAP_SUMMARY).read_text())
+    return {"cross_tokenizer_student_tokenizer": str(cross_tokenizer.get("student_tokenizer")),
+            "teacher_tokenizer_fingerprint": summary.get("teacher_fingerprint", "missing"),
+            "student_tokenizer_fingerprint": summary.get("student_fingerprint", "missing"),
+            "vocab_map_sha256": summary.get("content_hash", "missing"),
+            "vocab_map_matched_teacher_ids": str(summary.get("teacher_matched_ids", "?")),
+            "vocab_map_matched_student_ids": str(summary.get("student_matched_ids", "?"))}
+
+
 def artifact_tags(teacher_topk: Path, lock_file: Path | None = None) -> dict[str, str]:
     """The teacher artifact's identity: its DVC hash (from dvc.lock, when DVC produced it) and
     the sha256 of its manifest (which holds every shard's sha256)."""

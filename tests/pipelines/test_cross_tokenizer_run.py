@@ -48,3 +48,13 @@ def test_whole_pipeline_with_a_cross_tokenizer_student(tmp_path, project_root, c
         assert isinstance(metrics[key], float) and metrics[key] >= 0, key
     student_tokens = json.loads((data / "06_models/student/tokenizer.json").read_text())["model"]["type"]
     assert student_tokens == "Unigram"
+
+    # MLflow (one run for the whole `kedro run`): the tokenizer pair and the map's hash.
+    import sqlite3
+
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        tags = dict(db.execute("SELECT key, value FROM tags WHERE key IN "
+                               "('vocab_map_sha256', 'student_tokenizer_fingerprint', 'teacher_tokenizer_fingerprint')"))
+    assert tags == {"vocab_map_sha256": vocab_map["content_hash"],
+                    "student_tokenizer_fingerprint": vocab_map["student_fingerprint"],
+                    "teacher_tokenizer_fingerprint": vocab_map["teacher_fingerprint"]}, tags

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 # and torch and transformers cost seconds that the other stages need not pay.
 
 _PARAM_GROUPS = ("student_init", "loss", "trainer", "k", "topk_verify", "tracking", "cross_tokenizer")
-VOCAB_MAP_SUMMARY = "vocab_map.json"
+VOCAB_MAP_SUMMARY = tracking.VOCAB_MAP_SUMMARY
 
 
 def build_vocab_map(teacher_model: Path, cross_tokenizer: dict | None) -> Callable[[Path], None]:
@@ -86,10 +86,8 @@ def train_student(tokenized_corpus: TokenizedCorpus, teacher_topk: Path, teacher
     map_path = None
     if cross is not None:
         map_path = Path(vocab_map) / VOCAB_MAP_FILE
-        map_summary = json.loads((Path(vocab_map) / VOCAB_MAP_SUMMARY).read_text())
         tags.update({"cross_tokenizer_pair": f"{teacher_model} -> {cross.student_tokenizer}",
-                     "vocab_map_sha256": map_summary.get("content_hash", "missing"),
-                     "vocab_map_matched_teacher_ids": map_summary.get("teacher_matched_ids", "?")})
+                     **tracking.vocab_map_tags(vocab_map, params.get("cross_tokenizer"))})
     tracking.set_tags(tags, "distill")
 
     def write_student(directory: Path) -> None:

@@ -73,8 +73,9 @@ def plot_training_curves(distill_summary: dict, distill_params: dict, params: di
 
 
 def track_evaluation(eval_metrics: dict[str, float], teacher_topk: Path, distill_params: dict,
-                     teacher_logits_params: dict) -> dict[str, dict]:
-    """Tags the active MLflow run (DVC experiment, artifact hashes) and returns the metrics in
+                     teacher_logits_params: dict, vocab_map: Path | None = None) -> dict[str, dict]:
+    """Tags the active MLflow run (DVC experiment, artifact hashes, a student tokenizer's pair and
+    vocabulary map) and returns the metrics in
     kedro-mlflow's `MlflowMetricsHistoryDataset` format, as `heldout/<name>` (metrics.json keeps
     the plain names): they sort, and are charted, before any training metric.
 
@@ -82,6 +83,7 @@ def track_evaluation(eval_metrics: dict[str, float], teacher_topk: Path, distill
     logs every stage's parameters anyway).
     """
     tags = {"kd_run_kind": tracking.run_label(distill_params), **tracking.artifact_tags(teacher_topk),
-            **tracking.dvc_experiment_tags()}
+            **tracking.dvc_experiment_tags(),
+            **tracking.vocab_map_tags(vocab_map, distill_params.get("cross_tokenizer"))}
     tracking.set_tags(tags, "evaluate")
     return {f"{tracking.HELDOUT_PREFIX}{key}": {"value": float(value), "step": 0} for key, value in eval_metrics.items()}

@@ -35,7 +35,7 @@ def create_pipeline(**kwargs) -> Pipeline:
                 # run too: the MLflow table then shows loss weights, temperatures, KL direction
                 # and k next to the eval metrics.
                 func=track_evaluation,
-                inputs=["eval_metrics", "teacher_topk", "params:distill", "params:teacher_logits"],
+                inputs=["eval_metrics", "teacher_topk", "params:distill", "params:teacher_logits", "vocab_map"],
                 outputs="eval_mlflow_metrics",
                 name="track_evaluation",
             ),
