@@ -11,9 +11,9 @@ For each case (N student rows, hidden H, student vocab V, top-k K) one forward+b
 all with `kd_loss_weight = sft_loss_weight = 1`. Memory and time are measured as in
 `bench_loss.py` (fresh worker per measurement, `MALLOC_MMAP_THRESHOLD_`, VmHWM growth; min CPU
 time over repeats). The floor is the gradients of the lm_head and the hidden states, V*H + N*H
-floats. Goal: cross growth <= 2 x floor (it keeps one chunk's autograd graph, about a dozen
-[C, V] tensors, where the fused loss keeps one buffer); not met yet (docs/benchmarks.md). No time
-goal (reported).
+floats. Goal: cross growth <= 2 x floor (a chunk holds its logits, the hand-assembled gradient
+and the first rows' copy outside the matched buckets; met since stop 18, docs/benchmarks.md). No
+time goal (reported).
 
 Usage:
     python benchmarks/bench_cross_tokenizer_loss.py [--quick] [--out FILE.json] [--repeats R]
