@@ -203,6 +203,7 @@ class CrossTokenizerStudentWithLoss(StudentWithLoss):
         kd_topk_ids: torch.Tensor | None = None,
         kd_topk_logprobs: torch.Tensor | None = None,
         kd_teacher_logz: torch.Tensor | None = None,
+        kd_topk_weights: torch.Tensor | None = None,  # the shared collator's key; the cross loss reads ct_* only
         ct_row_start: torch.Tensor | None = None,
         ct_row_stop: torch.Tensor | None = None,
         ct_topk_ids: torch.Tensor | None = None,
