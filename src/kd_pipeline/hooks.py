@@ -13,6 +13,10 @@ ranks other than 0 this hook adds the run's pipelines to kedro-mlflow's
 there and switches the catalog's MLflow datasets to local-only saving (its documented way to
 turn tracking off for a pipeline). Rank 0 opens the one run; our step-metrics callback and
 the nodes log into it from rank 0 only.
+
+`ReleaseMemoryHooks`: after each node, freed memory goes back to the OS
+(`core.memory.release_unused_memory`), so that one `kedro run` of all stages peaks at its
+largest stage, not at the sum of what earlier stages left in the allocator.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from typing import Any
 from kedro.framework.hooks import hook_impl
 
 from kd_pipeline import tracking
+from kd_pipeline.core.memory import release_unused_memory
 from kd_pipeline.core.topk_store import manifest_sha256
 
 logger = logging.getLogger(__name__)
@@ -56,6 +61,18 @@ class MainProcessTracking:
         disabled = self._mlflow_config.tracking.disable_tracking
         disabled.pipelines = sorted({*disabled.pipelines, *names})
         logger.info("rank %d: MLflow tracking off for %s (rank 0 logs the run)", rank, names)
+
+
+class ReleaseMemoryHooks:
+    """Return freed memory to the OS after every node (see the module docstring)."""
+
+    @hook_impl
+    def after_node_run(self, node, catalog, inputs, outputs) -> None:
+        release_unused_memory(node.name)
+
+    @hook_impl
+    def on_node_error(self, error, node, catalog, inputs, is_async) -> None:
+        release_unused_memory(node.name)
 
 
 # Catalog entries the summary names, in pipeline order, with what they are.

@@ -2,7 +2,7 @@
 
 from kedro.config import OmegaConfigLoader
 
-from kd_pipeline.hooks import MainProcessTracking, RunTrackingHooks
+from kd_pipeline.hooks import MainProcessTracking, ReleaseMemoryHooks, RunTrackingHooks
 from kd_pipeline.paths import data_dir, mlflow_artifact_location, mlflow_tracking_uri, project_root
 
 CONFIG_LOADER_CLASS = OmegaConfigLoader
@@ -24,4 +24,5 @@ CONFIG_LOADER_ARGS = {
 
 # Under torchrun only rank 0 opens the kedro-mlflow run; RunTrackingHooks names it, logs the
 # project's parameters and prints the end-of-run summary.
-HOOKS = (MainProcessTracking(), RunTrackingHooks())
+# ReleaseMemoryHooks hands each node's freed memory back to the OS.
+HOOKS = (MainProcessTracking(), RunTrackingHooks(), ReleaseMemoryHooks())
