@@ -9,7 +9,7 @@ given too, and process CPU time alongside wall time.
 - `bare`: the causal LM's own forward, `model(input_ids).logits` at every position;
 - `decoder`: the base decoder only (hidden states), the floor of any extraction;
 - `naive`: bare forward + full `log_softmax` + top-k + target gather at every position;
-- `extract (no write)`: the production loop (`core.extraction.run_batches`): decoder, LM head
+- `extract (no write)`: the production loop (`core.extraction.run.run_batches`): decoder, LM head
   on trained rows only, top-k and in-place logsumexp, host copy; samples dropped;
 - `extract`: the same plus encoding and writing shards (`TopKShardWriter`, the configured codec),
   i.e. what `extract_teacher_topk` spends per batch;

@@ -10,7 +10,7 @@ selection of the `top_p` and `sampled` modes on one chunk of the teacher's logit
   counts `c_v`, `sum_v c_v / n * p_s(v) / r(v) * f(v)` is an unbiased estimate of
   `E_{p_s}[f]` for any training temperature whose log-normalizer the artifact holds (the
   proposal temperature is always among `logz_temperatures`), so the KD gradient is an unbiased
-  estimate of the full-vocabulary one (`core.losses`, `sampled_kd_weights`).
+  estimate of the full-vocabulary one (`core.losses.sampled.SampledWeights`).
 
 Draws are reproducible: row `(sample_id, position)` draws its uniforms from a counter-based
 hash of `(seed, sample_id, position, draw index)` (splitmix64), independent of the batch it is

@@ -42,7 +42,7 @@ __all__ = [
 CAPTURE_MODES = ("topk", "top_p", "sampled")
 """What a row of the artifact holds: the teacher's top-k ids (`topk`), the smallest top set
 holding a probability mass `p` (`top_p`), or the distinct ids of `n` draws from the teacher with
-their counts (`sampled`); see `extraction.config.CaptureConfig`."""
+their counts (`sampled`); see `extraction.capture.CaptureConfig`."""
 
 
 def pad_rows(topk_ids: np.ndarray, topk_logprobs: np.ndarray, row_lengths: np.ndarray,
