@@ -750,14 +750,15 @@ def variable_samples(mode: str, count: int = 6, seed: int = 4) -> list[tuple[str
 @pytest.mark.parametrize("mode", ["top_p", "sampled"])
 def test_variable_rows_round_trip_through_the_codec_and_the_store(tmp_path, mode, codec):
     samples = variable_samples(mode)
-    with TopKShardWriter(tmp_path, source(capture_mode=mode, capture_params={"p": 0.9}), codec,
+    params = {"p": 0.9} if mode == "top_p" else {"draws": 8, "proposal_temperature": 1.0, "seed": 0}
+    with TopKShardWriter(tmp_path, source(capture_mode=mode, capture_params=params), codec,
                          shard_tokens=60, samples_per_row_group=2) as writer:
         for sample_id, sample in samples:
             writer.add(sample_id, sample.positions, sample.topk_ids, sample.topk_logprobs, sample.target_logprobs,
                        None, sample.row_lengths, sample.counts)
     reader = TopKReader(tmp_path)
     manifest = reader.manifest
-    assert (reader.mode, manifest.source.capture_params) == (mode, {"p": 0.9})
+    assert (reader.mode, manifest.source.capture_params) == (mode, params)
     assert sum(shard.entries for shard in manifest.shards) == sum(int(s.row_lengths.sum()) for _, s in samples)
     batch = reader.get_many([sample_id for sample_id, _ in samples])
     for (_, expected), got in zip(samples, batch):
@@ -796,6 +797,25 @@ def test_rows_of_another_mode_are_refused_by_name(tmp_path):
                        None, sample.row_lengths)
     with pytest.raises(ValueError, match="capture_mode must be one of"):
         source(capture_mode="top_k")
+
+
+def test_capture_params_a_mode_needs_are_checked_naming_the_key_and_the_manifest(tmp_path):
+    with pytest.raises(ValueError, match=r"capture_params of a 'sampled' artifact has no 'proposal_temperature' "
+                                         r"\(it holds \['draws'\]"):
+        source(capture_mode="sampled", capture_params={"draws": 8})
+    with pytest.raises(ValueError, match=r"capture_params\['p'\] of a 'top_p' artifact must be a number > 0, "
+                                         "got None"):
+        source(capture_mode="top_p", capture_params={"p": None})
+    params = {"draws": 8, "proposal_temperature": 1.0, "seed": 0}
+    manifest = Manifest.create(source(capture_mode="sampled", capture_params=params), "raw", {}, shard_tokens=10,
+                               samples_per_row_group=1, world_size=1)
+    data = manifest.to_dict()
+    del data["capture_params"]["draws"]
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(TopKStoreError, match=f"{re.escape(str(path))}: .*capture_params of a 'sampled' artifact "
+                                             "has no 'draws'"):
+        Manifest.read(path)
 
 
 def test_schema_version_2_artifact_is_read_as_topk(tmp_path):
