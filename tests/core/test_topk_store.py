@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -797,6 +798,23 @@ def test_rows_of_another_mode_are_refused_by_name(tmp_path):
                        None, sample.row_lengths)
     with pytest.raises(ValueError, match="capture_mode must be one of"):
         source(capture_mode="top_k")
+
+
+def test_padding_slots_are_what_pad_rows_writes():
+    from kd_pipeline.core.topk_store.codec import pad_rows, padding_slots
+
+    rng = np.random.default_rng(3)
+    ids = np.stack([rng.permutation(50)[:6] for _ in range(5)]).astype(np.int64)
+    logprobs = -rng.random((5, 6)).cumsum(1).astype(np.float32)
+    lengths = np.array([1, 6, 3, 2, 5])
+    pad_rows(ids, logprobs, lengths)
+    expected = np.arange(6)[None, :] >= lengths[:, None]
+    got = padding_slots(torch.from_numpy(ids), torch.from_numpy(logprobs))
+    np.testing.assert_array_equal(got.numpy(), expected)
+    # A repeat with a finite log-prob is no padding; nor is the first of equal ids, even at -inf.
+    ids = torch.tensor([[7, 3, 7, 7], [4, 4, 9, 4]])
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0, -math.inf], [-math.inf, -math.inf, -1.0, -2.0]])
+    assert padding_slots(ids, logprobs).tolist() == [[False, False, False, True], [False, True, False, False]]
 
 
 def test_capture_params_a_mode_needs_are_checked_naming_the_key_and_the_manifest(tmp_path):

@@ -57,6 +57,24 @@ def pad_rows(topk_ids: np.ndarray, topk_logprobs: np.ndarray, row_lengths: np.nd
         counts[padding] = 0
 
 
+def padding_slots(topk_ids, topk_logprobs):
+    """(n, k) bool torch tensor: the padding slots of variable rows as every consumer reads them
+    (the losses, evaluation): a slot repeating the id of an earlier slot of its row whose
+    log-prob is -inf (what `pad_rows` writes; a stored entry is never such a slot). Such a slot
+    is no entry on either side.
+
+    Args:
+        topk_ids: (n, k) int torch tensor.
+        topk_logprobs: (n, k) float torch tensor.
+    """
+    import torch
+
+    sorted_ids, order = topk_ids.sort(dim=1, stable=True)  # stable: equal ids stay in slot order
+    repeats = torch.zeros_like(topk_ids, dtype=torch.bool)
+    repeats[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
+    return torch.empty_like(repeats).scatter_(1, order, repeats) & torch.isneginf(topk_logprobs)
+
+
 @dataclass(frozen=True)
 class TopKArrays:
     """One sample's teacher top-k rows as numpy arrays (codec input and output).
