@@ -800,6 +800,28 @@ def test_rows_of_another_mode_are_refused_by_name(tmp_path):
         source(capture_mode="top_k")
 
 
+def test_variable_rows_beyond_what_the_raw_columns_hold_are_refused_by_row():
+    k = 1 << 16  # the raw codec's row_lengths column is uint16
+    ids, logprobs = np.arange(k)[None], -np.linspace(0.1, 30, k, dtype=np.float32)[None]
+    wide = TopKArrays.from_any(np.array([3]), ids, logprobs, np.array([-0.1], np.float32), None, (), np.array([k]))
+    with pytest.raises(ValueError, match="raw codec: row 0 has 65536 entries, but row_lengths are stored as uint16"):
+        RawCodec().encode(wide)
+    narrow = TopKArrays.from_any(np.array([3]), ids[:, :k - 1], logprobs[:, :k - 1], np.array([-0.1], np.float32),
+                                 None, (), np.array([k - 1]))
+    assert RawCodec().decode(RawCodec().encode(narrow), 1, k - 1, mode="top_p").row_lengths.tolist() == [k - 1]
+    args = (np.array([3, 5]), ids[:, :4].repeat(2, 0), logprobs[:, :4].repeat(2, 0), np.zeros(2, np.float32), None,
+            (), np.array([4, 2]))
+    counts = np.ones((2, 4), np.int64)
+    counts[1, 3] = 0  # padding: any count
+    TopKArrays.from_any(*args, counts)
+    counts[0, 2] = 2**31
+    with pytest.raises(ValueError, match="counts must be below 2\\*\\*31: row 0 slot 2 holds 2147483648"):
+        TopKArrays.from_any(*args, counts)
+    counts[0, 2], counts[1, 1] = 1, 0
+    with pytest.raises(ValueError, match="counts must be >= 1 on every stored entry: row 1 slot 1 holds 0"):
+        TopKArrays.from_any(*args, counts)
+
+
 def test_padding_slots_are_what_pad_rows_writes():
     from kd_pipeline.core.topk_store.codec import pad_rows, padding_slots
 

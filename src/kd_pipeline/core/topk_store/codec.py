@@ -188,8 +188,10 @@ def _variable_rows(row_lengths: Any, counts: Any, shape: tuple[int, int]):
         if draws.shape != shape:
             raise ValueError(f"counts must be (n={n}, k={k}), got shape {draws.shape}")
         valid = np.arange(k)[None, :] < lengths[:, None]
-        if draws.size and (draws[valid].min(initial=1) < 1 or draws.max() >= 2**31):
-            raise ValueError("counts must be >= 1 on every stored entry")
+        for bad, rule in ((valid & (draws < 1), ">= 1 on every stored entry"), (draws >= 2**31, "below 2**31")):
+            if bad.any():
+                row, slot = (int(i[0]) for i in np.nonzero(bad))
+                raise ValueError(f"counts must be {rule}: row {row} slot {slot} holds {int(draws[row, slot])}")
         draws = draws.astype(np.int32)
     return lengths.astype(np.int32), draws
 
@@ -288,6 +290,10 @@ class RawCodec(TopKCodec):
             "logz": sample.logz.astype("<f4").tobytes(),
         }
         if sample.row_lengths is not None:
+            if sample.num_positions and sample.row_lengths.max() >= 1 << 16:  # the column is uint16
+                row = int(np.argmax(sample.row_lengths >= 1 << 16))
+                raise ValueError(f"raw codec: row {row} has {int(sample.row_lengths[row])} entries, but row_lengths "
+                                 "are stored as uint16 (below 65536): use k (or draws) below 65536")
             out["row_lengths"] = sample.row_lengths.astype("<u2").tobytes()
         if sample.counts is not None:
             out["counts"] = sample.counts[valid].astype("<u4").tobytes()
