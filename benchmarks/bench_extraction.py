@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -37,6 +36,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -377,10 +378,8 @@ def main(argv=None) -> int:
           + ", ".join(f"{codec} +{v['logz_bytes']:.2f} ({v['without_logz']:.1f} -> {v['with_logz']:.1f})"
                       for codec, v in logz_bytes.items()))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-        print(f"wrote {out}")
+        write_report(args.out, results)
+        print(f"wrote {args.out}")
     return 0
 
 
