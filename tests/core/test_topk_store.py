@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -788,6 +789,27 @@ def test_variable_rows_round_trip_through_the_codec_and_the_store(tmp_path, mode
             assert len(payload.get("counts", b"")) == (4 * entries if mode == "sampled" else 0)
         elif sample.row_lengths.sum() < 0.7 * full.topk_ids.size:
             assert len(payload["payload"]) < len(codec.encode(full)["payload"])
+
+
+def test_entries_per_trained_token_of_each_mode(tmp_path):
+    from kd_pipeline.core.extraction.report import artifact_report, entries_per_token
+
+    samples = variable_samples("top_p")
+    with TopKShardWriter(tmp_path / "top_p", source(capture_mode="top_p", capture_params={"p": 0.9}), RawCodec(),
+                         shard_tokens=60) as writer:
+        for sample_id, sample in samples:
+            writer.add(sample_id, sample.positions, sample.topk_ids, sample.topk_logprobs, sample.target_logprobs,
+                       None, sample.row_lengths)
+    lengths = np.concatenate([sample.row_lengths for _, sample in samples])
+    expected = round(float(lengths.mean()), 3)
+    assert artifact_report(tmp_path / "top_p")["entries_per_trained_token"] == expected < K
+    write(tmp_path / "topk", make_samples(3))
+    manifest = Manifest.read(tmp_path / "topk" / "manifest.json")
+    assert entries_per_token(manifest) == float(K)
+    # Schema 2 shards do not count their entries: a topk artifact still holds k per row.
+    old = dataclasses.replace(manifest, shards=tuple(dataclasses.replace(s, entries=None) for s in manifest.shards))
+    assert entries_per_token(old) == float(K)
+    assert entries_per_token(manifest.with_shards(())) is None
 
 
 def test_rows_of_another_mode_are_refused_by_name(tmp_path):
