@@ -67,10 +67,7 @@ def cross_tokenizer_loss_reference(
             chain_t = chain_t + groups.teacher_chain[g]
         teacher_mass: dict[int, torch.Tensor] = {}
         unmatched_teacher = []
-        row_ids = groups.topk_ids[g].tolist()
-        # The row's entries: a variable row's padding (an earlier slot's id again at -inf) is none.
-        entries = [(tid, logprob) for slot, (tid, logprob) in enumerate(zip(row_ids, groups.topk_logprobs[g]))
-                   if not (tid in row_ids[:slot] and logprob == -math.inf)]
+        entries = _row_entries(groups.topk_ids[g].tolist(), groups.topk_logprobs[g])
         for tid, logprob in entries:
             cls = int(vocab_map.teacher_class[tid])
             if has_student[cls]:
@@ -110,3 +107,10 @@ def cross_tokenizer_loss_reference(
     if config.sft_loss_weight > 0:
         loss = loss + config.sft_loss_weight * sft
     return {"loss": loss, "kd": kd, "uld": uld, "sft": sft}
+
+
+def _row_entries(row_ids: list[int], logprobs: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(id, log-prob) of a teacher row's entries: a variable row's padding (an earlier slot's id
+    again, at -inf) is none."""
+    return [(tid, logprob) for slot, (tid, logprob) in enumerate(zip(row_ids, logprobs))
+            if not (tid in row_ids[:slot] and logprob == -math.inf)]

@@ -194,16 +194,10 @@ def evaluate_student(
             if overlap_k is None:
                 overlap_k = _overlap_k(config, teacher_batch[0].shape[1])
             sums.add("teacher_nll", -teacher_batch[2])
-        hidden = decoder(input_ids=padded.input_ids.to(device),
-                         attention_mask=padded.attention_mask.to(device)).last_hidden_state
-        hidden = hidden[padded.positions_mask.to(device)]  # [N, H]: trained positions only
-        teacher_hidden = None
-        if full_teacher is not None:
-            teacher_hidden = full_teacher[0](input_ids=padded.input_ids.to(device),
-                                             attention_mask=padded.attention_mask.to(device)).last_hidden_state
-            teacher_hidden = teacher_hidden[padded.positions_mask.to(device)]
+        hidden = _trained_hidden(decoder, padded, device)
         _add_chunk_sums(sums, head, transform, hidden, labels, teacher_batch, overlap_k, config.token_chunk_size,
-                        None if full_teacher is None else (full_teacher[1], full_teacher[2], teacher_hidden))
+                        None if full_teacher is None else
+                        (full_teacher[1], full_teacher[2], _trained_hidden(full_teacher[0], padded, device)))
         num_tokens += n
 
     if num_tokens == 0:
@@ -261,6 +255,13 @@ def evaluate_on_artifact(student_dir: str | os.PathLike, corpus, topk_dir: str |
                      if config.full_vocab_kl else None)
     return evaluate_student(model, corpus.split(config.split), reader, config, num_tokens=len(tokenizer),
                             teacher_model=teacher_model)
+
+
+def _trained_hidden(decoder, padded, device) -> torch.Tensor:
+    """[N, H] last hidden states of a padded batch at its trained positions only."""
+    hidden = decoder(input_ids=padded.input_ids.to(device),
+                     attention_mask=padded.attention_mask.to(device)).last_hidden_state
+    return hidden[padded.positions_mask.to(device)]
 
 
 def _overlap_k(config: EvalConfig, artifact_k: int) -> int:
