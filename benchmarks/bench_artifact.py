@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import subprocess
@@ -45,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import write_report
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
@@ -311,8 +311,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"\n{report['machine']['cpu']}, {report['machine']['cores']} cores, load average "
           f"{report['machine']['load_average_1min']:.1f} at start, {report['wall_s']:.0f} s")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+        write_report(args.out, report)
     return report
 
 

@@ -92,7 +92,7 @@ def _step(impl: str, inputs, config, options) -> None:
 
 def _worker(args: argparse.Namespace) -> dict:
     import torch
-    from bench_loss import _read_status_kib
+    from _common import status_kib as _read_status_kib
 
     from kd_pipeline.core.cross_tokenizer.loss import CrossTokenizerOptions
     from kd_pipeline.core.losses import KDLossConfig
@@ -173,8 +173,9 @@ def main(argv: list[str] | None = None) -> None:
                      f"{r['fused_cpu_s']:.2f} / {r['cross_identity_cpu_s']:.2f} / {r['cross_pair_cpu_s']:.2f} | "
                      f"{r['mem_goal_met']} |")
     print("\n".join(lines))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"rows": rows}, indent=2))
+    from _common import write_report
+
+    write_report(args.out, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ given too, and process CPU time alongside wall time.
 - `bare`: the causal LM's own forward, `model(input_ids).logits` at every position;
 - `decoder`: the base decoder only (hidden states), the floor of any extraction;
 - `naive`: bare forward + full `log_softmax` + top-k + target gather at every position;
-- `extract (no write)`: the production loop (`core.extraction.run_batches`): decoder, LM head
+- `extract (no write)`: the production loop (`core.extraction.run.run_batches`): decoder, LM head
   on trained rows only, top-k and in-place logsumexp, host copy; samples dropped;
 - `extract`: the same plus encoding and writing shards (`TopKShardWriter`, the configured codec),
   i.e. what `extract_teacher_topk` spends per batch;
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import statistics
@@ -37,6 +36,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
@@ -377,10 +378,8 @@ def main(argv=None) -> int:
           + ", ".join(f"{codec} +{v['logz_bytes']:.2f} ({v['without_logz']:.1f} -> {v['with_logz']:.1f})"
                       for codec, v in logz_bytes.items()))
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
-        print(f"wrote {out}")
+        write_report(args.out, results)
+        print(f"wrote {args.out}")
     return 0
 
 

@@ -34,6 +34,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from _common import status_kib, write_report
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "src"))
 
@@ -45,13 +47,6 @@ SMOLLM2_135M = {  # HuggingFaceTB/SmolLM2-135M config.json (layers set by --laye
     "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2,
 }
 RATIO_GOAL = 0.5
-
-
-def _memory_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return -1
 
 
 def _local_bytes(tensors) -> int:
@@ -110,14 +105,14 @@ def worker(args) -> dict:
     for step in range(args.steps):
         batch = _batch(args.batch, args.seq, args.k, config["vocab_size"], seed=100 * step + rank)
         _reset_peak()
-        before = _memory_kib("VmRSS")
+        before = status_kib("VmRSS")
         started = time.perf_counter()
         model(**batch).loss.backward()
         params = _local_bytes(model.parameters())
         grads = _local_bytes(p.grad for p in model.parameters())
         optimizer.step()
         seconds = time.perf_counter() - started
-        growth = max(growth, _memory_kib("VmHWM") - before)
+        growth = max(growth, status_kib("VmHWM") - before)
         optimizer_bytes = _local_bytes(value for state in optimizer.state.values() for value in state.values()
                                        if torch.is_tensor(value) and value.dim() > 0)
         optimizer.zero_grad(set_to_none=True)
@@ -190,10 +185,7 @@ def main() -> None:
         "goal": RATIO_GOAL,
     }
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(args.out)
+        write_report(args.out, result)
 
 
 if __name__ == "__main__":

@@ -53,6 +53,8 @@ import sys
 import time
 from pathlib import Path
 
+from _common import status_kib as _read_status_kib
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "src"))
 
@@ -118,14 +120,6 @@ def _step(impl: str, inputs, config, liger_loss=None) -> None:
             hidden, weight, None, topk_ids, topk_logprobs, labels, token_weights, config
         )
         out.loss.backward()
-
-
-def _read_status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def _worker(args: argparse.Namespace) -> dict:

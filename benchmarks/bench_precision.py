@@ -26,7 +26,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -36,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _common import write_report
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "src"))
@@ -162,8 +162,7 @@ def main(argv=None) -> int:
         print(f"{name:<16} {entry['wall_s']:>7.1f} {entry['cpu_s']:>7.1f} {entry['tokens_per_s']:>6.0f} {cols}")
     print(f"bf16 / fp32 time: {report['bf16_over_fp32_wall']:.3f} (wall), {report['bf16_over_fp32_cpu']:.3f} (cpu)")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.out, report)
     return 0
 
 

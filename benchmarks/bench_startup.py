@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import re
@@ -26,6 +25,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _common import write_report
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 STAGES = ("corpus_prep", "teacher_logits", "distill", "evaluate")
@@ -108,8 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": {"cores": os.cpu_count(), "load_average": load}, "results": results}
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.out, report)
     return report
 
 

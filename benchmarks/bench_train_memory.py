@@ -34,35 +34,28 @@ import time
 from pathlib import Path
 
 import yaml
+from _common import status_kib, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 GIB = 2**30
 
 
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 class _PeakTracker:
     """Process peak RSS across VmHWM resets, and each step's own peak."""
 
     def __init__(self):
-        self.peak_kib = _status_kib("VmHWM")
-        self.marks: dict[str, float] = {"after_imports_gib": _status_kib("VmRSS") / 2**20}
+        self.peak_kib = status_kib("VmHWM")
+        self.marks: dict[str, float] = {"after_imports_gib": status_kib("VmRSS") / 2**20}
         self.step_peaks_gib: list[float] = []
 
     def reset(self) -> None:
-        self.peak_kib = max(self.peak_kib, _status_kib("VmHWM"))
+        self.peak_kib = max(self.peak_kib, status_kib("VmHWM"))
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")
 
     def step_peak(self) -> None:
-        peak = _status_kib("VmHWM")
+        peak = status_kib("VmHWM")
         self.peak_kib = max(self.peak_kib, peak)
         self.step_peaks_gib.append(peak / 2**20)
 
@@ -95,7 +88,7 @@ def _worker(args: argparse.Namespace) -> dict:
 
     class Marks(TrainerCallback):
         def on_train_begin(self, *unused, model=None, **kwargs):
-            tracker.marks["student_and_data_gib"] = _status_kib("VmRSS") / 2**20
+            tracker.marks["student_and_data_gib"] = status_kib("VmRSS") / 2**20
 
         def on_step_begin(self, *unused, **kwargs):
             tracker.reset()
@@ -184,7 +177,7 @@ def main(argv=None) -> None:
               f"{row['marks'].get('student_and_data_gib', float('nan')):.2f} | "
               f"{', '.join(f'{p:.2f}' for p in row['step_peaks_gib'])} | {row['tokens_per_second']:.0f} |")
     if args.out:
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,8 @@ import time
 from datetime import date
 from pathlib import Path
 
+from _common import status_kib, write_report
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "src"))
 
@@ -56,13 +58,6 @@ SMOLLM2_135M = {**SMOLLM2_135M_CONFIG, "num_hidden_layers": 10}  # SmolLM2-135M 
 MODES = ("kd_sft", "sft_only", "hf_ce")
 PRECISIONS = ("fp32", "bf16")
 RATIO_GOAL = 1.15
-
-
-def _memory_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return -1
 
 
 def _reset_peak() -> None:
@@ -153,11 +148,11 @@ def worker(args) -> dict:
         for index in range(args.warmup + args.steps):
             for mode, precision in pairs:
                 _reset_peak()
-                before = _memory_kib("VmRSS")
+                before = status_kib("VmRSS")
                 wall, cpu = time.perf_counter(), time.process_time()
                 step(mode, precision)
                 wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-                peak = _memory_kib("VmHWM")
+                peak = status_kib("VmHWM")
                 if index >= args.warmup:
                     record = results[f"{mode}/{precision}"]
                     record["wall_s"].append(wall)
@@ -254,8 +249,7 @@ def main() -> None:
     for name, value in ratios.items():
         print(f"{name}: {value:.3f}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.out, report)
 
 
 if __name__ == "__main__":

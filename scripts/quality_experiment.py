@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from kd_pipeline.core.corpus import TokenizedCorpus  # noqa: E402
 from kd_pipeline.core.evaluation.metrics import EvalConfig, evaluate_student  # noqa: E402
+from kd_pipeline.core.extraction.report import entries_per_token  # noqa: E402
 from kd_pipeline.core.losses import KDLossConfig  # noqa: E402
 from kd_pipeline.core.models.loading import load_causal_lm  # noqa: E402
 from kd_pipeline.core.models.student import StudentInit  # noqa: E402
@@ -131,9 +132,7 @@ def artifact_summary(directory, k=None):
     summary = {"path": str(directory), "capture_mode": manifest.source.capture_mode,
                "capture_params": dict(manifest.source.capture_params), "k": manifest.source.k,
                "bytes_per_token": manifest.num_bytes / manifest.num_trained_tokens,
-               "entries_per_token": (float(manifest.source.k) if manifest.source.capture_mode == "topk" else
-                                     sum(shard.entries or 0 for shard in manifest.shards)
-                                     / manifest.num_trained_tokens)}
+               "entries_per_token": entries_per_token(manifest)}
     if k and k < manifest.source.k and manifest.source.capture_mode == "topk":
         from kd_pipeline.core.topk_store import TopKArrays
 

@@ -354,7 +354,7 @@ def test_variable_rows_are_scored_on_their_entries_only(student, teacher, sample
     metrics equal a float64 computation on each row's stored entries alone."""
     reader = FakeReader(teacher, samples)
     rng = np.random.default_rng(0)
-    expected_kl, expected_mass = [], []
+    expected_kl, expected_mass, expected_overlap = [], [], {K: [], 3: []}
     for sample_id, ids, mask in zip(*(samples[c].to_pylist() for c in ("sample_id", "input_ids", "loss_mask"))):
         record = reader.records[sample_id]
         q_full = full_logprobs_f64(student, ids)[np.flatnonzero(mask) - 1]
@@ -365,8 +365,15 @@ def test_variable_rows_are_scored_on_their_entries_only(student, teacher, sample
             q = q_full[row, entries] - np.logaddexp.reduce(q_full[row, entries])
             expected_kl.append(float((p * (np.log(p) - q)).sum()))
             expected_mass.append(float(np.exp(q_full[row, entries]).sum()))
+            for overlap_k, values in expected_overlap.items():  # over the row's own length when shorter
+                m = min(overlap_k, length)
+                values.append(len(set(np.argsort(-q_full[row])[:m]) & set(entries[:m])) / m)
             record["topk_ids"][row, length:] = record["topk_ids"][row, 0]
             record["topk_logprobs"][row, length:] = -np.inf
     metrics = evaluate_student(student, samples, reader, EvalConfig(batch_size=3))
     assert metrics["kl_teacher_student_topk"] == pytest.approx(float(np.mean(expected_kl)), rel=1e-4)
     assert metrics["student_mass_on_teacher_topk"] == pytest.approx(float(np.mean(expected_mass)), rel=1e-4)
+    assert metrics["topk_overlap"] == pytest.approx(float(np.mean(expected_overlap[K])), rel=1e-12)
+    assert metrics["topk_overlap"] > 0
+    three = evaluate_student(student, samples, reader, EvalConfig(batch_size=3, overlap_k=3))
+    assert three["topk_overlap"] == pytest.approx(float(np.mean(expected_overlap[3])), rel=1e-12)

@@ -551,3 +551,20 @@ def test_sampled_draws_follow_the_proposal():
         assert (counts.sum(-1) == 5).all() and (lengths == (counts > 0).sum(-1)).all()
         stored = torch.arange(5)[None, :] < lengths[:, None]
         torch.testing.assert_close(logprobs[stored], logits[0].log_softmax(-1).expand(4000, -1).gather(1, ids)[stored])
+
+
+def test_sampled_rows_need_the_batch_sample_ids():
+    """The draws are seeded per sample id: a batch without them is refused by field (no silent
+    shared key, under which two samples would draw identically); the head check names its row."""
+    from kd_pipeline.core.extraction.capture import CaptureConfig
+
+    model, _ = tiny_family_lm("granite", head_gain=1.0)  # flat rows: many distinct draws
+    head = TopKHead(model, 8, capture=CaptureConfig(mode="sampled", draws=8))
+    ids = [np.arange(3, 12), np.arange(3, 12)]
+    masks = [np.r_[0, np.ones(8, np.int8)]] * 2
+    with pytest.raises(ValueError, match="field 'sample_ids' is None for 2 samples: pass them to make_batch"):
+        teacher_rows(model, head, make_batch(ids, masks), torch.device("cpu"))
+    rows = teacher_rows(model, head, make_batch(ids, masks, sample_ids=["a", "b"]), torch.device("cpu"))
+    first, second = rows.topk_ids[:8], rows.topk_ids[8:]
+    assert not torch.equal(first, second)  # same tokens, other sample: other draws
+    assert check_head_path(model, head, np.arange(3, 27), torch.device("cpu")) <= 1e-3

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
+import math
 import os
 import re
 import signal
@@ -750,14 +752,15 @@ def variable_samples(mode: str, count: int = 6, seed: int = 4) -> list[tuple[str
 @pytest.mark.parametrize("mode", ["top_p", "sampled"])
 def test_variable_rows_round_trip_through_the_codec_and_the_store(tmp_path, mode, codec):
     samples = variable_samples(mode)
-    with TopKShardWriter(tmp_path, source(capture_mode=mode, capture_params={"p": 0.9}), codec,
+    params = {"p": 0.9} if mode == "top_p" else {"draws": 8, "proposal_temperature": 1.0, "seed": 0}
+    with TopKShardWriter(tmp_path, source(capture_mode=mode, capture_params=params), codec,
                          shard_tokens=60, samples_per_row_group=2) as writer:
         for sample_id, sample in samples:
             writer.add(sample_id, sample.positions, sample.topk_ids, sample.topk_logprobs, sample.target_logprobs,
                        None, sample.row_lengths, sample.counts)
     reader = TopKReader(tmp_path)
     manifest = reader.manifest
-    assert (reader.mode, manifest.source.capture_params) == (mode, {"p": 0.9})
+    assert (reader.mode, manifest.source.capture_params) == (mode, params)
     assert sum(shard.entries for shard in manifest.shards) == sum(int(s.row_lengths.sum()) for _, s in samples)
     batch = reader.get_many([sample_id for sample_id, _ in samples])
     for (_, expected), got in zip(samples, batch):
@@ -788,6 +791,27 @@ def test_variable_rows_round_trip_through_the_codec_and_the_store(tmp_path, mode
             assert len(payload["payload"]) < len(codec.encode(full)["payload"])
 
 
+def test_entries_per_trained_token_of_each_mode(tmp_path):
+    from kd_pipeline.core.extraction.report import artifact_report, entries_per_token
+
+    samples = variable_samples("top_p")
+    with TopKShardWriter(tmp_path / "top_p", source(capture_mode="top_p", capture_params={"p": 0.9}), RawCodec(),
+                         shard_tokens=60) as writer:
+        for sample_id, sample in samples:
+            writer.add(sample_id, sample.positions, sample.topk_ids, sample.topk_logprobs, sample.target_logprobs,
+                       None, sample.row_lengths)
+    lengths = np.concatenate([sample.row_lengths for _, sample in samples])
+    expected = round(float(lengths.mean()), 3)
+    assert artifact_report(tmp_path / "top_p")["entries_per_trained_token"] == expected < K
+    write(tmp_path / "topk", make_samples(3))
+    manifest = Manifest.read(tmp_path / "topk" / "manifest.json")
+    assert entries_per_token(manifest) == float(K)
+    # Schema 2 shards do not count their entries: a topk artifact still holds k per row.
+    old = dataclasses.replace(manifest, shards=tuple(dataclasses.replace(s, entries=None) for s in manifest.shards))
+    assert entries_per_token(old) == float(K)
+    assert entries_per_token(manifest.with_shards(())) is None
+
+
 def test_rows_of_another_mode_are_refused_by_name(tmp_path):
     sample = variable_samples("top_p", count=1)[0][1]
     with TopKShardWriter(tmp_path, source(), RawCodec()) as writer:
@@ -796,6 +820,64 @@ def test_rows_of_another_mode_are_refused_by_name(tmp_path):
                        None, sample.row_lengths)
     with pytest.raises(ValueError, match="capture_mode must be one of"):
         source(capture_mode="top_k")
+
+
+def test_variable_rows_beyond_what_the_raw_columns_hold_are_refused_by_row():
+    k = 1 << 16  # the raw codec's row_lengths column is uint16
+    ids, logprobs = np.arange(k)[None], -np.linspace(0.1, 30, k, dtype=np.float32)[None]
+    wide = TopKArrays.from_any(np.array([3]), ids, logprobs, np.array([-0.1], np.float32), None, (), np.array([k]))
+    with pytest.raises(ValueError, match="raw codec: row 0 has 65536 entries, but row_lengths are stored as uint16"):
+        RawCodec().encode(wide)
+    narrow = TopKArrays.from_any(np.array([3]), ids[:, :k - 1], logprobs[:, :k - 1], np.array([-0.1], np.float32),
+                                 None, (), np.array([k - 1]))
+    assert RawCodec().decode(RawCodec().encode(narrow), 1, k - 1, mode="top_p").row_lengths.tolist() == [k - 1]
+    args = (np.array([3, 5]), ids[:, :4].repeat(2, 0), logprobs[:, :4].repeat(2, 0), np.zeros(2, np.float32), None,
+            (), np.array([4, 2]))
+    counts = np.ones((2, 4), np.int64)
+    counts[1, 3] = 0  # padding: any count
+    TopKArrays.from_any(*args, counts)
+    counts[0, 2] = 2**31
+    with pytest.raises(ValueError, match="counts must be below 2\\*\\*31: row 0 slot 2 holds 2147483648"):
+        TopKArrays.from_any(*args, counts)
+    counts[0, 2], counts[1, 1] = 1, 0
+    with pytest.raises(ValueError, match="counts must be >= 1 on every stored entry: row 1 slot 1 holds 0"):
+        TopKArrays.from_any(*args, counts)
+
+
+def test_padding_slots_are_what_pad_rows_writes():
+    from kd_pipeline.core.topk_store.codec import pad_rows, padding_slots
+
+    rng = np.random.default_rng(3)
+    ids = np.stack([rng.permutation(50)[:6] for _ in range(5)]).astype(np.int64)
+    logprobs = -rng.random((5, 6)).cumsum(1).astype(np.float32)
+    lengths = np.array([1, 6, 3, 2, 5])
+    pad_rows(ids, logprobs, lengths)
+    expected = np.arange(6)[None, :] >= lengths[:, None]
+    got = padding_slots(torch.from_numpy(ids), torch.from_numpy(logprobs))
+    np.testing.assert_array_equal(got.numpy(), expected)
+    # A repeat with a finite log-prob is no padding; nor is the first of equal ids, even at -inf.
+    ids = torch.tensor([[7, 3, 7, 7], [4, 4, 9, 4]])
+    logprobs = torch.tensor([[-1.0, -2.0, -3.0, -math.inf], [-math.inf, -math.inf, -1.0, -2.0]])
+    assert padding_slots(ids, logprobs).tolist() == [[False, False, False, True], [False, True, False, False]]
+
+
+def test_capture_params_a_mode_needs_are_checked_naming_the_key_and_the_manifest(tmp_path):
+    with pytest.raises(ValueError, match=r"capture_params of a 'sampled' artifact has no 'proposal_temperature' "
+                                         r"\(it holds \['draws'\]"):
+        source(capture_mode="sampled", capture_params={"draws": 8})
+    with pytest.raises(ValueError, match=r"capture_params\['p'\] of a 'top_p' artifact must be a number > 0, "
+                                         "got None"):
+        source(capture_mode="top_p", capture_params={"p": None})
+    params = {"draws": 8, "proposal_temperature": 1.0, "seed": 0}
+    manifest = Manifest.create(source(capture_mode="sampled", capture_params=params), "raw", {}, shard_tokens=10,
+                               samples_per_row_group=1, world_size=1)
+    data = manifest.to_dict()
+    del data["capture_params"]["draws"]
+    path = tmp_path / "manifest.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(TopKStoreError, match=f"{re.escape(str(path))}: .*capture_params of a 'sampled' artifact "
+                                             "has no 'draws'"):
+        Manifest.read(path)
 
 
 def test_schema_version_2_artifact_is_read_as_topk(tmp_path):

@@ -332,21 +332,11 @@ def build_corpus(rows: Iterable[SourceRow], tokenizer, tokenizer_hash: str, conf
 
     pieces = token_bytes(tokenizer)
     kept: dict[str, dict] = {}
-    skipped: Counter = Counter()
-    examples: dict[str, list[str]] = {}
+    skip = _Skips()
     truncated: list[str] = []
     bom_files: list[str] = []
     rows_per_file: Counter = Counter()
-    rows_read = 0
-
-    def skip(reason: str, where: str) -> None:
-        skipped[reason] += 1
-        examples.setdefault(reason, [])
-        if len(examples[reason]) < 5:
-            examples[reason].append(where)
-
     for row in rows:
-        rows_read += 1
         rows_per_file[row.file] += 1
         if row.utf8_bom:
             bom_files.append(row.file)
@@ -364,37 +354,27 @@ def build_corpus(rows: Iterable[SourceRow], tokenizer, tokenizer_hash: str, conf
         if sample_id in kept:
             skip("duplicate", f"{row.where} (same content as {kept[sample_id]['source']})")
             continue
-        input_ids, loss_mask = tokenize_record(tokenizer, record, config)
-        text, byte_ends = text_and_byte_ends(tokenizer, record, config, input_ids, pieces)
-        was_truncated = False
-        if len(input_ids) > config.max_length:
-            if config.length_policy == "drop":
-                skip("over_length_dropped", f"{row.where} ({len(input_ids)} > {config.max_length} tokens)")
-                continue
-            truncated.append(f"{row.where} ({len(input_ids)} -> {config.max_length} tokens)")
-            input_ids, loss_mask = input_ids[: config.max_length], loss_mask[: config.max_length]
-            byte_ends = byte_ends[: config.max_length]
-            was_truncated = True
-        if sum(loss_mask) == 0:
-            skip("no_trained_tokens", f"{row.where} (nothing to train on after {'truncation' if was_truncated else 'masking'})")
-            continue
-        kept[sample_id] = {
-            "sample_id": sample_id,
-            "input_ids": input_ids,
-            "loss_mask": loss_mask,
-            "length": len(input_ids),
-            "num_trained": int(sum(loss_mask)),
-            "split": split_of(sample_id, config.validation_fraction, config.split_salt),
-            "source": row.where,
-            "text": text,
-            "byte_ends": byte_ends,
-        }
+        sample = _tokenized_sample(row, record, tokenizer, pieces, config, skip, truncated)
+        if sample is not None:
+            kept[sample_id] = {"sample_id": sample_id, **sample, "source": row.where,
+                               "split": split_of(sample_id, config.validation_fraction, config.split_salt)}
+    rows_read = sum(rows_per_file.values())
     if not kept:
         read = ", ".join(f"{name} ({count} rows)" for name, count in rows_per_file.items()) or "no file"
         raise ValueError(f"corpus_prep produced no samples from {rows_read} rows of {read} "
-                         f"(skipped: {dict(skipped)}; first examples: {examples})")
+                         f"(skipped: {dict(skip.counts)}; first examples: {skip.examples})")
     records = [kept[key] for key in sorted(kept)]
     samples = pa.Table.from_pylist(records, schema=SAMPLES_SCHEMA)
+    report = {
+        "rows_read": rows_read,
+        "samples_kept": len(records),
+        "truncated": len(truncated),
+        "truncated_examples": truncated[:5],
+        "utf8_bom_stripped": len(bom_files),
+        "utf8_bom_files": bom_files,
+        "skipped": dict(sorted(skip.counts.items())),
+        "skipped_examples": skip.examples,
+    }
     meta = {
         "schema_version": CORPUS_SCHEMA_VERSION,
         "tokenizer_hash": tokenizer_hash,
@@ -402,21 +382,49 @@ def build_corpus(rows: Iterable[SourceRow], tokenizer, tokenizer_hash: str, conf
         "fingerprint": corpus_fingerprint(samples, tokenizer_hash),
         "config": {f.name: getattr(config, f.name) for f in fields(config)},
         "stats": corpus_stats(records),
-        "report": {
-            "rows_read": rows_read,
-            "samples_kept": len(records),
-            "truncated": len(truncated),
-            "truncated_examples": truncated[:5],
-            "utf8_bom_stripped": len(bom_files),
-            "utf8_bom_files": bom_files,
-            "skipped": dict(sorted(skipped.items())),
-            "skipped_examples": examples,
-        },
+        "report": report,
     }
     logger.info("corpus_prep: %d rows -> %d samples (%s); truncated %d%s; skipped %s; UTF-8 BOM removed in %d file(s)",
                 rows_read, len(records), meta["stats"], len(truncated),
-                f" (first: {', '.join(truncated[:5])})" if truncated else "", dict(skipped) or "none", len(bom_files))
+                f" (first: {', '.join(truncated[:5])})" if truncated else "", dict(skip.counts) or "none",
+                len(bom_files))
     return TokenizedCorpus(samples, meta)
+
+
+class _Skips:
+    """Rows not kept, counted by reason, with the locations of the first five of each."""
+
+    def __init__(self) -> None:
+        self.counts: Counter = Counter()
+        self.examples: dict[str, list[str]] = {}
+
+    def __call__(self, reason: str, where: str) -> None:
+        self.counts[reason] += 1
+        examples = self.examples.setdefault(reason, [])
+        if len(examples) < 5:
+            examples.append(where)
+
+
+def _tokenized_sample(row: SourceRow, record, tokenizer, pieces, config: CorpusConfig, skip: _Skips,
+                      truncated: list[str]) -> dict | None:
+    """One normalized row's tokens, loss mask, text and byte ends after the length policy
+    (truncations noted in `truncated`), or None when it is skipped (counted in `skip`)."""
+    input_ids, loss_mask = tokenize_record(tokenizer, record, config)
+    text, byte_ends = text_and_byte_ends(tokenizer, record, config, input_ids, pieces)
+    was_truncated = False
+    if len(input_ids) > config.max_length:
+        if config.length_policy == "drop":
+            skip("over_length_dropped", f"{row.where} ({len(input_ids)} > {config.max_length} tokens)")
+            return None
+        truncated.append(f"{row.where} ({len(input_ids)} -> {config.max_length} tokens)")
+        input_ids, loss_mask = input_ids[: config.max_length], loss_mask[: config.max_length]
+        byte_ends = byte_ends[: config.max_length]
+        was_truncated = True
+    if sum(loss_mask) == 0:
+        skip("no_trained_tokens", f"{row.where} (nothing to train on after {'truncation' if was_truncated else 'masking'})")
+        return None
+    return {"input_ids": input_ids, "loss_mask": loss_mask, "length": len(input_ids),
+            "num_trained": int(sum(loss_mask)), "text": text, "byte_ends": byte_ends}
 
 
 def corpus_stats(records: list[dict]) -> dict:

@@ -240,3 +240,44 @@ def test_bad_group_structure_is_reported_by_field():
         cross_tokenizer_kd_loss(hidden, weight[:25], bias[:25], labels, sft_weights, groups, vocab_map.projection(), config)
     with pytest.raises(ValueError, match="span_merge must be one of"):
         CrossTokenizerOptions(span_merge="bayesian")
+
+
+@pytest.mark.parametrize("normalization", NORMALIZATIONS)
+@pytest.mark.parametrize("kd_loss", KD_LOSSES, ids=lambda kd: kd[0])
+def test_variable_rows_padding_is_no_bucket(kd_loss, normalization):
+    """`top_p` rows padded as the reader pads them (the row's first id again, log-prob -inf) give
+    each group exactly the loss and gradients of its stored entries alone (KD, and ULD over the
+    row's own ranks), and the naive reference agrees on the padded batch: cross-tokenizer
+    training supports `top_p` artifacts."""
+    hidden, weight, bias, labels, sft_weights, groups, vocab_map = cross_case(seed=4)
+    config = KDLossConfig(kd_loss=kd_loss[0], beta=kd_loss[1], kd_loss_weight=0.9, sft_loss_weight=0.4,
+                          topk_normalization=normalization, chunk_size=3)
+    options = CrossTokenizerOptions(uld_loss_weight=0.7)
+    k = groups.topk_ids.shape[1]
+    lengths = [2, k, 1, 4, 3, 5, 1, 2]
+    cols = torch.arange(k)[None, :] >= torch.tensor(lengths)[:, None]
+    whole = AlignedGroupBatch(groups.row_start, groups.row_stop, torch.where(cols, groups.topk_ids[:, :1], groups.topk_ids),
+                              groups.topk_logprobs.masked_fill(cols, -math.inf), groups.teacher_chain, groups.weights)
+    out, grads = run_cross(hidden, weight, bias, labels, sft_weights, whole, vocab_map, config, options)
+    ref, ref_grads = run_reference(hidden, weight, bias, labels, sft_weights, whole, vocab_map, config, options)
+    assert ref["uld"].item() > 0.01
+    for name in ("loss", "kd", "uld", "sft"):
+        torch.testing.assert_close(getattr(out, name), ref[name], rtol=1e-10, atol=1e-12, msg=name)
+    for grad, ref_grad in zip(grads, ref_grads):
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-9, atol=1e-11)
+    for g, length in enumerate(lengths):
+        one = slice(g, g + 1)
+        fields = dict(row_start=groups.row_start[one], row_stop=groups.row_stop[one],
+                      teacher_chain=groups.teacher_chain[one], weights=groups.weights[one] + 0.5)
+        ids, logprobs = groups.topk_ids[one].clone(), groups.topk_logprobs[one].clone()
+        ids[:, length:], logprobs[:, length:] = ids[:, :1], -math.inf
+        padded = AlignedGroupBatch(topk_ids=ids, topk_logprobs=logprobs, **fields)
+        cut = AlignedGroupBatch(topk_ids=ids[:, :length], topk_logprobs=logprobs[:, :length], **fields)
+        out, grads = run_cross(hidden, weight, bias, labels, sft_weights, padded, vocab_map, config, options)
+        ref, ref_grads = run_cross(hidden, weight, bias, labels, sft_weights, cut, vocab_map, config, options)
+        for name in ("loss", "kd", "uld", "matched_mass"):
+            torch.testing.assert_close(getattr(out, name), getattr(ref, name), rtol=1e-12, atol=1e-13,
+                                       msg=f"group {g} {name}")
+        for grad, ref_grad in zip(grads, ref_grads):
+            torch.testing.assert_close(grad, ref_grad, rtol=1e-11, atol=1e-13, msg=f"group {g}")
+        assert ref.kd.item() != 0.0 or length == 1

@@ -127,6 +127,42 @@ def test_a_map_of_another_pair_is_refused(setup, tmp_path, byte_bpe):
         run(setup, tmp_path, KDLossConfig(kd_loss_weight=1.0, sft_loss_weight=1.0), vocab_map_path=path)
 
 
+class SampledTargets:
+    """`targets` as a `sampled` artifact: the same rows, its manifest saying `capture_mode sampled`."""
+
+    def __init__(self, targets):
+        import dataclasses
+
+        source = dataclasses.replace(targets.manifest.source, capture_mode="sampled", logz_temperatures=(1.0,),
+                                     capture_params={"draws": K, "proposal_temperature": 1.0, "seed": 0})
+        self.manifest = Manifest.create(source, "raw", {}, shard_tokens=200, samples_per_row_group=4, world_size=1)
+        self.get_many = targets.get_many
+
+
+def test_a_sampled_artifact_is_refused_before_training(setup, tmp_path):
+    targets = SampledTargets(setup[3])
+    with pytest.raises(ArtifactMismatchError, match=r"distill.cross_tokenizer on a 'sampled' teacher artifact "
+                                                    r"\(capture_mode 'sampled', capture_params \{'draws': 8.*supports "
+                                                    r"capture modes 'topk' and 'top_p' only"):
+        run(setup, tmp_path, KDLossConfig(kd_loss_weight=1.0, sft_loss_weight=1.0), targets=targets)
+    assert not (tmp_path / "student").exists() and not (tmp_path / "student_checkpoints").exists()
+
+
+def test_the_cross_tokenizer_module_refuses_sampled_weights(setup):
+    from kd_pipeline.core.cross_tokenizer.loss import CrossTokenizerOptions
+    from kd_pipeline.core.models.loading import random_causal_lm
+    from kd_pipeline.core.training.loss_module import CrossTokenizerStudentWithLoss
+
+    vocab_map = setup[5]
+    student = random_causal_lm(tiny_llama_config(vocab_size=len(vocab_map.student_class)), seed=0)
+    module = CrossTokenizerStudentWithLoss(student, KDLossConfig(kd_loss_weight=1.0), vocab_map.projection(),
+                                           CrossTokenizerOptions())
+    ids = torch.ones(1, 4, dtype=torch.long)
+    mask = torch.tensor([[False, True, True, False]])
+    with pytest.raises(ValueError, match="got kd_topk_weights .* supports topk and top_p teacher rows only"):
+        module(ids, torch.ones_like(ids), mask, torch.full((2,), 0.5), kd_topk_weights=torch.ones(2, 3))
+
+
 def test_cross_tokenizer_evaluation_in_bits_per_byte(setup, tmp_path, chars_in_trained_tokens):
     import math
 

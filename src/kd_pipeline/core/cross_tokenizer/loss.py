@@ -39,8 +39,11 @@ both sides is *matched*. For group g:
 - ULD (on the unmatched rest, Boizard et al. 2024): the teacher's unmatched slots'
   probabilities `exp(target_logits_scale * (l_k + chain_T))` and the student's top-K
   probabilities among its unmatched ids `exp(log q_w + chain_S)`, each sorted descending (zeros
-  pad the teacher's), compared by the L1 sum over the K ranks. Beyond the K-th rank the
-  teacher is unknown (only its top-k is stored), so those ranks are left out.
+  pad the teacher's), compared by the L1 sum over the row's K ranks (a `top_p` row: as many
+  as it has entries; its padding is no entry). Beyond them the teacher is unknown (only its
+  top-k is stored), so those ranks are left out.
+- Capture modes: `topk` and `top_p` rows (`train_student` refuses `sampled` ones: their
+  draws need the importance weights only the same-tokenizer loss applies).
 - SFT: the student's cross-entropy on every row with a label (as in `losses/config.py`).
 
 `loss = kd_loss_weight * kd_factor * sum_g w_g KD_g + uld_loss_weight * sum_g w_g ULD_g
@@ -77,6 +80,7 @@ from kd_pipeline.core.losses.config import IGNORE_INDEX, KDLossConfig
 from kd_pipeline.core.losses.fused import auto_chunk_size
 from kd_pipeline.core.losses.reference import _divergence
 from kd_pipeline.core.params import dataclass_from_params, require, require_choice, require_number
+from kd_pipeline.core.topk_store.codec import padding_slots
 
 SPAN_MERGES = ("observed", "first_token")
 
@@ -150,6 +154,8 @@ class _MatchedBuckets(NamedTuple):
         member_bucket: (M,) bucket of each (bucket, student id) member.
         member_group: (M,) its group.
         member_ids: (M,) its student id.
+        row_entries: (G,) entries of each group's teacher row (K, fewer for a variable row:
+            its padding, `topk_store.codec.padding_slots`, is no entry).
     """
 
     teacher: torch.Tensor
@@ -160,6 +166,7 @@ class _MatchedBuckets(NamedTuple):
     member_bucket: torch.Tensor
     member_group: torch.Tensor
     member_ids: torch.Tensor
+    row_entries: torch.Tensor
 
 
 class _RowValues(NamedTuple):
@@ -221,8 +228,9 @@ def _matched_buckets(topk_ids: torch.Tensor, teacher: torch.Tensor, projection: 
     position = torch.arange(num_buckets, device=device) - (per_group.cumsum(0) - per_group)[bucket_group]
     padded = torch.full((num_groups, width), -math.inf, dtype=dtype, device=device)
     padded = padded.index_put((bucket_group, position), teacher_bucket)
+    row_entries = (~padding_slots(topk_ids, teacher)).sum(1)
     return _MatchedBuckets(padded, position, bucket_group, per_group > 0, slot_matched, member_bucket,
-                           bucket_group[member_bucket], member_ids)
+                           bucket_group[member_bucket], member_ids, row_entries)
 
 
 @torch.no_grad()
@@ -324,18 +332,20 @@ def _kd_per_group(
 
 
 def _uld_per_group(
-    q_top: torch.Tensor, teacher: torch.Tensor, slot_matched: torch.Tensor, chain_s: torch.Tensor,
-    chain_t: torch.Tensor, target_scale: float,
+    q_top: torch.Tensor, teacher: torch.Tensor, row_entries: torch.Tensor, slot_matched: torch.Tensor,
+    chain_s: torch.Tensor, chain_t: torch.Tensor, target_scale: float,
 ) -> torch.Tensor:
-    """(G,) L1 distance of the sorted unmatched probabilities over the teacher's K ranks
-    (`q_top`: the student's top unmatched log-probs, descending)."""
+    """(G,) L1 distance of the sorted unmatched probabilities over each teacher row's ranks, as
+    many as it has entries (`row_entries`: K, or fewer for a variable row, whose padding is no
+    rank); `q_top`: the student's top unmatched log-probs, descending."""
     k = teacher.shape[1]
     teacher_unmatched = torch.where(slot_matched, -math.inf, target_scale * (teacher + chain_t[:, None]))
     p_sorted = teacher_unmatched.sort(dim=1, descending=True).values.exp()
     q_sorted = (q_top + chain_s[:, None]).exp()
     if q_sorted.shape[1] < k:
         q_sorted = torch.nn.functional.pad(q_sorted, (0, k - q_sorted.shape[1]))
-    return (p_sorted - q_sorted).abs().sum(1)
+    ranks = torch.arange(k, device=teacher.device)[None, :] < row_entries[:, None]
+    return torch.where(ranks, (p_sorted - q_sorted).abs(), 0.0).sum(1)
 
 
 def _group_terms(
@@ -384,7 +394,8 @@ def _group_terms(
         loss = loss + config.kd_loss_weight * config.kd_factor * kd_sum
     if values.uld is not None:
         q_top = values.uld - first_lse[:, None]
-        uld = _uld_per_group(q_top, teacher, buckets.slot_matched, chain_s, chain_t, config.target_logits_scale)
+        uld = _uld_per_group(q_top, teacher, buckets.row_entries, buckets.slot_matched, chain_s, chain_t,
+                             config.target_logits_scale)
         uld_sum = torch.where(w != 0, w * uld, 0.0).sum()
         sums[1] = uld_sum.detach()
         loss = loss + options.uld_loss_weight * uld_sum

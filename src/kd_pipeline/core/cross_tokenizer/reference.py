@@ -7,6 +7,8 @@ works in log space, vectorized and chunked). The tests compare the two in float6
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from kd_pipeline.core.cross_tokenizer.groups import AlignedGroupBatch
@@ -65,7 +67,8 @@ def cross_tokenizer_loss_reference(
             chain_t = chain_t + groups.teacher_chain[g]
         teacher_mass: dict[int, torch.Tensor] = {}
         unmatched_teacher = []
-        for tid, logprob in zip(groups.topk_ids[g].tolist(), groups.topk_logprobs[g]):
+        entries = _row_entries(groups.topk_ids[g].tolist(), groups.topk_logprobs[g])
+        for tid, logprob in entries:
             cls = int(vocab_map.teacher_class[tid])
             if has_student[cls]:
                 teacher_mass[cls] = teacher_mass.get(cls, zero) + torch.exp(logprob.to(z.dtype))
@@ -90,7 +93,7 @@ def cross_tokenizer_loss_reference(
                 p = big_p**ts / (big_p**ts).sum()
                 q = big_q
             kd = kd + w * _divergence(p, q, config.effective_kd_loss, config.beta)
-        k = groups.topk_ids.shape[1]
+        k = len(entries)  # ULD compares the row's ranks
         p_sorted = sorted(unmatched_teacher, key=lambda v: -float(v.detach())) + [zero] * (k - len(unmatched_teacher))
         q_values = probs[r0, unmatched_student_ids] * torch.exp(chain_s) if unmatched_student_ids else zero[None][:0]
         q_sorted = list(torch.sort(q_values, descending=True).values[:k]) if len(q_values) else []
@@ -104,3 +107,10 @@ def cross_tokenizer_loss_reference(
     if config.sft_loss_weight > 0:
         loss = loss + config.sft_loss_weight * sft
     return {"loss": loss, "kd": kd, "uld": uld, "sft": sft}
+
+
+def _row_entries(row_ids: list[int], logprobs: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(id, log-prob) of a teacher row's entries: a variable row's padding (an earlier slot's id
+    again, at -inf) is none."""
+    return [(tid, logprob) for slot, (tid, logprob) in enumerate(zip(row_ids, logprobs))
+            if not (tid in row_ids[:slot] and logprob == -math.inf)]

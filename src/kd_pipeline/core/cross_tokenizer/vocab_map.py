@@ -343,6 +343,23 @@ def build_vocab_map(
         return VocabMap(identity, identity.copy(), metadata)
 
     union = _UnionFind(num_t + num_s)  # teacher ids, then student ids shifted by num_t
+    num_exact_teacher = _join_classes(union, teacher_tokenizer, teacher, student_tokenizer, student, pairs, max_pieces)
+
+    roots = np.fromiter((union.find(node) for node in range(num_t + num_s)), np.int64, num_t + num_s)
+    _, classes = np.unique(roots, return_inverse=True)  # roots are min node ids: stable order
+    classes = classes.astype(np.int64)
+    teacher_class, student_class = classes[:num_t], classes[num_t:]
+    metadata.update(_counts(teacher_class, student_class, num_exact_teacher))
+    return VocabMap(teacher_class, student_class, metadata)
+
+
+def _join_classes(union: "_UnionFind", teacher_tokenizer, teacher, student_tokenizer, student,
+                  pairs: dict[int, int], max_pieces: int) -> int:
+    """Joins in `union` (teacher ids, then student ids shifted by the teacher's vocabulary size)
+    the ids of each class: same bytes on either side, an unmatched entry with its re-tokenization's
+    first piece (at most `max_pieces` pieces), specials of equal content and `pairs` (updated
+    with them). Returns how many teacher ids have an exact match."""
+    num_t = teacher.vocab_size
     t_index, s_index = _byte_index(teacher), _byte_index(student)
     for ids in t_index.values():
         for other in ids[1:]:
@@ -371,13 +388,7 @@ def build_vocab_map(
             pairs.setdefault(t_id, student_specials[content])
     for t_id, s_id in pairs.items():
         union.union(t_id, num_t + s_id)
-
-    roots = np.fromiter((union.find(node) for node in range(num_t + num_s)), np.int64, num_t + num_s)
-    _, classes = np.unique(roots, return_inverse=True)  # roots are min node ids: stable order
-    classes = classes.astype(np.int64)
-    teacher_class, student_class = classes[:num_t], classes[num_t:]
-    metadata.update(_counts(teacher_class, student_class, num_exact_teacher))
-    return VocabMap(teacher_class, student_class, metadata)
+    return num_exact_teacher
 
 
 def _counts(teacher_class: np.ndarray, student_class: np.ndarray, num_exact_teacher: int) -> dict[str, str]:

@@ -18,8 +18,9 @@ position `p` with `loss_mask[p + 1] == 1`, whose output predicts token `p + 1`
   temperature and normalization options, but they are not full-vocabulary KLs.
 * `top1_agreement`: fraction of tokens where the student's full-vocabulary argmax equals the
   teacher's top-1 id (column 0 of the descending top-k).
-* `topk_overlap`: mean of `|student top-k ∩ teacher top-k| / k`, student top-k over the full
-  vocabulary, `k = overlap_k` (default: the artifact's K).
+* `topk_overlap`: mean of `|student top-m ∩ teacher top-m| / m`, student top-m over the full
+  vocabulary, `m = overlap_k` (default: the artifact's K), or the row's number of entries when a
+  variable (`top_p` / `sampled`) row has fewer.
 * `teacher_topk_mass`: mean of `sum_k exp(l_k)`, the teacher probability its top-k holds;
   `student_mass_on_teacher_topk`: mean full-vocabulary student probability on those ids.
 * `student_bits_per_byte` (and `teacher_bits_per_byte`): the summed NLL of the trained tokens
@@ -53,6 +54,7 @@ from kd_pipeline.core.batching import TargetsProvider, check_rows, fetch_targets
 from kd_pipeline.core.devices import is_device_spec, resolve_device
 from kd_pipeline.core.models.head import HeadTransform, decoder_and_head, head_transform
 from kd_pipeline.core.params import dataclass_from_params, require, require_bool, require_choice, require_int
+from kd_pipeline.core.topk_store.codec import padding_slots
 from kd_pipeline.core.topk_store.reader import VERIFY_MODES
 
 #: Metric names `evaluate_student` returns without a teacher artifact.
@@ -192,16 +194,10 @@ def evaluate_student(
             if overlap_k is None:
                 overlap_k = _overlap_k(config, teacher_batch[0].shape[1])
             sums.add("teacher_nll", -teacher_batch[2])
-        hidden = decoder(input_ids=padded.input_ids.to(device),
-                         attention_mask=padded.attention_mask.to(device)).last_hidden_state
-        hidden = hidden[padded.positions_mask.to(device)]  # [N, H]: trained positions only
-        teacher_hidden = None
-        if full_teacher is not None:
-            teacher_hidden = full_teacher[0](input_ids=padded.input_ids.to(device),
-                                             attention_mask=padded.attention_mask.to(device)).last_hidden_state
-            teacher_hidden = teacher_hidden[padded.positions_mask.to(device)]
+        hidden = _trained_hidden(decoder, padded, device)
         _add_chunk_sums(sums, head, transform, hidden, labels, teacher_batch, overlap_k, config.token_chunk_size,
-                        None if full_teacher is None else (full_teacher[1], full_teacher[2], teacher_hidden))
+                        None if full_teacher is None else
+                        (full_teacher[1], full_teacher[2], _trained_hidden(full_teacher[0], padded, device)))
         num_tokens += n
 
     if num_tokens == 0:
@@ -259,6 +255,13 @@ def evaluate_on_artifact(student_dir: str | os.PathLike, corpus, topk_dir: str |
                      if config.full_vocab_kl else None)
     return evaluate_student(model, corpus.split(config.split), reader, config, num_tokens=len(tokenizer),
                             teacher_model=teacher_model)
+
+
+def _trained_hidden(decoder, padded, device) -> torch.Tensor:
+    """[N, H] last hidden states of a padded batch at its trained positions only."""
+    hidden = decoder(input_ids=padded.input_ids.to(device),
+                     attention_mask=padded.attention_mask.to(device)).last_hidden_state
+    return hidden[padded.positions_mask.to(device)]
 
 
 def _overlap_k(config: EvalConfig, artifact_k: int) -> int:
@@ -344,16 +347,26 @@ def _teacher_sums(sums: _Sums, logits: torch.Tensor, log_z: torch.Tensor, topk_i
                   topk_logprobs: torch.Tensor, overlap_k: int) -> None:
     """Adds the per-token teacher comparisons of one chunk: logits [n, V], topk_* [n, K]
     (variable rows padded per `topk_store.codec.pad_rows`: their padding is no entry)."""
-    padding = (topk_logprobs == -math.inf) & (topk_ids == topk_ids[:, :1])
-    padding[:, 0] = False
+    padding = padding_slots(topk_ids, topk_logprobs)
     student_at_ids = logits.gather(1, topk_ids).masked_fill(padding, -math.inf)  # [n, K]
     log_q = student_at_ids - torch.logsumexp(student_at_ids, dim=-1, keepdim=True)  # renormalized over K
     log_p = topk_logprobs - torch.logsumexp(topk_logprobs, dim=-1, keepdim=True)
     sums.add("kl_teacher_student_topk", torch.where(padding, 0.0, log_p.exp() * (log_p - log_q)).sum(-1))
     sums.add("kl_student_teacher_topk", torch.where(padding, 0.0, log_q.exp() * (log_q - log_p)).sum(-1))
     sums.add("top1_agreement", (logits.argmax(dim=-1) == topk_ids[:, 0]).float())
-    student_top = logits.topk(overlap_k, dim=-1).indices  # [n, k]
-    shared = (student_top[:, :, None] == topk_ids[:, None, :overlap_k]).any(-1).sum(-1)  # [n]
-    sums.add("topk_overlap", shared.double() / overlap_k)
+    sums.add("topk_overlap", _topk_overlap(logits, topk_ids, padding, overlap_k))
     sums.add("teacher_topk_mass", topk_logprobs.double().exp().sum(-1))
     sums.add("student_mass_on_teacher_topk", (student_at_ids - log_z[:, None]).double().exp().sum(-1))
+
+
+def _topk_overlap(logits: torch.Tensor, topk_ids: torch.Tensor, padding: torch.Tensor, overlap_k: int) -> torch.Tensor:
+    """[n] float64 `|student top-m ∩ teacher top-m| / m` with `m = min(overlap_k, the row's
+    entries)`: a variable row shorter than `overlap_k` is compared over its own length (its
+    padding is no entry), a full row over `overlap_k`."""
+    lengths = (~padding[:, :overlap_k]).sum(-1).clamp_min(1)  # [n]
+    ranks = torch.arange(overlap_k, device=logits.device)
+    in_row = ranks[None, :] < lengths[:, None]  # [n, overlap_k], the first m ranks of either side
+    student_top = logits.topk(overlap_k, dim=-1).indices  # [n, overlap_k]
+    hits = (student_top[:, :, None] == topk_ids[:, None, :overlap_k]) & in_row[:, None, :]
+    shared = (hits.any(-1) & in_row).sum(-1)
+    return shared.double() / lengths

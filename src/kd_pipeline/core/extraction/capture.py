@@ -6,11 +6,12 @@ selection of the `top_p` and `sampled` modes on one chunk of the teacher's logit
   reaches `p`, capped at `k`: peaked rows store one or two entries, flat rows up to `k`.
 - `sampled` (random-sampling KD, Anshumann et al. 2025, "Sparse Logit Sampling"): `draws` ids
   drawn with replacement from the teacher's distribution at `proposal_temperature` (the
-  proposal `r`), stored as distinct ids with their counts and their exact log-probs. With the
-  counts `c_v`, `sum_v c_v / n * p_s(v) / r(v) * f(v)` is an unbiased estimate of
-  `E_{p_s}[f]` for any training temperature whose log-normalizer the artifact holds (the
-  proposal temperature is always among `logz_temperatures`), so the KD gradient is an unbiased
-  estimate of the full-vocabulary one (`core.losses`, `sampled_kd_weights`).
+  proposal `r`), stored as distinct ids with their counts and their log-probs (as the codec
+  keeps them: exact with `raw`, rounded by `logquant_zstd`). With the counts `c_v`,
+  `sum_v c_v / n * p_s(v) / r(v) * f(v)` is an estimate of `E_{p_s}[f]`, unbiased up to codec
+  rounding, for any training temperature whose log-normalizer the artifact holds (the proposal
+  temperature is always among `logz_temperatures`), so the KD gradient is an estimate of the
+  full-vocabulary one unbiased up to codec rounding (`core.losses.sampled.SampledWeights`).
 
 Draws are reproducible: row `(sample_id, position)` draws its uniforms from a counter-based
 hash of `(seed, sample_id, position, draw index)` (splitmix64), independent of the batch it is

@@ -205,7 +205,12 @@ def teacher_rows(model, head: TopKHead, batch: BatchInputs, device: torch.device
     rows = hidden.reshape(-1, hidden.shape[-1]).index_select(0, batch.flat_positions.to(device))
     keys = None
     if head.capture.mode == "sampled":
-        keys = row_keys(batch.sample_ids or [""] * len(batch.positions), batch.positions, head.capture.seed)
+        if batch.sample_ids is None or len(batch.sample_ids) != len(batch.positions):
+            # Every sample drawing from the same key would give identical draws at equal positions.
+            raise ValueError(f"the sampled capture seeds each row's draws by its sample_id, but the batch's field "
+                             f"'sample_ids' is {batch.sample_ids!r} for {len(batch.positions)} samples: pass them "
+                             "to make_batch(..., sample_ids=...)")
+        keys = row_keys(batch.sample_ids, batch.positions, head.capture.seed)
     return head(rows, batch.labels.to(device), keys)
 
 
@@ -225,7 +230,7 @@ def check_head_path(model, head: TopKHead, input_ids: np.ndarray, device: torch.
         return 0.0
     mask = np.ones(len(ids), dtype=np.int8)
     mask[0] = 0
-    batch = make_batch([ids], [mask])
+    batch = make_batch([ids], [mask], sample_ids=["check_head_path"])  # a name for the sampled draws' seed
     got = teacher_rows(model, head, batch, device)
     with torch.no_grad():
         logits = model(input_ids=batch.input_ids.to(device), use_cache=False).logits[0, :-1].float()

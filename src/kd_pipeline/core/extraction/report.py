@@ -87,7 +87,7 @@ def artifact_report(topk_dir: str | os.PathLike) -> dict:
         "k": source.k,
         "capture_mode": source.capture_mode,
         "capture_params": dict(source.capture_params),
-        "entries_per_trained_token": _entries_per_token(manifest),
+        "entries_per_trained_token": entries_per_token(manifest),
         "codec": manifest.codec_name,
         "codec_settings": dict(manifest.codec_settings),
         "capture_dtype": source.capture_dtype,
@@ -105,12 +105,15 @@ def artifact_report(topk_dir: str | os.PathLike) -> dict:
     }
 
 
-def _entries_per_token(manifest) -> float | None:
-    """Mean stored entries per trained token (None for schema 2 shards, which do not count them)."""
-    entries = [shard.entries for shard in manifest.shards]
-    if not manifest.num_trained_tokens or any(count is None for count in entries):
+def entries_per_token(manifest) -> float | None:
+    """Mean stored entries per trained token of an artifact (`topk_store.Manifest`): k for a
+    `topk` artifact (its schema 2 shards do not count their entries), else the shards' count;
+    None without trained tokens."""
+    if not manifest.num_trained_tokens:
         return None
-    return round(sum(entries) / manifest.num_trained_tokens, 3)
+    if manifest.source.capture_mode == "topk":
+        return float(manifest.source.k)
+    return round(sum(shard.entries for shard in manifest.shards) / manifest.num_trained_tokens, 3)
 
 
 def _pick(run: dict | None, keys: tuple[str, ...]) -> dict | None:

@@ -232,7 +232,7 @@ def check_loss_inputs(
         token_weights: (N,) float per-token reduction weights.
         config: the loss config.
         teacher_logz: (N,) float `log sum_v p(v)**s` at `s = target_logits_scale`, or None
-            (then 0 is assumed at `s == 1`; `tail_bucket` with `s != 1` refuses).
+            (then 0 is assumed at `s == 1`; `tail_bucket` or sampled targets with `s != 1` refuse).
         topk_weights: (N, K) float sampled-estimator weights (`sampled` artifacts), or None.
 
     Raises:
@@ -253,44 +253,7 @@ def check_loss_inputs(
         if config.kd_loss_weight > 0:
             raise ValueError("topk_ids/topk_logprobs are None but KDLossConfig.kd_loss_weight > 0")
     else:
-        if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens or topk_ids.shape[1] < 1:
-            raise ValueError(
-                f"topk_ids must have shape ({num_tokens}, K) with K >= 1, "
-                f"got {tuple(topk_ids.shape)}"
-            )
-        if topk_ids.dtype != torch.int64:
-            raise ValueError(f"topk_ids must be int64 (torch.long), got {topk_ids.dtype}")
-        if tuple(topk_logprobs.shape) != tuple(topk_ids.shape):
-            raise ValueError(
-                f"topk_logprobs shape {tuple(topk_logprobs.shape)} != topk_ids shape "
-                f"{tuple(topk_ids.shape)}"
-            )
-        if not topk_logprobs.is_floating_point():
-            raise ValueError(f"topk_logprobs must be floating point, got {topk_logprobs.dtype}")
-        if topk_weights is not None:
-            if tuple(topk_weights.shape) != tuple(topk_ids.shape) or not topk_weights.is_floating_point():
-                raise ValueError(f"topk_weights must be a float tensor of shape {tuple(topk_ids.shape)}, got "
-                                 f"{topk_weights.dtype} {tuple(topk_weights.shape)}")
-            require_sampled_support(config)
-        if teacher_logz is not None and (
-            tuple(teacher_logz.shape) != (num_tokens,) or not teacher_logz.is_floating_point()
-        ):
-            raise ValueError(
-                f"teacher_logz must be a float tensor of shape ({num_tokens},), "
-                f"got {teacher_logz.dtype} {tuple(teacher_logz.shape)}"
-            )
-        if (
-            teacher_logz is None
-            and config.topk_normalization == "tail_bucket"
-            and config.target_logits_scale != 1.0
-            and topk_weights is None
-        ):
-            raise ValueError(
-                f"topk_normalization 'tail_bucket' at target_logits_scale "
-                f"{config.target_logits_scale} needs teacher_logz, the teacher's per-row "
-                "log-normalizer at that temperature (without it the tempered tail mass is not "
-                "known); pass the artifact's logz column for it, or use 'renormalize'"
-            )
+        _check_teacher_rows(num_tokens, topk_ids, topk_logprobs, teacher_logz, topk_weights, config)
     if labels is None:
         if config.sft_loss_weight > 0:
             raise ValueError("labels is None but KDLossConfig.sft_loss_weight > 0")
@@ -301,3 +264,43 @@ def check_loss_inputs(
         )
     if vocab_size < 1:
         raise ValueError(f"vocabulary size must be >= 1, got {vocab_size}")
+
+
+def _check_teacher_rows(
+    num_tokens: int,
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    teacher_logz: torch.Tensor | None,
+    topk_weights: torch.Tensor | None,
+    config: KDLossConfig,
+) -> None:
+    """The teacher-side checks of `check_loss_inputs` (its arguments)."""
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != num_tokens or topk_ids.shape[1] < 1:
+        raise ValueError(f"topk_ids must have shape ({num_tokens}, K) with K >= 1, got {tuple(topk_ids.shape)}")
+    if topk_ids.dtype != torch.int64:
+        raise ValueError(f"topk_ids must be int64 (torch.long), got {topk_ids.dtype}")
+    if tuple(topk_logprobs.shape) != tuple(topk_ids.shape):
+        raise ValueError(f"topk_logprobs shape {tuple(topk_logprobs.shape)} != topk_ids shape {tuple(topk_ids.shape)}")
+    if not topk_logprobs.is_floating_point():
+        raise ValueError(f"topk_logprobs must be floating point, got {topk_logprobs.dtype}")
+    if topk_weights is not None:
+        if tuple(topk_weights.shape) != tuple(topk_ids.shape) or not topk_weights.is_floating_point():
+            raise ValueError(f"topk_weights must be a float tensor of shape {tuple(topk_ids.shape)}, got "
+                             f"{topk_weights.dtype} {tuple(topk_weights.shape)}")
+        require_sampled_support(config)
+    if teacher_logz is not None:
+        if tuple(teacher_logz.shape) != (num_tokens,) or not teacher_logz.is_floating_point():
+            raise ValueError(f"teacher_logz must be a float tensor of shape ({num_tokens},), "
+                             f"got {teacher_logz.dtype} {tuple(teacher_logz.shape)}")
+    elif config.target_logits_scale != 1.0 and topk_weights is not None:
+        raise ValueError(
+            f"sampled targets (topk_weights) at target_logits_scale {config.target_logits_scale} need "
+            "teacher_logz, the teacher's per-row log-normalizer at that temperature: the estimate's tempered "
+            "teacher log-probs s * l - teacher_logz are not known without it; pass the artifact's logz column")
+    elif config.target_logits_scale != 1.0 and config.topk_normalization == "tail_bucket":
+        raise ValueError(
+            f"topk_normalization 'tail_bucket' at target_logits_scale "
+            f"{config.target_logits_scale} needs teacher_logz, the teacher's per-row "
+            "log-normalizer at that temperature (without it the tempered tail mass is not "
+            "known); pass the artifact's logz column for it, or use 'renormalize'"
+        )

@@ -19,6 +19,7 @@ from kd_pipeline.core.losses.config import (
     LossOutput,
     check_loss_inputs,
 )
+from kd_pipeline.core.topk_store.codec import padding_slots
 
 
 def topk_kd_loss_reference(
@@ -111,10 +112,7 @@ def _bucket_logprobs(
         (log_p, log_q), each (N, K) for `renormalize` or (N, K+1) for `tail_bucket`.
     """
     target_scale = config.target_logits_scale
-    # Padding of variable rows: a slot repeating an earlier slot's id with teacher log-prob -inf.
-    earlier = torch.ones(topk_ids.shape[1], topk_ids.shape[1], dtype=torch.bool).tril(-1)
-    repeated = ((topk_ids[:, :, None] == topk_ids[:, None, :]) & earlier).any(-1)
-    padding = repeated & torch.isneginf(teacher_logprobs)
+    padding = padding_slots(topk_ids, teacher_logprobs)  # variable rows' padding: no bucket
     if config.topk_normalization == "renormalize":
         log_q = scaled_logits.gather(1, topk_ids).masked_fill(padding, -math.inf).log_softmax(-1)
         log_p = (target_scale * teacher_logprobs).log_softmax(-1)

@@ -42,7 +42,7 @@ __all__ = [
 CAPTURE_MODES = ("topk", "top_p", "sampled")
 """What a row of the artifact holds: the teacher's top-k ids (`topk`), the smallest top set
 holding a probability mass `p` (`top_p`), or the distinct ids of `n` draws from the teacher with
-their counts (`sampled`); see `extraction.config.CaptureConfig`."""
+their counts (`sampled`); see `extraction.capture.CaptureConfig`."""
 
 
 def pad_rows(topk_ids: np.ndarray, topk_logprobs: np.ndarray, row_lengths: np.ndarray,
@@ -55,6 +55,24 @@ def pad_rows(topk_ids: np.ndarray, topk_logprobs: np.ndarray, row_lengths: np.nd
     topk_logprobs[padding] = -np.inf
     if counts is not None:
         counts[padding] = 0
+
+
+def padding_slots(topk_ids, topk_logprobs):
+    """(n, k) bool torch tensor: the padding slots of variable rows as every consumer reads them
+    (the losses, evaluation): a slot repeating the id of an earlier slot of its row whose
+    log-prob is -inf (what `pad_rows` writes; a stored entry is never such a slot). Such a slot
+    is no entry on either side.
+
+    Args:
+        topk_ids: (n, k) int torch tensor.
+        topk_logprobs: (n, k) float torch tensor.
+    """
+    import torch
+
+    sorted_ids, order = topk_ids.sort(dim=1, stable=True)  # stable: equal ids stay in slot order
+    repeats = torch.zeros_like(topk_ids, dtype=torch.bool)
+    repeats[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
+    return torch.empty_like(repeats).scatter_(1, order, repeats) & torch.isneginf(topk_logprobs)
 
 
 @dataclass(frozen=True)
@@ -170,8 +188,10 @@ def _variable_rows(row_lengths: Any, counts: Any, shape: tuple[int, int]):
         if draws.shape != shape:
             raise ValueError(f"counts must be (n={n}, k={k}), got shape {draws.shape}")
         valid = np.arange(k)[None, :] < lengths[:, None]
-        if draws.size and (draws[valid].min(initial=1) < 1 or draws.max() >= 2**31):
-            raise ValueError("counts must be >= 1 on every stored entry")
+        for bad, rule in ((valid & (draws < 1), ">= 1 on every stored entry"), (draws >= 2**31, "below 2**31")):
+            if bad.any():
+                row, slot = (int(i[0]) for i in np.nonzero(bad))
+                raise ValueError(f"counts must be {rule}: row {row} slot {slot} holds {int(draws[row, slot])}")
         draws = draws.astype(np.int32)
     return lengths.astype(np.int32), draws
 
@@ -270,6 +290,10 @@ class RawCodec(TopKCodec):
             "logz": sample.logz.astype("<f4").tobytes(),
         }
         if sample.row_lengths is not None:
+            if sample.num_positions and sample.row_lengths.max() >= 1 << 16:  # the column is uint16
+                row = int(np.argmax(sample.row_lengths >= 1 << 16))
+                raise ValueError(f"raw codec: row {row} has {int(sample.row_lengths[row])} entries, but row_lengths "
+                                 "are stored as uint16 (below 65536): use k (or draws) below 65536")
             out["row_lengths"] = sample.row_lengths.astype("<u2").tobytes()
         if sample.counts is not None:
             out["counts"] = sample.counts[valid].astype("<u4").tobytes()

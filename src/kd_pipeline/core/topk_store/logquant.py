@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 import zstandard
@@ -235,46 +235,19 @@ class LogQuantZstdCodec(TopKCodec):
     # -- encoding -------------------------------------------------------------------------------
 
     def encode(self, sample: TopKArrays) -> dict[str, bytes]:
+        _check_encodable(sample)
         n, k = sample.topk_ids.shape
         logprobs = sample.topk_logprobs
-        if not 1 <= k < 1 << 16 or n >= _MAX_ROWS or n * k >= 1 << 32:
-            raise ValueError(f"logquant_zstd needs 1 <= k < 65536, fewer than {_MAX_ROWS} rows and n * k < 2**32, "
-                             f"got {n} rows of k={k}")
-        if np.isnan(logprobs).any() or (n and not np.isfinite(logprobs[:, 0]).all()):
-            raise ValueError("logquant_zstd needs no NaN log-probs and a finite top log-prob in every row")
-        if np.any(logprobs[:, 1:] > logprobs[:, :-1]):
-            raise ValueError("logquant_zstd needs topk_logprobs sorted descending within each row")
-
-        # Token-major order: occurrences sorted by (id, row). Packing the id above the flat
-        # index lets numpy's (SIMD) value sort do it and hands back the permutation for free.
         # Variable rows (`top_p`, `sampled`) enter with their stored entries only.
         lengths = np.full(n, k, np.int64) if sample.row_lengths is None else sample.row_lengths.astype(np.int64)
         valid = None if sample.row_lengths is None else np.arange(k)[None, :] < lengths[:, None]
-        flat_index = (np.arange(n * k, dtype=np.uint64) if valid is None
-                      else np.flatnonzero(valid.reshape(-1)).astype(np.uint64))
-        entries = int(flat_index.size)
-        index_bits = max(1, int(n * k - 1).bit_length())
-        keys = sample.topk_ids.reshape(-1)[flat_index.astype(np.int64)].astype(np.uint64) << np.uint64(index_bits)
-        keys |= flat_index
-        keys.sort()
-        order = (keys & np.uint64((1 << index_bits) - 1)).astype(np.int64)
-        ids_sorted = (keys >> np.uint64(index_bits)).astype(np.int64)
-        rows_sorted = order // k
-        is_first = np.empty(entries, dtype=bool)
-        is_first[:1] = True
-        np.not_equal(ids_sorted[1:], ids_sorted[:-1], out=is_first[1:])
-        first_index = np.flatnonzero(is_first)
-        distinct_ids = ids_sorted[first_index]
-        counts = np.diff(np.append(first_index, entries))
-        row_gaps = np.diff(rows_sorted)[~is_first[1:]] - 1
-        if row_gaps.size and row_gaps.min() < 0:
-            raise ValueError("topk_ids holds the same token id twice in one row")
+        occurrences = _token_major(sample.topk_ids, valid)
 
         codes = self.quantize(logprobs)
         # Median code of each row (codes ascend along a row): subtracting it (mod 256, lossless)
         # takes the peaked-vs-flat spread between rows out of the value stream (~1 bit per entry less).
         reference = codes[np.arange(n), lengths // 2]
-        residuals = (codes - reference[:, None]).reshape(-1)[order]  # uint8 arithmetic wraps mod 256
+        residuals = (codes - reference[:, None]).reshape(-1)[occurrences.order]  # uint8 arithmetic wraps mod 256
 
         # Per-row offset = decoded log-prob of the top: chosen so that the decoded row carries
         # exactly the raw top-k mass, log sum_k p_k (a K+1 "rest" bucket stays exact).
@@ -287,34 +260,22 @@ class LogQuantZstdCodec(TopKCodec):
         # Variable rows: their lengths, and for sampled rows the draw counts in token-major order.
         variable = [] if valid is None else [*_varint_planes(lengths - 1)]
         if sample.counts is not None:
-            variable += _varint_planes(sample.counts.reshape(-1)[order].astype(np.int64) - 1)
+            variable += _varint_planes(sample.counts.reshape(-1)[occurrences.order].astype(np.int64) - 1)
 
         streams: list[np.ndarray] = [
             *_varint_planes(position_steps),
             *_float16_planes(sample.target_logprobs),
             *_float16_planes(top),
             reference,
-            *_varint_planes(np.diff(distinct_ids, prepend=-1) - 1),
-            *_varint_planes(counts - 1),
-            *_varint_planes(rows_sorted[first_index]),
-            *_varint_planes(row_gaps),
+            *_varint_planes(np.diff(occurrences.distinct_ids, prepend=-1) - 1),
+            *_varint_planes(occurrences.counts - 1),
+            *_varint_planes(occurrences.first_rows),
+            *_varint_planes(occurrences.row_gaps),
             residuals,
             *(plane for column in tempered_mass for plane in _float16_planes(column)),
             *variable,
         ]
-        # Each stream is a zstd frame, or its raw bytes when zstd would not make it smaller
-        # (short per-row streams of short samples). The header lists, per stream, a varint of
-        # `length * 2 + is_raw`.
-        compressor = _zstd_compressor()
-        frames, lengths = [], bytearray()
-        for stream in streams:
-            raw = stream.tobytes()
-            frame = compressor.compress(raw) if raw else b""
-            is_raw = len(frame) >= len(raw)
-            frames.append(raw if is_raw else frame)
-            lengths += _varint_bytes(len(frames[-1]) * 2 + is_raw)
-        header = _HEADER.pack(n, k, distinct_ids.size, len(frames))
-        return {"payload": header + bytes(lengths) + b"".join(frames)}
+        return {"payload": _pack_streams(streams, n, k, occurrences.distinct_ids.size)}
 
     # -- decoding -------------------------------------------------------------------------------
 
@@ -451,3 +412,79 @@ def _read_frames(payload) -> tuple[int, int, int, list[np.ndarray]]:
     if offset != len(buffer):
         raise ValueError(f"corrupt logquant_zstd payload: {len(buffer)} bytes, the header accounts for {offset}")
     return n, stored_k, num_distinct, frames
+
+
+def _check_encodable(sample: TopKArrays) -> None:
+    """What the compact codec's layout can hold (shape limits, finite sorted rows)."""
+    n, k = sample.topk_ids.shape
+    logprobs = sample.topk_logprobs
+    if not 1 <= k < 1 << 16 or n >= _MAX_ROWS or n * k >= 1 << 32:
+        raise ValueError(f"logquant_zstd needs 1 <= k < 65536, fewer than {_MAX_ROWS} rows and n * k < 2**32, "
+                         f"got {n} rows of k={k}")
+    if np.isnan(logprobs).any() or (n and not np.isfinite(logprobs[:, 0]).all()):
+        raise ValueError("logquant_zstd needs no NaN log-probs and a finite top log-prob in every row")
+    if np.any(logprobs[:, 1:] > logprobs[:, :-1]):
+        raise ValueError("logquant_zstd needs topk_logprobs sorted descending within each row")
+
+
+class _Occurrences(NamedTuple):
+    """A sample's stored entries in token-major order (sorted by (id, row)).
+
+    Attributes:
+        order: (E,) flat index `row * k + slot` of each occurrence.
+        distinct_ids: (D,) the distinct ids, ascending.
+        counts: (D,) occurrences of each.
+        first_rows: (D,) the row of each id's first occurrence.
+        row_gaps: (E - D,) rows skipped between an id's consecutive occurrences.
+    """
+
+    order: np.ndarray
+    distinct_ids: np.ndarray
+    counts: np.ndarray
+    first_rows: np.ndarray
+    row_gaps: np.ndarray
+
+
+def _token_major(topk_ids: np.ndarray, valid: np.ndarray | None) -> _Occurrences:
+    """The (n, k) ids' occurrences (`valid` slots only, all when None) by (id, row). Packing the
+    id above the flat index lets numpy's (SIMD) value sort do it and hands back the permutation
+    for free.
+
+    Raises:
+        ValueError: an id occurs twice in one row.
+    """
+    n, k = topk_ids.shape
+    flat_index = (np.arange(n * k, dtype=np.uint64) if valid is None
+                  else np.flatnonzero(valid.reshape(-1)).astype(np.uint64))
+    entries = int(flat_index.size)
+    index_bits = max(1, int(n * k - 1).bit_length())
+    keys = topk_ids.reshape(-1)[flat_index.astype(np.int64)].astype(np.uint64) << np.uint64(index_bits)
+    keys |= flat_index
+    keys.sort()
+    order = (keys & np.uint64((1 << index_bits) - 1)).astype(np.int64)
+    ids_sorted = (keys >> np.uint64(index_bits)).astype(np.int64)
+    rows_sorted = order // k
+    is_first = np.empty(entries, dtype=bool)
+    is_first[:1] = True
+    np.not_equal(ids_sorted[1:], ids_sorted[:-1], out=is_first[1:])
+    first_index = np.flatnonzero(is_first)
+    row_gaps = np.diff(rows_sorted)[~is_first[1:]] - 1
+    if row_gaps.size and row_gaps.min() < 0:
+        raise ValueError("topk_ids holds the same token id twice in one row")
+    return _Occurrences(order, ids_sorted[first_index], np.diff(np.append(first_index, entries)),
+                        rows_sorted[first_index], row_gaps)
+
+
+def _pack_streams(streams: list[np.ndarray], n: int, k: int, num_distinct: int) -> bytes:
+    """Header + per-stream lengths + frames. Each stream is a zstd frame, or its raw bytes when
+    zstd would not make it smaller (short per-row streams of short samples). The header lists,
+    per stream, a varint of `length * 2 + is_raw`."""
+    compressor = _zstd_compressor()
+    frames, lengths = [], bytearray()
+    for stream in streams:
+        raw = stream.tobytes()
+        frame = compressor.compress(raw) if raw else b""
+        is_raw = len(frame) >= len(raw)
+        frames.append(raw if is_raw else frame)
+        lengths += _varint_bytes(len(frames[-1]) * 2 + is_raw)
+    return _HEADER.pack(n, k, num_distinct, len(frames)) + bytes(lengths) + b"".join(frames)

@@ -43,6 +43,9 @@ their stored `entries`.
 `topk` artifact of version 3.
 1: top-k log-probs only; such artifacts are refused (re-extract), they cannot be tempered exactly."""
 READABLE_SCHEMA_VERSIONS = (2, 3)
+CAPTURE_PARAMS = {"topk": (), "top_p": ("p",), "sampled": ("draws", "proposal_temperature")}
+"""Per capture mode, the `capture_params` its consumers read (training: the sampled estimator's
+`draws` and `proposal_temperature`); checked to be present when a manifest is built or read."""
 MANIFEST_NAME = "manifest.json"
 # Teacher top-k coverage (sum of p over the stored top-k, per trained token) is kept as counts in
 # this many equal bins over [0, 1]: counts add up across shards and ranks, unlike quantiles.
@@ -100,6 +103,7 @@ class ArtifactSource:
             raise ValueError(f"ArtifactSource.capture_mode must be one of {list(CAPTURE_MODES)}, "
                              f"got {self.capture_mode!r}")
         object.__setattr__(self, "capture_params", dict(self.capture_params))
+        self._check_capture_params()
         for name in ("teacher_path", "teacher_config_sha256", "teacher_weights_sha256", "tokenizer_sha256",
                      "capture_dtype", "corpus_fingerprint"):
             if not isinstance(getattr(self, name), str):
@@ -118,6 +122,20 @@ class ArtifactSource:
             raise ValueError(f"ArtifactSource.logz_temperatures must be finite numbers > 0, got {temperatures!r}")
         object.__setattr__(self, "logz_temperatures",
                            tuple(sorted({float(t) for t in temperatures} | {self.capture_temperature})))
+
+    def _check_capture_params(self) -> None:
+        """The `capture_params` keys the mode's readers use (`extraction.capture.CaptureConfig.
+        manifest_params` writes them), present and positive numbers; a manifest's reader names its
+        file (`Manifest.from_dict`)."""
+        for key in CAPTURE_PARAMS[self.capture_mode]:
+            value = self.capture_params.get(key)
+            if key not in self.capture_params:
+                raise ValueError(f"ArtifactSource.capture_params of a {self.capture_mode!r} artifact has no "
+                                 f"{key!r} (it holds {sorted(self.capture_params)}; a {self.capture_mode!r} "
+                                 f"artifact needs {list(CAPTURE_PARAMS[self.capture_mode])}): re-extract it")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"ArtifactSource.capture_params[{key!r}] of a {self.capture_mode!r} artifact must "
+                                 f"be a number > 0, got {value!r}")
 
     @property
     def logz_scales(self) -> tuple[float, ...]:

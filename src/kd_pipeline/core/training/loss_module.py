@@ -203,7 +203,7 @@ class CrossTokenizerStudentWithLoss(StudentWithLoss):
         kd_topk_ids: torch.Tensor | None = None,
         kd_topk_logprobs: torch.Tensor | None = None,
         kd_teacher_logz: torch.Tensor | None = None,
-        kd_topk_weights: torch.Tensor | None = None,  # the shared collator's key; the cross loss reads ct_* only
+        kd_topk_weights: torch.Tensor | None = None,  # the shared trainer passes it: must be None here
         ct_row_start: torch.Tensor | None = None,
         ct_row_stop: torch.Tensor | None = None,
         ct_topk_ids: torch.Tensor | None = None,
@@ -217,11 +217,17 @@ class CrossTokenizerStudentWithLoss(StudentWithLoss):
                 `StudentWithLoss.forward`, in the student's tokens.
             kd_topk_ids, kd_topk_logprobs, kd_teacher_logz: not used with groups (SFT-only batches
                 pass None).
+            kd_topk_weights: must be None: the cross-tokenizer loss has no sampled estimator
+                (`train_student` refuses a `sampled` artifact with a student tokenizer first).
             ct_*: the groups' (G,) row bounds, (G, K) teacher top-k rows and (G,) teacher chains.
 
         Returns:
             `CrossTokenizerLossOutput` with groups, else `LossOutput` (SFT only).
         """
+        if kd_topk_weights is not None:
+            raise ValueError("CrossTokenizerStudentWithLoss got kd_topk_weights (a sampled artifact's estimator "
+                             "weights): the cross-tokenizer loss supports topk and top_p teacher rows only and "
+                             "would drop them")
         if ct_row_start is None:
             return super().forward(input_ids, attention_mask, kd_positions_mask, token_weights, labels,
                                    kd_topk_ids, kd_topk_logprobs, kd_teacher_logz)

@@ -124,6 +124,8 @@ def train_student(
                       else model.get_output_embeddings().weight.shape[0])
         targets, used_k, manifest_id = _open_targets(loss, targets, topk_dir, corpus, corpus_tokenizer_hash,
                                                      vocab_size, k, teacher_dir, topk_verify)
+        if cross_tokenizer is not None:
+            _require_cross_tokenizer_capture(targets)
         cross = (_cross_tokenizer_setup(cross_tokenizer, vocab_map_path, corpus_tokenizer, tokenizer, loss)
                  if cross_tokenizer is not None else None)
         # At the capture temperature itself log Z = 0: a provider without log-normalizers is exact too.
@@ -261,6 +263,24 @@ def _open_targets(loss: KDLossConfig, targets, topk_dir, corpus, student_tokeniz
 
 def _capture_mode(targets) -> str:
     return "topk" if targets is None else targets.manifest.source.capture_mode
+
+
+CROSS_TOKENIZER_CAPTURE_MODES = ("topk", "top_p")
+
+
+def _require_cross_tokenizer_capture(targets) -> None:
+    """Refuse, before any step, an artifact whose rows the cross-tokenizer loss cannot use: it
+    sums the stored rows per matched class as probabilities, which a `sampled` row's draws are
+    not (they need the importance weights of `core.losses.sampled`, which only the
+    same-tokenizer loss applies)."""
+    mode = _capture_mode(targets)
+    if mode not in CROSS_TOKENIZER_CAPTURE_MODES:
+        raise ArtifactMismatchError(
+            f"distill.cross_tokenizer on a {mode!r} teacher artifact (capture_mode {mode!r}, capture_params "
+            f"{dict(targets.manifest.source.capture_params)}): the cross-tokenizer loss supports capture modes "
+            f"{' and '.join(repr(m) for m in CROSS_TOKENIZER_CAPTURE_MODES)} only (it has no importance-weighted "
+            "estimator for sampled draws); re-extract with teacher_logits.capture.mode topk or top_p, or train a "
+            "student with the teacher's tokenizer")
 
 
 def _logz_column(loss: KDLossConfig, targets) -> int | None:
