@@ -14,7 +14,7 @@ there and switches the catalog's MLflow datasets to local-only saving (its docum
 turn tracking off for a pipeline). Rank 0 opens the one run; our step-metrics callback and
 the nodes log into it from rank 0 only.
 
-`ReleaseMemoryHooks`: after each node, freed memory goes back to the OS
+`ReleaseMemoryHooks`: after each node and each saved output, freed memory goes back to the OS
 (`core.memory.release_unused_memory`), so that one `kedro run` of all stages peaks at its
 largest stage, not at the sum of what earlier stages left in the allocator.
 """
@@ -64,11 +64,17 @@ class MainProcessTracking:
 
 
 class ReleaseMemoryHooks:
-    """Return freed memory to the OS after every node (see the module docstring)."""
+    """Return freed memory to the OS after every node and every saved output (see the module
+    docstring). Both: the heavy stages do their work when their output is saved (the node
+    returns the writer of a `DirectoryDataset`, which runs after `after_node_run`)."""
 
     @hook_impl
     def after_node_run(self, node, catalog, inputs, outputs) -> None:
         release_unused_memory(node.name)
+
+    @hook_impl
+    def after_dataset_saved(self, dataset_name: str, data, node) -> None:
+        release_unused_memory(f"{node.name}: {dataset_name} saved")
 
     @hook_impl
     def on_node_error(self, error, node, catalog, inputs, is_async) -> None:
