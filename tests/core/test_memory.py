@@ -43,3 +43,16 @@ def test_free_optimizer_state_drops_moments_and_gradients():
     _free_optimizer_state(SimpleNamespace(optimizer=wrapper, model=model))
     assert len(optimizer.state) == 0
     assert model.weight.grad is None and model.bias.grad is None
+
+
+def test_training_hands_freed_memory_back_after_steps_evaluations_and_checkpoints(monkeypatch):
+    from kd_pipeline.core.training import trainer as trainer_module
+
+    calls = []
+    monkeypatch.setattr(trainer_module, "release_unused_memory", lambda label, collect=True: calls.append((label, collect)))
+    callback = trainer_module.ReleaseMemoryCallback()
+    callback.on_step_end(None, None, None)
+    callback.on_evaluate(None, None, None)
+    callback.on_save(None, None, None)
+    # Between steps only the allocator is trimmed (no garbage collection: ~0.1 s each).
+    assert calls == [("distill: step", False), ("distill: evaluation", True), ("distill: checkpoint", True)]

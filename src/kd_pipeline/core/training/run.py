@@ -46,6 +46,7 @@ from kd_pipeline.core.training.trainer import (
     DistillationTrainer,
     DistillLogCallback,
     DistillProgressCallback,
+    ReleaseMemoryCallback,
 )
 
 logger = logging.getLogger(__name__)
@@ -151,6 +152,7 @@ def train_student(
         # of HF's printed dicts.
         trainer.remove_callback(PrinterCallback if args.disable_tqdm else ProgressCallback)
         trainer.add_callback(DistillLogCallback() if args.disable_tqdm else DistillProgressCallback())
+        trainer.add_callback(ReleaseMemoryCallback())
         train_metrics = _train(trainer, resume_from)
         _free_optimizer_state(trainer)
         evaluated_last_step = args.eval_strategy == "steps" and trainer.state.global_step % args.eval_steps == 0

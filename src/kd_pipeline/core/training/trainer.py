@@ -23,6 +23,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
+from kd_pipeline.core.memory import release_unused_memory
 from kd_pipeline.core.losses import KDLossConfig, LossOutput
 from kd_pipeline.core.training.config import REDUCTIONS
 from kd_pipeline.core.training.data import LengthGroupedSampler
@@ -419,6 +420,23 @@ class DistillProgressCallback(ProgressCallback):
             self.training_bar.set_postfix(progress_fields(logs), refresh=True)
         elif "eval_loss" in logs:
             self.training_bar.write(f"distill step {state.global_step}: held-out {eval_fields(logs)}")
+
+
+class ReleaseMemoryCallback(TrainerCallback):
+    """Freed memory back to the OS after every optimizer step, evaluation and checkpoint
+    (`core.memory.release_unused_memory`). Each batch has other shapes (sequence lengths vary),
+    so glibc's heaps fragment and the resident size creeps up over an epoch by what no later
+    block fits (measured on the default job: 3.0 -> 4.2 GiB over 57 steps, while the live
+    tensors stay ~2.7 GiB)."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        release_unused_memory("distill: step", collect=False)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        release_unused_memory("distill: evaluation")
+
+    def on_save(self, args, state, control, **kwargs):
+        release_unused_memory("distill: checkpoint")
 
 
 class DistillLogCallback(TrainerCallback):
