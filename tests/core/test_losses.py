@@ -27,6 +27,7 @@ from kd_pipeline.core.losses import (
     fused_topk_kd_loss,
     topk_kd_loss_reference,
 )
+from kd_pipeline.core.losses import fused as fused_module
 from kd_pipeline.core.models.head import HeadTransform
 
 METRICS = ("kd", "sft", "teacher_coverage", "student_topk_mass", "weight_sum")
@@ -276,14 +277,18 @@ BLOCK_OPTIONS = {
 @pytest.mark.parametrize("head", [None, HeadTransform(multiply_by=1.7, softcap=5.0)], ids=["linear", "scale+softcap"])
 @pytest.mark.parametrize("options", BLOCK_OPTIONS.values(), ids=BLOCK_OPTIONS.keys())
 def test_rows_in_blocks_equal_one_block_and_the_reference(options, head, monkeypatch):
-    """A chunk's elementwise passes run on blocks of its rows (`chunk.BLOCK_ELEMENTS`; here 3
-    rows: chunks of 8 = 3 + 3 + 2, the ragged last one 5 = 3 + 2). Every block must use its own
-    rows' ids, labels, shifts and coefficients: a mix-up is off by O(1), not by rounding."""
+    """With the float32 scratch (bf16 inputs, soft-capped heads, unscaled SFT; forced here in
+    float64), a chunk's elementwise passes run on blocks of its rows (`chunk.BLOCK_ELEMENTS`,
+    here 3 rows: chunks of 8 = 3 + 3 + 2, the ragged last one 5 = 3 + 2) and the gradient pass
+    recomputes exp(z - shift). Every block must use its own rows' ids, labels, shifts and
+    coefficients (a mix-up is off by O(1), not by rounding), and the result must equal the
+    default path's (one block, in place where `needs_scratch` allows)."""
     batch = make_batch(logit_std=3.0)
     config = KDLossConfig(**options, sft_loss_weight=0.7, chunk_size=8)
     one_block = run_fused(batch, config, head=head)
     monkeypatch.setattr(chunk, "BLOCK_ELEMENTS", 3 * 83)
-    assert chunk.block_rows(8, 83) == 3
+    monkeypatch.setattr(fused_module, "needs_scratch", lambda *args: True)
+    assert chunk.block_rows(8, 83) == 3 and chunk.block_rows(5, 83) == 3
     blocks = run_fused(batch, config, head=head)
     for name in ("loss", *METRICS):
         torch.testing.assert_close(getattr(blocks[0], name), getattr(one_block[0], name), rtol=1e-12, atol=1e-14)

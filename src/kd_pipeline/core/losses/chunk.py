@@ -118,16 +118,29 @@ def _scale_rows(coef: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 LOG2E = 1.0 / math.log(2.0)
 
-BLOCK_ELEMENTS = 1 << 21
-"""The elementwise passes over a chunk's [C, V] logits run on blocks of rows of about this many
-values (8 MiB in float32), widened into one reused scratch buffer: a block stays in the cache
-(32 MiB L3 here) through its six or seven passes, so only the widening read and the gradient's
-write-back touch memory, and the chunk's own buffer can stay in the input dtype (bf16)."""
+BLOCK_ELEMENTS = 1 << 22
+"""The elementwise passes over a chunk's [C, V] bf16 logits run on blocks of rows of at most
+this many values (16 MiB in float32), widened into one reused scratch buffer: a block stays in
+the cache (32 MiB L3 here) through its six or seven passes, so only the widening read and the
+gradient's write-back touch memory, and the chunk's own buffer stays in bf16."""
 
 
 def block_rows(rows: int, vocab_size: int) -> int:
-    """Rows per elementwise block of a chunk of `rows` rows (see BLOCK_ELEMENTS)."""
-    return max(1, min(rows, BLOCK_ELEMENTS // max(vocab_size, 1)))
+    """Rows per elementwise block of a chunk of `rows` rows: the fewest blocks within
+    BLOCK_ELEMENTS, of equal size (a chunk of 64 rows is one block, not 42 + 22)."""
+    most = max(1, BLOCK_ELEMENTS // max(vocab_size, 1))
+    blocks = -(-rows // most)
+    return max(1, -(-rows // max(blocks, 1)))
+
+
+def needs_scratch(dtype: torch.dtype, head: HeadTransform, config: KDLossConfig) -> bool:
+    """Whether a chunk's two passes need the float32 block scratch and recompute exp(z - shift)
+    in the second: when the logits buffer is narrower than the compute dtype (bf16), or the
+    gradient needs the logits again (the head's soft-cap slope, SFT on the unscaled logits).
+    Otherwise (float32 / float64, plain head) the buffer itself holds exp(z - shift) between the
+    passes, as one block: no copy, no second exp, no scratch."""
+    sft_on_scaled = config.scale_sft_logits or config.logits_scale == 1.0
+    return compute_dtype(dtype) != dtype or not head.is_identity or not sft_on_scaled
 
 
 class ChunkBuffers(NamedTuple):
@@ -139,14 +152,15 @@ class ChunkBuffers(NamedTuple):
     """
 
     logits: torch.Tensor  # (C*V,) input dtype: the GEMM's logits, then their gradient
-    scratch: torch.Tensor  # (R*V,) compute dtype: one block of R rows, widened
+    scratch: torch.Tensor | None  # (R*V,) compute dtype: one block of R rows (`needs_scratch`)
 
     @classmethod
-    def allocate(cls, rows: int, vocab_size: int, dtype: torch.dtype, device,
+    def allocate(cls, rows: int, vocab_size: int, dtype: torch.dtype, device, scratch: bool,
                  block: int | None = None) -> "ChunkBuffers":
         block = block_rows(rows, vocab_size) if block is None else block
-        return cls(torch.empty(rows * vocab_size, dtype=dtype, device=device),
-                   torch.empty(block * vocab_size, dtype=compute_dtype(dtype), device=device))
+        scratch_buffer = (torch.empty(block * vocab_size, dtype=compute_dtype(dtype), device=device)
+                          if scratch else None)
+        return cls(torch.empty(rows * vocab_size, dtype=dtype, device=device), scratch_buffer)
 
 
 def _vocab_major(hidden: torch.Tensor) -> bool:
@@ -183,10 +197,14 @@ def _dense_like(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return flat[: rows * vocab_size].as_strided((rows, vocab_size), strides)
 
 
-def _row_blocks(logits: torch.Tensor, scratch: torch.Tensor):
+def _row_blocks(logits: torch.Tensor, scratch: torch.Tensor | None):
     """Yields (rows, block, widened): each block of rows of `logits` and a copy of it in the
-    compute dtype, in `scratch` (overwritten by the next block)."""
+    compute dtype, in `scratch` (overwritten by the next block); without a scratch, the whole
+    of `logits` as one block, in place."""
     num_rows, vocab_size = logits.shape
+    if scratch is None:
+        yield slice(0, num_rows), logits, logits
+        return
     step = max(1, scratch.numel() // vocab_size)
     for start in range(0, num_rows, step):
         rows = slice(start, min(start + step, num_rows))
@@ -449,23 +467,27 @@ def _grad_block(
     plan: _Plan,
     shift: torch.Tensor,
     terms: _GradTerms,
+    recompute: bool,
 ) -> torch.Tensor:
-    """d loss / d raw logits of one block of rows, in place in `widened` (its raw logits).
+    """d loss / d raw logits of one block of rows, in place in `widened`.
 
-    Recomputes the block's exp(z - shift) (cheaper than keeping a [C, V] float32 copy of the
-    chunk: the block is in the cache) and applies `terms`, then the chain rule through the
-    scale (z = scale * u) and the head transform.
+    With `recompute`, `widened` holds the block's raw logits and its exp(z - shift) is computed
+    again (cheaper than keeping a [C, V] float32 copy of the chunk: the block is in the cache);
+    otherwise it holds exp(z - shift) already (`needs_scratch`). Then `terms` are applied, and
+    the chain rule through the scale (z = scale * u) and the head transform.
     """
-    slope = None
-    if not head.is_identity:
-        head.apply_(widened)
-        slope = head.softcap_slope(widened)  # a (rows, V) temporary, soft-capped models only
-    unscaled = None if terms.unscaled_coef is None else widened.clone()
-    if plan.scale != 1.0:
-        widened.mul_(plan.scale)
-    if plan.tail_mode:
-        widened.scatter_(1, topk_ids, -math.inf)
-    _exp_shifted_(widened, shift).mul_(terms.row_coef.unsqueeze(1))
+    slope = unscaled = None
+    if recompute:
+        if not head.is_identity:
+            head.apply_(widened)
+            slope = head.softcap_slope(widened)  # a (rows, V) temporary, soft-capped models only
+        unscaled = None if terms.unscaled_coef is None else widened.clone()
+        if plan.scale != 1.0:
+            widened.mul_(plan.scale)
+        if plan.tail_mode:
+            widened.scatter_(1, topk_ids, -math.inf)
+        _exp_shifted_(widened, shift)
+    widened.mul_(terms.row_coef.unsqueeze(1))
     if terms.topk_value is not None:  # top-k entries are 0: assignment counts duplicates once
         widened.scatter_(1, topk_ids, terms.topk_value)
     if terms.topk_add is not None:
@@ -547,10 +569,10 @@ def chunk_step(
 
     The [C, V] logits are computed in the input dtype, then read twice block by block of rows
     (`_row_blocks`): once for the log-partitions and the reads, once for the gradient, which
-    overwrites them. Without `buffers` a pure function of its inputs (it allocates its own,
-    one block), so it can be wrapped in `torch.compile`; with them the returned gradient is a
-    view of `buffers.logits`, valid until the next chunk. Shapes as in `fused_topk_kd_loss`,
-    with C rows.
+    overwrites them (`needs_scratch`: without a scratch, in place in one block). Without
+    `buffers` a pure function of its inputs (it allocates its own, one block), so it can be
+    wrapped in `torch.compile`; with them the returned gradient is a view of `buffers.logits`,
+    valid until the next chunk. Shapes as in `fused_topk_kd_loss`, with C rows.
 
     Returns:
         (grad_logits, sums): grad_logits is (C, V) in the input dtype (d loss / d raw logits
@@ -569,7 +591,7 @@ def chunk_step(
         sft_coef = torch.where(label_valid, weights * config.sft_loss_weight, 0.0)
     if buffers is None:
         buffers = ChunkBuffers.allocate(hidden.shape[0], weight.shape[0], hidden.dtype, hidden.device,
-                                        block=hidden.shape[0])
+                                        needs_scratch(hidden.dtype, head, config), block=hidden.shape[0])
     logits = _chunk_logits(hidden, weight, bias, out=buffers.logits)
 
     topk_logits, label_logits, unscaled_lse, shift, exp_sum = _scan_chunk(
@@ -586,9 +608,11 @@ def chunk_step(
         return None, sums
 
     terms = _grad_terms(part, scaled_topk, kd, grad_scaled_lse, sft_coef, unscaled_lse, plan)
+    recompute = buffers.scratch is not None
     for rows, block, widened in _row_blocks(logits, buffers.scratch):
         grad = _grad_block(widened, None if topk_ids is None else topk_ids[rows],
                            None if safe_labels is None else safe_labels[rows], head, plan,
-                           part.shift[rows], terms.rows(rows))
-        block.copy_(grad)  # rounded to the input dtype for the two gradient GEMMs
+                           part.shift[rows], terms.rows(rows), recompute)
+        if recompute:
+            block.copy_(grad)  # rounded to the input dtype for the two gradient GEMMs
     return logits, sums

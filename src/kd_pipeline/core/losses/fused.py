@@ -24,7 +24,7 @@ from functools import lru_cache
 import torch
 from torch.autograd.function import once_differentiable
 
-from kd_pipeline.core.losses.chunk import IDENTITY_HEAD, ChunkBuffers, chunk_step, compute_dtype
+from kd_pipeline.core.losses.chunk import IDENTITY_HEAD, ChunkBuffers, chunk_step, compute_dtype, needs_scratch
 from kd_pipeline.core.losses.config import (
     KDLossConfig,
     LossOutput,
@@ -155,7 +155,8 @@ class TopKDistillationFunction(torch.autograd.Function):
         step = _compiled_chunk_step() if config.compiled else chunk_step
         # The compiled step allocates its own (it must stay a pure function for torch.compile).
         buffers = (None if config.compiled or num_tokens == 0 else
-                   ChunkBuffers.allocate(min(chunk_size, num_tokens), vocab_size, hidden.dtype, hidden.device))
+                   ChunkBuffers.allocate(min(chunk_size, num_tokens), vocab_size, hidden.dtype, hidden.device,
+                                         needs_scratch(hidden.dtype, head, config)))
         needs_hidden, needs_weight, needs_bias = needs_grad
         compute_grad = any(needs_grad)
         # grad_weight / grad_bias accumulate in the parameter dtype (as autograd would); the
