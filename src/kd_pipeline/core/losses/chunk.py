@@ -1,5 +1,6 @@
 """One chunk of the fused top-k KD + SFT loss: the [C, V] logits of C tokens, their per-token
-losses and the analytic gradient w.r.t. the raw logits, computed in one reused buffer.
+losses and the analytic gradient w.r.t. the raw logits, computed in one reused buffer of the
+input dtype, with the elementwise work done in float32 on blocks of rows (`BLOCK_ELEMENTS`).
 
 `fused.py` runs `chunk_step` over the token chunks and turns each chunk's logits gradient into
 the gradients of the hidden states and the lm_head. Semantics: `config.py`; the float64
