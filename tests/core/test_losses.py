@@ -23,9 +23,11 @@ from kd_pipeline.core.losses import (
     LossOutput,
     TopKDistillationLoss,
     auto_chunk_size,
+    chunk,
     fused_topk_kd_loss,
     topk_kd_loss_reference,
 )
+from kd_pipeline.core.losses import fused as fused_module
 from kd_pipeline.core.models.head import HeadTransform
 
 METRICS = ("kd", "sft", "teacher_coverage", "student_topk_mass", "weight_sum")
@@ -234,8 +236,11 @@ def test_stable_with_logits_around_1e4_in_float32(normalization, kd_loss):
     assert_matches(fused, reference, rtol=1e-4, atol=1e-4, grad_rtol=1e-3, grad_atol=1e-3)
 
 
+@pytest.mark.parametrize("block", [None, 5], ids=["one-block", "blocks-of-5-rows"])
 @pytest.mark.parametrize("normalization", NORMALIZATIONS)
-def test_bf16_inputs(normalization):
+def test_bf16_inputs(normalization, block, monkeypatch):
+    if block is not None:  # chunks of 16 rows = 5 + 5 + 5 + 1
+        monkeypatch.setattr(chunk, "BLOCK_ELEMENTS", block * 101)
     batch = make_batch(n=64, h=32, v=101, k=8).to(torch.bfloat16)
     config = KDLossConfig(kd_loss="jsd", topk_normalization=normalization, sft_loss_weight=1.0, chunk_size=16)
     fused = run_fused(batch, config)
@@ -258,6 +263,39 @@ def test_chunk_buffers_reused_over_ragged_chunks_equal_one_chunk(dtype):
     tolerance = dict(rtol=1e-4, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-3)
     for grad, whole_grad in zip(chunked[1], whole[1]):
         torch.testing.assert_close(grad, whole_grad, **tolerance)
+
+
+BLOCK_OPTIONS = {
+    "jsd-tail-unscaled-sft": dict(kd_loss="jsd", beta=0.3, topk_normalization="tail_bucket", logits_scale=0.8,
+                                  target_logits_scale=1.3, scale_sft_logits=False),
+    "bwd-renormalize-scaled": dict(kd_loss="bwd_kl", topk_normalization="renormalize", logits_scale=1.5,
+                                   target_logits_scale=0.5),
+    "fwd-tail": dict(kd_loss="fwd_kl", topk_normalization="tail_bucket"),
+}
+
+
+@pytest.mark.parametrize("head", [None, HeadTransform(multiply_by=1.7, softcap=5.0)], ids=["linear", "scale+softcap"])
+@pytest.mark.parametrize("options", BLOCK_OPTIONS.values(), ids=BLOCK_OPTIONS.keys())
+def test_rows_in_blocks_equal_one_block_and_the_reference(options, head, monkeypatch):
+    """With the float32 scratch (bf16 inputs, soft-capped heads, unscaled SFT; forced here in
+    float64), a chunk's elementwise passes run on blocks of its rows (`chunk.BLOCK_ELEMENTS`,
+    here 3 rows: chunks of 8 = 3 + 3 + 2, the ragged last one 5 = 3 + 2) and the gradient pass
+    recomputes exp(z - shift). Every block must use its own rows' ids, labels, shifts and
+    coefficients (a mix-up is off by O(1), not by rounding), and the result must equal the
+    default path's (one block, in place where `needs_scratch` allows)."""
+    batch = make_batch(logit_std=3.0)
+    config = KDLossConfig(**options, sft_loss_weight=0.7, chunk_size=8)
+    one_block = run_fused(batch, config, head=head)
+    monkeypatch.setattr(chunk, "BLOCK_ELEMENTS", 3 * 83)
+    monkeypatch.setattr(fused_module, "needs_scratch", lambda *args: True)
+    assert chunk.block_rows(8, 83) == 3 and chunk.block_rows(5, 83) == 3
+    blocks = run_fused(batch, config, head=head)
+    for name in ("loss", *METRICS):
+        torch.testing.assert_close(getattr(blocks[0], name), getattr(one_block[0], name), rtol=1e-12, atol=1e-14)
+    for grad, one_block_grad in zip(blocks[1], one_block[1]):
+        torch.testing.assert_close(grad, one_block_grad, rtol=1e-12, atol=1e-14)
+    if head is None:
+        assert_matches(blocks, run_reference(batch, config))
 
 
 def test_tied_weights_accumulate_embedding_and_head_grads():

@@ -2,12 +2,14 @@
 
 Same semantics as `reference.topk_kd_loss_reference` (see `config.py`), but it takes the
 student's final hidden states and lm_head instead of logits. For each chunk of C tokens it
-computes the [C, V] logits in float32, the per-token losses and their analytic gradient w.r.t.
-the logits (in place, in the same buffer), and immediately turns that gradient into the chunk's
+computes the [C, V] logits (in the input dtype; the elementwise work runs in float32 on blocks
+of rows), the per-token losses and their analytic gradient w.r.t. the logits (in place, in the
+same buffer), and immediately turns that gradient into the chunk's
 rows of `grad_hidden` and into in-place updates of `grad_weight` / `grad_bias`. The gradients
 are thus produced during the forward pass (the pattern of Liger-Kernel's `chunked_loss`);
 `backward` only rescales them by the incoming gradient. Peak memory is the two gradients the
-caller needs anyway (V*H + N*H) plus about one [C, V] float32 buffer.
+caller needs anyway (V*H + N*H) plus one [C, V] buffer of the input dtype and one float32
+block of rows (`chunk.BLOCK_ELEMENTS`).
 
 Three faces: `TopKDistillationFunction` (autograd.Function), `fused_topk_kd_loss` (functional),
 `TopKDistillationLoss` (nn.Module). The per-chunk math is `chunk.chunk_step`.
@@ -22,7 +24,7 @@ from functools import lru_cache
 import torch
 from torch.autograd.function import once_differentiable
 
-from kd_pipeline.core.losses.chunk import IDENTITY_HEAD, ChunkBuffers, buffer_like, chunk_step, compute_dtype
+from kd_pipeline.core.losses.chunk import IDENTITY_HEAD, ChunkBuffers, chunk_step, compute_dtype, needs_scratch
 from kd_pipeline.core.losses.config import (
     KDLossConfig,
     LossOutput,
@@ -111,16 +113,21 @@ def _accumulate_chunk(
     sums += chunk_sums
     if grad_logits is None:
         return
-    if buffers is not None and buffers.gemm is not None:  # the GEMM's logits are spent: reuse it
-        grad_logits = buffer_like(buffers.gemm, grad_logits).copy_(grad_logits)
-    else:
-        grad_logits = grad_logits.to(weight.dtype)  # (C, V); no copy for float32
+    # grad_logits: (C, V) in the input dtype. The first chunk writes grad_weight / grad_bias
+    # (allocated empty: no zero fill of the V x H gradient), later ones accumulate into them.
+    first = rows.start == 0
     if grad_hidden is not None:
         torch.mm(grad_logits, weight, out=grad_hidden[rows])
     if grad_weight is not None:
-        grad_weight.addmm_(grad_logits.t(), hidden_chunk)
+        if first:
+            torch.mm(grad_logits.t(), hidden_chunk, out=grad_weight)
+        else:
+            grad_weight.addmm_(grad_logits.t(), hidden_chunk)
     if grad_bias is not None:
-        grad_bias.add_(grad_logits.sum(0))
+        if first:
+            torch.sum(grad_logits, 0, out=grad_bias)
+        else:
+            grad_bias.add_(grad_logits.sum(0))
 
 
 class TopKDistillationFunction(torch.autograd.Function):
@@ -148,7 +155,8 @@ class TopKDistillationFunction(torch.autograd.Function):
         step = _compiled_chunk_step() if config.compiled else chunk_step
         # The compiled step allocates its own (it must stay a pure function for torch.compile).
         buffers = (None if config.compiled or num_tokens == 0 else
-                   ChunkBuffers.allocate(min(chunk_size, num_tokens), vocab_size, hidden.dtype, hidden.device))
+                   ChunkBuffers.allocate(min(chunk_size, num_tokens), vocab_size, hidden.dtype, hidden.device,
+                                         needs_scratch(hidden.dtype, head, config)))
         needs_hidden, needs_weight, needs_bias = needs_grad
         compute_grad = any(needs_grad)
         # grad_weight / grad_bias accumulate in the parameter dtype (as autograd would); the
@@ -158,8 +166,10 @@ class TopKDistillationFunction(torch.autograd.Function):
             if needs_hidden
             else None
         )
-        grad_weight = torch.zeros_like(weight) if needs_weight else None
-        grad_bias = torch.zeros_like(bias) if needs_bias else None
+        # Written by the first chunk (`_accumulate_chunk`); zeros when there is none.
+        new_grad = torch.zeros_like if num_tokens == 0 else torch.empty_like
+        grad_weight = new_grad(weight) if needs_weight else None
+        grad_bias = new_grad(bias) if needs_bias else None
 
         sums = torch.zeros(5, dtype=torch.float64, device=hidden.device)
         # The loss runs in the dtypes it is given: an ambient autocast would turn the logits
@@ -260,7 +270,7 @@ def fused_topk_kd_loss(
             soft-cap, scaling, real vocabulary size), so the loss scores what
             `model(...).logits` would; None = the plain linear head.
         topk_weights: (N, K) float, for `sampled` artifacts: the unbiased estimator's weight of
-            each slot (`c / n * p_s / r`, 0 at padding; `core.losses.sampled_kd_weights`); None
+            each slot (`c / n * p_s / r`, 0 at padding; `core.losses.sampled.SampledWeights`); None
             for top-k / top-p rows. Needs fwd_kl with `tail_bucket` (`config.py`).
 
     Returns:
