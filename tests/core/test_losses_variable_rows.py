@@ -1,12 +1,10 @@
 """The fused loss on `top_p` rows as wide as the default artifact (K = 64) against the float64
 reference: padding (the row's first id again, log-prob -inf) must be no bucket on either side.
 
-Found in review (stop 20): `losses.chunk._first_occurrence` sorts ids with torch's default
+Found in review (stop 20): `losses.chunk._first_occurrence` sorted ids with torch's default
 unstable sort, which from K ~ 64 on CPU may put a padding slot before the row's real first slot
-of the same id; that padding slot is then counted as an entry (bwd_kl / jsd become inf,
-renormalize fwd_kl is off). `topk_store.codec.padding_slots` (stable sort) is the rule; the fix
-belongs in chunk.py (the loss helper's file), so this test is a strict xfail until then: remove
-the mark when it passes.
+of the same id; that padding slot was then counted as an entry (bwd_kl / jsd became inf,
+renormalize fwd_kl was off). It now sorts stably, as `topk_store.codec.padding_slots` does.
 """
 
 from __future__ import annotations
@@ -32,15 +30,11 @@ def wide_top_p_rows(n: int = 256, h: int = 16, v: int = 500, k: int = 64, seed: 
                                                                                      dtype=torch.float64)
 
 
-UNSTABLE_SORT = pytest.mark.xfail(strict=True, reason="losses.chunk._first_occurrence uses an unstable sort (see "
-                                                     "the module docstring); remove once chunk.py uses a stable one")
 CASES = [(kd_loss, normalization) for kd_loss in ("fwd_kl", "bwd_kl", "jsd")
          for normalization in ("renormalize", "tail_bucket")]
 
 
-@pytest.mark.parametrize(("kd_loss", "normalization"), [
-    # fwd_kl with the tail bucket: a padding slot counted as an entry has teacher mass 0 and adds nothing.
-    case if case == ("fwd_kl", "tail_bucket") else pytest.param(*case, marks=UNSTABLE_SORT) for case in CASES])
+@pytest.mark.parametrize(("kd_loss", "normalization"), CASES)
 def test_wide_variable_rows_match_the_reference(kd_loss, normalization):
     hidden, weight, ids, logprobs, token_weights = wide_top_p_rows()
     config = KDLossConfig(kd_loss=kd_loss, topk_normalization=normalization, kd_loss_weight=1.0,

@@ -35,7 +35,8 @@ def _first_occurrence(ids: torch.Tensor) -> torch.Tensor:
     Duplicate ids only come from degenerate rows (e.g. padding), but the full-vocabulary
     log-partition must count each vocabulary entry once.
     """
-    sorted_ids, order = ids.sort(dim=1)
+    # Stable: a padding slot repeats its row's first id after it, so the real slot must sort first.
+    sorted_ids, order = ids.sort(dim=1, stable=True)
     is_new = torch.ones_like(ids, dtype=torch.bool)
     is_new[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
     return torch.empty_like(is_new).scatter_(1, order, is_new)
