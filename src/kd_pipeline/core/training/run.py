@@ -20,8 +20,8 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from kd_pipeline.core.atomic import atomic_dir, canonical_json, write_json_atomic
 from kd_pipeline.core.locking import FolderLock
-from kd_pipeline.core.memory import release_unused_memory
 from kd_pipeline.core.losses import KDLossConfig, SampledWeights, require_sampled_support
+from kd_pipeline.core.memory import release_unused_memory
 from kd_pipeline.core.models.identity import model_identity, tokenizer_hash
 from kd_pipeline.core.models.loading import load_tokenizer
 from kd_pipeline.core.models.student import init_student

@@ -23,8 +23,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from kd_pipeline.core.memory import release_unused_memory
 from kd_pipeline.core.losses import KDLossConfig, LossOutput
+from kd_pipeline.core.memory import release_unused_memory
 from kd_pipeline.core.training.config import REDUCTIONS
 from kd_pipeline.core.training.data import LengthGroupedSampler
 from kd_pipeline.core.training.fsdp import unsharded_copy
