@@ -97,7 +97,7 @@ class EvalConfig:
 
     split: str = "validation"
     batch_size: int = 8
-    token_chunk_size: int = 512
+    token_chunk_size: int = 128
     overlap_k: int | None = None
     max_samples: int | None = None
     device: str = "auto"
