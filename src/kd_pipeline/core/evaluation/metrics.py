@@ -52,6 +52,7 @@ import torch
 
 from kd_pipeline.core.batching import TargetsProvider, check_rows, fetch_targets, pad_right, sample_targets
 from kd_pipeline.core.devices import is_device_spec, resolve_device
+from kd_pipeline.core.memory import release_unused_memory
 from kd_pipeline.core.models.head import HeadTransform, decoder_and_head, head_transform
 from kd_pipeline.core.params import dataclass_from_params, require, require_bool, require_choice, require_int
 from kd_pipeline.core.topk_store.codec import padding_slots
@@ -199,6 +200,9 @@ def evaluate_student(
                         None if full_teacher is None else
                         (full_teacher[1], full_teacher[2], _trained_hidden(full_teacher[0], padded, device)))
         num_tokens += n
+        # Each batch has other shapes: without this glibc's heaps fragment batch by batch (the
+        # default job's evaluate grew 1.7 -> 4.1 GiB over the 3 batches of two models).
+        release_unused_memory("evaluate: batch", collect=False)
 
     if num_tokens == 0:
         raise ValueError(f"no trained tokens in the {config.split!r} samples ({len(sample_ids)} samples)")
@@ -259,8 +263,8 @@ def evaluate_on_artifact(student_dir: str | os.PathLike, corpus, topk_dir: str |
 
 def _trained_hidden(decoder, padded, device) -> torch.Tensor:
     """[N, H] last hidden states of a padded batch at its trained positions only."""
-    hidden = decoder(input_ids=padded.input_ids.to(device),
-                     attention_mask=padded.attention_mask.to(device)).last_hidden_state
+    hidden = decoder(input_ids=padded.input_ids.to(device), attention_mask=padded.attention_mask.to(device),
+                     use_cache=False).last_hidden_state  # no KV cache: one pass, ~0.15 GiB less per model
     return hidden[padded.positions_mask.to(device)]
 
 
