@@ -4,7 +4,7 @@ A stage that frees a model (extraction's teacher, training's optimizer state, th
 to log it) leaves that memory in the C allocator's free lists: glibc serves tensors of up to
 32 MiB from its heaps and keeps their pages resident after `free`, so the next stage of the same
 `kedro run` starts with the last one's high-water mark as its own floor (measured on the default
-job: +1.2 GB in `distill` after `teacher_logits`). `release_unused_memory` collects Python's
+job: 504 MiB left by extraction when `distill` began). `release_unused_memory` collects Python's
 cycles (a finished Trainer and its model reference each other) and asks glibc to return every
 free page (`malloc_trim(0)`, which also releases pages inside its heaps, not only their tops).
 Elsewhere than glibc it only collects.
@@ -16,6 +16,7 @@ import ctypes
 import ctypes.util
 import gc
 import logging
+import os
 import sys
 from functools import lru_cache
 
@@ -40,8 +41,6 @@ def resident_bytes() -> int | None:
     """This process's resident set size (Linux `/proc/self/statm`), None elsewhere."""
     try:
         with open("/proc/self/statm") as statm:
-            import os
-
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return None
