@@ -19,6 +19,7 @@ import pyarrow as pa
 import pytest
 import torch
 import yaml
+from transformers import TrainerCallback
 
 from kd_pipeline.core.batching import trained_positions
 from kd_pipeline.core.corpus import SAMPLES_SCHEMA, TokenizedCorpus, corpus_fingerprint
@@ -423,6 +424,39 @@ def test_trainer_run_keeps_rows_in_place_and_saves_an_hf_folder(teacher_dir, fix
     assert reloaded.config.num_hidden_layers == 2
     assert len(AutoTokenizer.from_pretrained(student)) == TINY_VOCAB_SIZE
     assert not list(tmp_path.glob("student.tmp-*"))
+
+
+class _EventSteps(TrainerCallback):
+    """The global steps at which the run evaluated and saved a checkpoint."""
+
+    def __init__(self):
+        self.evaluated, self.saved = [], []
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        self.evaluated.append(state.global_step)
+
+    def on_save(self, args, state, control, **kwargs):
+        self.saved.append(state.global_step)
+
+
+@pytest.mark.parametrize("eval_at_end, keep_checkpoints", [(True, False), (False, True)])
+def test_the_last_step_is_evaluated_once_and_checkpointed_only_when_kept(teacher_dir, fixture, tmp_path,
+                                                                         eval_at_end, keep_checkpoints):
+    """transformers 5 evaluates and saves after the last step of every step-strategy run; the
+    run keeps only what it asked for: one final evaluation (after AdamW's state is freed) when
+    `eval_at_end`, none otherwise, and no final checkpoint when checkpoints are not kept."""
+    corpus, targets, _ = fixture
+    events = _EventSteps()
+    train = quick_config(max_steps=5, eval_steps=2, save_steps=2, eval_at_end=eval_at_end,
+                         keep_checkpoints=keep_checkpoints)
+    summary = train_student(teacher_dir=teacher_dir, corpus=corpus, student_init=STUDENT, loss=LOSS, train=train,
+                            output_dir=tmp_path / "student", topk_dir=targets.write_artifact(tmp_path / "topk"),
+                            callbacks=[events])
+    assert summary["global_step"] == 5
+    assert events.evaluated == ([2, 4, 5] if eval_at_end else [2, 4])
+    assert events.saved == ([2, 4, 5] if keep_checkpoints else [2, 4])
+    checkpoints = sorted(path.name for path in tmp_path.glob("student_checkpoints/checkpoint-*"))
+    assert checkpoints == (["checkpoint-2", "checkpoint-4", "checkpoint-5"] if keep_checkpoints else [])
 
 
 def test_sft_only_runs_without_an_artifact(teacher_dir, fixture, tmp_path, monkeypatch):

@@ -46,6 +46,7 @@ from kd_pipeline.core.training.trainer import (
     DistillationTrainer,
     DistillLogCallback,
     DistillProgressCallback,
+    EndOfTrainingCallback,
     ReleaseMemoryCallback,
 )
 
@@ -153,6 +154,7 @@ def train_student(
         trainer.remove_callback(PrinterCallback if args.disable_tqdm else ProgressCallback)
         trainer.add_callback(DistillLogCallback() if args.disable_tqdm else DistillProgressCallback())
         trainer.add_callback(ReleaseMemoryCallback())
+        trainer.add_callback(EndOfTrainingCallback(train.keep_checkpoints))
         train_metrics = _train(trainer, resume_from)
         _free_optimizer_state(trainer)
         evaluated_last_step = args.eval_strategy == "steps" and trainer.state.global_step % args.eval_steps == 0

@@ -439,6 +439,28 @@ class ReleaseMemoryCallback(TrainerCallback):
         release_unused_memory("distill: checkpoint")
 
 
+class EndOfTrainingCallback(TrainerCallback):
+    """At the last step, only the evaluation and checkpoint the run asked for. Transformers 5's
+    `DefaultFlowCallback` evaluates and saves at the end of every run with a step strategy:
+    - its evaluation duplicated `train_student`'s final one (which runs after AdamW's state is
+      freed, so the job's memory peak stays lower) and ignored `eval_at_end: false`;
+    - its checkpoint (1.4 GB of weights and optimizer state for the default student) is deleted
+      a second later when checkpoints are not kept: the student folder is saved next. Resume
+      still works: an interrupted run restarts from the last `save_steps` checkpoint.
+    Runs after `DefaultFlowCallback` (callbacks are called in the order they were added)."""
+
+    def __init__(self, keep_checkpoints: bool):
+        self.keep_checkpoints = keep_checkpoints
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step < state.max_steps:
+            return
+        if args.eval_strategy == "steps" and state.global_step % state.eval_steps != 0:
+            control.should_evaluate = False
+        if not self.keep_checkpoints:
+            control.should_save = False
+
+
 class DistillLogCallback(TrainerCallback):
     """Without a bar (output is not a terminal, or `disable_tqdm`): one log line about every
     tenth of the run and at each held-out evaluation, instead of HF's printed dicts."""
