@@ -48,6 +48,7 @@ from kd_pipeline.core.training.trainer import (
     DistillProgressCallback,
     EndOfTrainingCallback,
     ReleaseMemoryCallback,
+    evaluated_this_step,
 )
 
 logger = logging.getLogger(__name__)
@@ -157,8 +158,7 @@ def train_student(
         trainer.add_callback(EndOfTrainingCallback(train.keep_checkpoints))
         train_metrics = _train(trainer, resume_from)
         _free_optimizer_state(trainer)
-        evaluated_last_step = args.eval_strategy == "steps" and trainer.state.global_step % args.eval_steps == 0
-        if eval_set is not None and train.eval_at_end and not evaluated_last_step:
+        if eval_set is not None and train.eval_at_end and not evaluated_this_step(args, trainer.state):
             trainer.evaluate()
 
         summary = _summary(trainer, train_metrics, args.use_liger_kernel, args, resume_from, manifest_id, used_k,

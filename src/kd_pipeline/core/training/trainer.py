@@ -439,6 +439,12 @@ class ReleaseMemoryCallback(TrainerCallback):
         release_unused_memory("distill: checkpoint")
 
 
+def evaluated_this_step(args, state) -> bool:
+    """Whether the Trainer's own schedule evaluates after `state.global_step`: a multiple of
+    `state.eval_steps` (the step count, also when `args.eval_steps` is a fraction of the run)."""
+    return args.eval_strategy == "steps" and bool(state.eval_steps) and state.global_step % state.eval_steps == 0
+
+
 class EndOfTrainingCallback(TrainerCallback):
     """At the last step, only the evaluation and checkpoint the run asked for. Transformers 5's
     `DefaultFlowCallback` evaluates and saves at the end of every run with a step strategy:
@@ -455,7 +461,7 @@ class EndOfTrainingCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step < state.max_steps:
             return
-        if args.eval_strategy == "steps" and state.global_step % state.eval_steps != 0:
+        if not evaluated_this_step(args, state):
             control.should_evaluate = False
         if not self.keep_checkpoints:
             control.should_save = False
