@@ -20,6 +20,7 @@ from kd_pipeline.core.losses.config import (
     KDLossConfig,
 )
 from kd_pipeline.core.models.head import HeadTransform
+from kd_pipeline.core.topk_store.codec import first_occurrence, padding_given_first_slots
 
 IDENTITY_HEAD = HeadTransform()
 
@@ -27,25 +28,6 @@ IDENTITY_HEAD = HeadTransform()
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     # float32 for bf16/fp16/fp32 inputs, float64 stays float64 (gradcheck).
     return torch.promote_types(dtype, torch.float32)
-
-
-def _first_occurrence(ids: torch.Tensor) -> torch.Tensor:
-    """(C, K) bool, True for the first slot holding each distinct id of a row.
-
-    Duplicate ids only come from degenerate rows (e.g. padding), but the full-vocabulary
-    log-partition must count each vocabulary entry once.
-    """
-    # Stable: a padding slot repeats its row's first id after it, so the real slot must sort first.
-    sorted_ids, order = ids.sort(dim=1, stable=True)
-    is_new = torch.ones_like(ids, dtype=torch.bool)
-    is_new[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
-    return torch.empty_like(is_new).scatter_(1, order, is_new)
-
-
-def _padding_slots(first_slot: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:
-    """(C, K) bool: padding of a variable row, a repeated id whose teacher log-prob is -inf
-    (`config.py`); no bucket on either side."""
-    return ~first_slot & (teacher_logprobs == -math.inf)
 
 
 def _log1mexp(x: torch.Tensor) -> torch.Tensor:
@@ -383,7 +365,7 @@ def _kd_terms(
     teacher = topk_logprobs.to(weights.dtype)
     coverage_sum, mass_sum = _coverage_and_mass(reads, unscaled_lse, teacher, weights)
     log_p = _teacher_bucket_logprobs(teacher, teacher_logz, part.tail_nonempty, config)
-    student_topk = scaled_topk.masked_fill(_padding_slots(reads.first_slot, teacher), -math.inf)
+    student_topk = scaled_topk.masked_fill(padding_given_first_slots(reads.first_slot, teacher), -math.inf)
     if part.tail_lse is not None:
         log_q = torch.cat([student_topk, part.tail_lse[:, None]], 1) - part.scaled_lse[:, None]
     else:
@@ -511,7 +493,7 @@ def _grad_block(
 
 def _id_reads(topk_ids: torch.Tensor | None, labels: torch.Tensor | None):
     """(first_slot, label_valid, safe_labels): what the chunk needs from the ids alone."""
-    first_slot = None if topk_ids is None else _first_occurrence(topk_ids)
+    first_slot = None if topk_ids is None else first_occurrence(topk_ids)
     if labels is None:
         return first_slot, None, None
     label_valid = labels != IGNORE_INDEX

@@ -57,6 +57,23 @@ def pad_rows(topk_ids: np.ndarray, topk_logprobs: np.ndarray, row_lengths: np.nd
         counts[padding] = 0
 
 
+def first_occurrence(topk_ids):
+    """(n, k) bool torch tensor, True at the first slot holding each distinct id of a row (the
+    losses' log-partitions count each vocabulary entry once; the other slots are repeats).
+
+    Args:
+        topk_ids: (n, k) int torch tensor.
+    """
+    import torch
+
+    # Stable: equal ids stay in slot order, so a row's real slot sorts before its padding (an
+    # unstable sort, from k ~ 64 on CPU, put padding first: tests/core/test_losses_variable_rows.py).
+    sorted_ids, order = topk_ids.sort(dim=1, stable=True)
+    is_new = torch.ones_like(topk_ids, dtype=torch.bool)
+    is_new[:, 1:] = sorted_ids[:, 1:] != sorted_ids[:, :-1]
+    return torch.empty_like(is_new).scatter_(1, order, is_new)
+
+
 def padding_slots(topk_ids, topk_logprobs):
     """(n, k) bool torch tensor: the padding slots of variable rows as every consumer reads them
     (the losses, evaluation): a slot repeating the id of an earlier slot of its row whose
@@ -67,12 +84,14 @@ def padding_slots(topk_ids, topk_logprobs):
         topk_ids: (n, k) int torch tensor.
         topk_logprobs: (n, k) float torch tensor.
     """
+    return padding_given_first_slots(first_occurrence(topk_ids), topk_logprobs)
+
+
+def padding_given_first_slots(first_slot, topk_logprobs):
+    """`padding_slots` from `first_occurrence(topk_ids)`, for a caller that has it already."""
     import torch
 
-    sorted_ids, order = topk_ids.sort(dim=1, stable=True)  # stable: equal ids stay in slot order
-    repeats = torch.zeros_like(topk_ids, dtype=torch.bool)
-    repeats[:, 1:] = sorted_ids[:, 1:] == sorted_ids[:, :-1]
-    return torch.empty_like(repeats).scatter_(1, order, repeats) & torch.isneginf(topk_logprobs)
+    return ~first_slot & torch.isneginf(topk_logprobs)
 
 
 @dataclass(frozen=True)
