@@ -138,24 +138,13 @@ def train_student(
         train_set, eval_set = _datasets(corpus, targets, used_k, tokenizer if cross else None, logz)
 
         args = training_arguments(train, checkpoint_dir, eval_set is not None, report_to, model.config.model_type)
-        identity = {"train": train.identity(), "loss": asdict(loss), "student_init": asdict(student_init),
-                    "corpus_fingerprint": corpus.fingerprint, "artifact": manifest_id, "k": used_k,
-                    "world_size": args.world_size}
-        if cross is not None:
-            identity["cross_tokenizer"] = {**asdict(cross_tokenizer), "vocab_map": cross["vocab_map_hash"],
-                                           "student_tokenizer_hash": tokenizer_hash(tokenizer)}
+        identity = _run_identity(train, loss, student_init, corpus, manifest_id, used_k, args,
+                                 cross_tokenizer, cross, tokenizer)
         resume_from = prepare_checkpoint_dir(checkpoint_dir, identity, train.resume, args.process_index == 0)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        trainer = _make_trainer(cross, cross_tokenizer, pad_id, train.pad_to_multiple_of, model=model, args=args,
-                                train_dataset=train_set, eval_dataset=eval_set, processing_class=tokenizer,
-                                loss_config=loss, reduction=train.reduction,
-                                length_group_batches=train.length_group_batches, callbacks=list(callbacks))
-        # Our labelled bar on a terminal; otherwise (see show_progress_bar) sparse log lines instead
-        # of HF's printed dicts.
-        trainer.remove_callback(PrinterCallback if args.disable_tqdm else ProgressCallback)
-        trainer.add_callback(DistillLogCallback() if args.disable_tqdm else DistillProgressCallback())
-        trainer.add_callback(ReleaseMemoryCallback())
-        trainer.add_callback(EndOfTrainingCallback(train.keep_checkpoints))
+        trainer = _make_trainer(cross, cross_tokenizer, train, model=model, args=args, train_dataset=train_set,
+                                eval_dataset=eval_set, processing_class=tokenizer, loss_config=loss,
+                                reduction=train.reduction, length_group_batches=train.length_group_batches,
+                                callbacks=list(callbacks))
         train_metrics = _train(trainer, resume_from)
         _free_optimizer_state(trainer)
         if eval_set is not None and train.eval_at_end and not evaluated_this_step(args, trainer.state):
@@ -205,13 +194,38 @@ def _datasets(corpus, targets, k: int | None, student_tokenizer=None, logz: dict
     return train_set, eval_set if validation.num_rows else None
 
 
-def _make_trainer(cross: dict | None, cross_tokenizer, pad_id: int, pad_to_multiple_of: int | None, **kwargs):
-    if cross is None:
-        return DistillationTrainer(data_collator=DistillCollator(pad_id, pad_to_multiple_of), **kwargs)
-    from kd_pipeline.core.cross_tokenizer.data import CrossTokenizerCollator
+def _run_identity(train: TrainConfig, loss: KDLossConfig, student_init, corpus, manifest_id, used_k, args,
+                  cross_tokenizer, cross: dict | None, tokenizer) -> dict:
+    """What makes two runs the same run: a checkpoint resumes only a run of equal identity."""
+    identity = {"train": train.identity(), "loss": asdict(loss), "student_init": asdict(student_init),
+                "corpus_fingerprint": corpus.fingerprint, "artifact": manifest_id, "k": used_k,
+                "world_size": args.world_size}
+    if cross is not None:
+        identity["cross_tokenizer"] = {**asdict(cross_tokenizer), "vocab_map": cross["vocab_map_hash"],
+                                       "student_tokenizer_hash": tokenizer_hash(tokenizer)}
+    return identity
 
-    return CrossTokenizerTrainer(data_collator=CrossTokenizerCollator(pad_id, pad_to_multiple_of),
-                                 projection=cross["projection"], options=cross_tokenizer.options, **kwargs)
+
+def _make_trainer(cross: dict | None, cross_tokenizer, train: TrainConfig, **kwargs):
+    """The same- or cross-tokenizer Trainer, with this project's progress, memory and
+    end-of-training callbacks."""
+    tokenizer = kwargs["processing_class"]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if cross is None:
+        trainer = DistillationTrainer(data_collator=DistillCollator(pad_id, train.pad_to_multiple_of), **kwargs)
+    else:
+        from kd_pipeline.core.cross_tokenizer.data import CrossTokenizerCollator
+
+        trainer = CrossTokenizerTrainer(data_collator=CrossTokenizerCollator(pad_id, train.pad_to_multiple_of),
+                                        projection=cross["projection"], options=cross_tokenizer.options, **kwargs)
+    # Our labelled bar on a terminal; otherwise (see show_progress_bar) sparse log lines instead
+    # of HF's printed dicts.
+    disable_tqdm = kwargs["args"].disable_tqdm
+    trainer.remove_callback(PrinterCallback if disable_tqdm else ProgressCallback)
+    trainer.add_callback(DistillLogCallback() if disable_tqdm else DistillProgressCallback())
+    trainer.add_callback(ReleaseMemoryCallback())
+    trainer.add_callback(EndOfTrainingCallback(train.keep_checkpoints))
+    return trainer
 
 
 def _model_vocab_size(model_dir) -> int:
