@@ -54,6 +54,7 @@ import time
 from pathlib import Path
 
 from _common import status_kib as _read_status_kib
+from _common import write_report
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "src"))
@@ -328,8 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     print(_format_table(rows))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        write_report(args.out, report)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,10 @@ import time
 from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(SCRIPTS.parent / "src"))
+
+from kd_pipeline.core.atomic import write_json_atomic  # noqa: E402
+
 BUDGETS_S = {"extraction": 100, "train": 200, "losses": 150}
 
 
@@ -106,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (Path(os.environ["OUT"]) / "gpu_check.json" if os.environ.get("OUT") else None)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_json_atomic(out, report, default=str)
         print(f"wrote {out}", file=sys.stderr)
     summary = {name: section["exit_status"] for name, section in report["sections"].items()}
     print(f"gpu_check: {summary} in {report['total_seconds']:.0f} s")

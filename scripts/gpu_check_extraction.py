@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -43,6 +42,7 @@ except ImportError:  # the compact codec needs it; the GPU image may lack it
     raise SystemExit("zstandard is missing: carry its wheel (.whl/zstandard-*.whl, see the device README) "
                      "and pip install it with --target, then put that on PYTHONPATH") from None
 
+from kd_pipeline.core.atomic import write_json_atomic  # noqa: E402
 from kd_pipeline.core.devices import dtype_name  # noqa: E402
 from kd_pipeline.core.extraction.config import ExtractionConfig  # noqa: E402
 from kd_pipeline.core.extraction.encode import PrecomputedCodec  # noqa: E402
@@ -217,7 +217,7 @@ def main(argv=None) -> int:
     out = args.out or (os.path.join(os.environ["OUT"], "gpu_check_extraction.json") if os.environ.get("OUT") else None)
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
+        write_json_atomic(out, result)
         print(f"wrote {out}")
     return 0
 

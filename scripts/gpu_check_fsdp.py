@@ -41,6 +41,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from gpu_check_train import SMOLLM2_135M_10_LAYERS, TINY, SyntheticSamples  # noqa: E402
 
+from kd_pipeline.core.atomic import write_json_atomic  # noqa: E402
+
 MODES = {"ddp": None, "fsdp2": {"reshard_after_forward": True}, "fsdp2_keep": {"reshard_after_forward": False}}
 
 
@@ -187,7 +189,7 @@ def main() -> None:
     out = args.out or (Path(os.environ["OUT"]) / "gpu_check_fsdp.json" if os.environ.get("OUT") else None)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomic(out, report)
         print(f"wrote {out}")
     sys.exit(1 if failures else 0)
 

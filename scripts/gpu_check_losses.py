@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import json
 import math
 import os
 import subprocess
@@ -45,6 +44,7 @@ sys.path.insert(0, str(REPO_ROOT / "src"))
 
 import torch  # noqa: E402
 
+from kd_pipeline.core.atomic import write_json_atomic  # noqa: E402
 from kd_pipeline.core.losses import (  # noqa: E402
     KDLossConfig,
     auto_chunk_size,
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out or (Path(os.environ["OUT"]) / "gpu_check_losses.json" if os.environ.get("OUT") else None)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        write_json_atomic(out, report, default=str)
     expected_gaps = ("skipped", "liger unavailable")
     failed = [row for row in report["rows"] if not str(row.get("error", "skipped")).startswith(expected_gaps)]
     return 1 if failed else 0

@@ -41,6 +41,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT / "src"))
 
+from kd_pipeline.core.atomic import write_json_atomic  # noqa: E402
 from kd_pipeline.core.models.configs import SMOLLM2_135M_CONFIG  # noqa: E402
 
 SMOLLM2_135M_10_LAYERS = {**SMOLLM2_135M_CONFIG, "num_hidden_layers": 10}
@@ -245,7 +246,7 @@ def main() -> None:
     out = args.out or (Path(os.environ["OUT"]) / "gpu_check_train.json" if os.environ.get("OUT") else None)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(report, indent=2) + "\n")
+        write_json_atomic(out, report)
         print(f"wrote {out}")
     sys.exit(1 if any(not value.startswith("skipped") for value in failures.values()) else 0)
 

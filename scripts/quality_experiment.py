@@ -42,6 +42,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from kd_pipeline.core.atomic import write_json_atomic  # noqa: E402
 from kd_pipeline.core.corpus import TokenizedCorpus  # noqa: E402
 from kd_pipeline.core.evaluation.metrics import EvalConfig, evaluate_student  # noqa: E402
 from kd_pipeline.core.extraction.report import entries_per_token  # noqa: E402
@@ -226,7 +227,7 @@ def main(argv=None):
                 print(f"{arm} seed {seed}: {paused}; rerun the same command to continue", file=sys.stderr)
                 raise SystemExit(3) from None
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.out).write_text(json.dumps({"runs": runs}, indent=2))
+            write_json_atomic(args.out, {"runs": runs})
 
     summarize(runs, args)
 
@@ -280,7 +281,7 @@ def summarize(runs, args):
             if arm != baseline and base and other:
                 summary["aggregate"][f"{arm}_better_than_{baseline}_beyond_spread.{key}"] = (
                     other["max"] < base["min"] if lower else other["min"] > base["max"])
-    Path(args.out).write_text(json.dumps(summary, indent=2))
+    write_json_atomic(args.out, summary)
 
     print(f"{'metric':26s} " + " ".join(f"{arm + ' mean [min,max]':>30s}" for arm in arms))
     for key in (*keys, "bytes_per_token"):

@@ -42,8 +42,10 @@ def canonical_json(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
 
 
-def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
-    text = json.dumps(obj, sort_keys=True, ensure_ascii=False, indent=2) + "\n"
+def write_json_atomic(path: str | os.PathLike, obj: Any, default=None) -> None:
+    """`obj` as indented JSON at `path`, atomically; `default` as in `json.dumps` (e.g. `str`
+    for values JSON has no type for)."""
+    text = json.dumps(obj, sort_keys=True, ensure_ascii=False, indent=2, default=default) + "\n"
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
