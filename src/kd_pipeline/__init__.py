@@ -4,6 +4,6 @@ from kd_pipeline.core.memory import bound_kernel_caches
 
 __version__ = "0.1.0"
 
-# Before anything of ours runs a CPU matmul: oneDNN's per-shape kernel caches otherwise hold
-# ~1.4 GiB by the end of the default training (core/memory.py).
+# Before anything of ours runs a CPU matmul, or oneDNN's per-shape kernel caches grow the RSS
+# by over a GiB during the default training (core/memory.py).
 bound_kernel_caches()

@@ -1,5 +1,8 @@
 """core.memory: freed allocator pages go back to the OS."""
 
+import json
+import os
+import subprocess
 import sys
 from types import SimpleNamespace
 
@@ -7,6 +10,7 @@ import pytest
 import torch
 
 from kd_pipeline.core import memory
+from kd_pipeline.core.devices import has_native_bf16
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self, glibc malloc_trim")
 
@@ -59,10 +63,6 @@ def test_training_hands_freed_memory_back_after_steps_evaluations_and_checkpoint
 
 
 def _import_in_fresh_process(environment: dict[str, str]) -> dict[str, str]:
-    import json
-    import os
-    import subprocess
-
     env = {key: value for key, value in os.environ.items() if key not in memory.KERNEL_CACHE_VARIABLES}
     script = ("import json, os, kd_pipeline; "
               f"print(json.dumps({{k: os.environ.get(k) for k in {list(memory.KERNEL_CACHE_VARIABLES)}}}))")
@@ -98,9 +98,6 @@ release_unused_memory(); print(resident_bytes() - start)
 
 @linux_only
 def test_the_kernel_cache_bound_stops_per_shape_growth(monkeypatch):
-    import subprocess
-
-    from kd_pipeline.core.devices import has_native_bf16
     monkeypatch.delenv("KD_PIPELINE_NATIVE_BF16", raising=False)  # the hardware's answer, not the suite's
     if not has_native_bf16("cpu"):
         pytest.skip("oneDNN's bf16 kernels (the ones cached per shape) need a CPU with native bf16")

@@ -13,7 +13,7 @@ The other source of growth is oneDNN, torch's CPU matmul library: it compiles a 
 matmul shape and keeps up to 1024 of them in each of two caches (its own primitive cache and the
 ideep wrapper's), and every batch of a different sequence length is a new shape. On the default
 job's training that held ~1.4 GiB by step 30 and kept it through evaluation
-(docs/benchmarks.md, "what makes training's RSS creep"). `bound_kernel_caches` caps both; it
+(docs/benchmarks.md, "Stop 22: bounded oneDNN kernel caches"). `bound_kernel_caches` caps both; it
 must run before the process's first CPU matmul, so the package does it on import.
 """
 

@@ -206,11 +206,12 @@ def _run_identity(train: TrainConfig, loss: KDLossConfig, student_init, corpus, 
     return identity
 
 
-def _make_trainer(cross: dict | None, cross_tokenizer, train: TrainConfig, **kwargs):
+def _make_trainer(cross: dict | None, cross_tokenizer, train: TrainConfig, *, args, processing_class, **kwargs):
     """The same- or cross-tokenizer Trainer, with this project's progress, memory and
     end-of-training callbacks."""
-    tokenizer = kwargs["processing_class"]
+    tokenizer = processing_class
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    kwargs.update(args=args, processing_class=tokenizer)
     if cross is None:
         trainer = DistillationTrainer(data_collator=DistillCollator(pad_id, train.pad_to_multiple_of), **kwargs)
     else:
@@ -220,9 +221,8 @@ def _make_trainer(cross: dict | None, cross_tokenizer, train: TrainConfig, **kwa
                                         projection=cross["projection"], options=cross_tokenizer.options, **kwargs)
     # Our labelled bar on a terminal; otherwise (see show_progress_bar) sparse log lines instead
     # of HF's printed dicts.
-    disable_tqdm = kwargs["args"].disable_tqdm
-    trainer.remove_callback(PrinterCallback if disable_tqdm else ProgressCallback)
-    trainer.add_callback(DistillLogCallback() if disable_tqdm else DistillProgressCallback())
+    trainer.remove_callback(PrinterCallback if args.disable_tqdm else ProgressCallback)
+    trainer.add_callback(DistillLogCallback() if args.disable_tqdm else DistillProgressCallback())
     trainer.add_callback(ReleaseMemoryCallback())
     trainer.add_callback(EndOfTrainingCallback(train.keep_checkpoints))
     return trainer
